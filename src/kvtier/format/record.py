@@ -1,0 +1,137 @@
+"""Block record layout.
+
+A record is a header followed by the payload (the block's bytes, exactly as in a primary slot)::
+
+    offset  size  field
+    0       4     magic  b"KVTR"
+    4       2     format version (1)
+    6       2     flags (0)
+    8       4     header_len: bytes before the payload (fixed part + key + padding)
+    12      4     key_len
+    16      8     payload_len
+    24      16    namespace fingerprint: xxh3-128 of the namespace string
+    40      8     payload checksum: xxh3-64 of the payload
+    48      8     header checksum: xxh3-64 of bytes [0, 48) followed by the key
+    56      ...   key (key_len bytes), then zero padding up to header_len
+
+All integers are little-endian. ``header_len`` may be padded (to 4096, say) so that the payload
+starts at an aligned offset for direct I/O. A reader checks, in order: magic, version, header
+checksum, namespace, key, payload length, payload checksum. Any mismatch makes the record invalid.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+MAGIC = b"KVTR"
+FORMAT_VERSION = 1
+_FIXED = struct.Struct("<4sHHIIQ16sQ")  # up to and excluding the header checksum
+_FIXED_SIZE = _FIXED.size  # 48
+_HCHK = struct.Struct("<Q")
+FIXED_HEADER_SIZE = _FIXED_SIZE + _HCHK.size  # 56
+
+
+class RecordError(ValueError):
+    """A record failed one of its checks."""
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """A parsed, header-checksum-verified record header."""
+
+    header_len: int
+    key: bytes
+    payload_len: int
+    namespace_fp: bytes
+    payload_checksum: int
+
+    @property
+    def record_len(self) -> int:
+        """Header plus payload."""
+        return self.header_len + self.payload_len
+
+
+def namespace_fingerprint(namespace: str) -> bytes:
+    """16-byte fingerprint of a namespace string."""
+    return xxhash.xxh3_128_digest(namespace.encode("utf-8"))
+
+
+def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
+    """xxh3-64 of a payload (any buffer, no copy)."""
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def header_size(key_len: int, align: int = 0) -> int:
+    """Bytes before the payload for a key of ``key_len`` bytes, padded to ``align`` if given."""
+    n = FIXED_HEADER_SIZE + key_len
+    if align > 1:
+        n = -(-n // align) * align
+    return n
+
+
+def pack_header(
+    namespace_fp: bytes,
+    key: bytes,
+    payload: bytes | bytearray | memoryview,
+    *,
+    align: int = 0,
+    checksum: int | None = None,
+) -> bytes:
+    """Build a record header for ``payload`` (its checksum is computed unless given)."""
+    if len(namespace_fp) != 16:
+        raise ValueError("namespace fingerprint must be 16 bytes")
+    plen = memoryview(payload).nbytes
+    hlen = header_size(len(key), align)
+    pchk = payload_checksum(payload) if checksum is None else checksum
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, hlen, len(key), plen, namespace_fp, pchk)
+    hchk = xxhash.xxh3_64_intdigest(fixed + key)
+    head = fixed + _HCHK.pack(hchk) + key
+    return head + b"\0" * (hlen - len(head))
+
+
+def parse_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
+    """Parse and verify a header from the start of ``buf``; raises RecordError."""
+    mv = memoryview(buf)
+    if mv.nbytes < FIXED_HEADER_SIZE:
+        raise RecordError("truncated header")
+    fixed = bytes(mv[:_FIXED_SIZE])
+    magic, version, _flags, hlen, klen, plen, ns_fp, pchk = _FIXED.unpack(fixed)
+    if magic != MAGIC:
+        raise RecordError("bad magic")
+    if version != FORMAT_VERSION:
+        raise RecordError(f"unsupported format version {version}")
+    if hlen < FIXED_HEADER_SIZE + klen or mv.nbytes < FIXED_HEADER_SIZE + klen:
+        raise RecordError("truncated header")
+    key = bytes(mv[FIXED_HEADER_SIZE : FIXED_HEADER_SIZE + klen])
+    (hchk,) = _HCHK.unpack(mv[_FIXED_SIZE:FIXED_HEADER_SIZE])
+    if xxhash.xxh3_64_intdigest(fixed + key) != hchk:
+        raise RecordError("header checksum mismatch")
+    return RecordHeader(
+        header_len=hlen, key=key, payload_len=plen, namespace_fp=ns_fp, payload_checksum=pchk
+    )
+
+
+def verify(
+    header: RecordHeader,
+    payload: bytes | bytearray | memoryview,
+    *,
+    namespace_fp: bytes,
+    key: bytes,
+    payload_len: int,
+) -> str | None:
+    """Check a parsed header and its payload against what the reader expects.
+
+    Returns None when the record is valid, else the reason it is not.
+    """
+    if header.namespace_fp != namespace_fp:
+        return "namespace mismatch"
+    if header.key != key:
+        return "key mismatch"
+    if header.payload_len != payload_len or memoryview(payload).nbytes != payload_len:
+        return "length mismatch"
+    if payload_checksum(payload) != header.payload_checksum:
+        return "payload checksum mismatch"
+    return None

@@ -1,0 +1,163 @@
+"""The CPU primary tier's slot table: which key lives in which slot, in what state, pinned by whom.
+
+Per-slot state lives in plain Python lists (fast scalar access from the scheduler thread); the
+key -> slot map is a dict. Every operation is O(1) per block except eviction's skipping of
+unevictable keys. ``evictable`` counts READY, unreferenced slots so that "can n slots be freed?"
+is answered without scanning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvtier.policies.base import EvictionPolicy
+
+FREE = 0
+WRITING = 1  # reserved; bytes being written by the engine (store) or a tier (promotion)
+READY = 2  # loadable
+
+
+class PrimaryTier:
+    """Slot allocation, reference counts and eviction for the primary region."""
+
+    def __init__(self, num_slots: int, policy: EvictionPolicy) -> None:
+        self.num_slots = num_slots
+        self.policy = policy
+        self.key_slot: dict[bytes, int] = {}
+        self.slot_key: list[bytes | None] = [None] * num_slots
+        self.state: list[int] = [FREE] * num_slots
+        self.ref: list[int] = [0] * num_slots
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.evictable = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    def run_length(self, keys: Sequence[bytes], start: int = 0) -> int:
+        """Number of READY keys in ``keys`` from ``start`` on, up to the first that is not."""
+        get = self.key_slot.get
+        state = self.state
+        i = start
+        for i in range(start, len(keys)):  # noqa: B007
+            s = get(keys[i])
+            if s is None or state[s] != READY:
+                return i - start
+        return len(keys) - start
+
+    def is_ready(self, key: bytes) -> bool:
+        """True when ``key`` is loadable now."""
+        s = self.key_slot.get(key)
+        return s is not None and self.state[s] == READY
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.key_slot
+
+    def __len__(self) -> int:
+        return len(self.key_slot)
+
+    def can_free(self, n: int) -> bool:
+        """Whether ``n`` slots can be had now (free or by eviction)."""
+        return len(self.free) + self.evictable >= n
+
+    # -- references ------------------------------------------------------------------------
+    def incref(self, slot: int) -> None:
+        """Pin a slot (a load, a cascade, or a guard during allocation)."""
+        if self.ref[slot] == 0 and self.state[slot] == READY:
+            self.evictable -= 1
+        self.ref[slot] += 1
+
+    def decref(self, slot: int) -> None:
+        """Release one pin."""
+        r = self.ref[slot] - 1
+        if r < 0:
+            raise RuntimeError(f"slot {slot} released more often than pinned")
+        self.ref[slot] = r
+        if r == 0 and self.state[slot] == READY:
+            self.evictable += 1
+
+    # -- allocation ------------------------------------------------------------------------
+    def _evictable_key(self, key: bytes) -> bool:
+        s = self.key_slot[key]
+        return self.ref[s] == 0 and self.state[s] == READY
+
+    def allocate(self, keys: Sequence[bytes]) -> tuple[list[int], list[bytes]] | None:
+        """Reserve one WRITING slot per key (held by one reference), evicting as needed.
+
+        Returns (slots, evicted keys), or None (and changes nothing) when not enough slots can
+        be freed now. The keys must not be in the table.
+        """
+        n = len(keys)
+        if not self.can_free(n):
+            return None
+        slots: list[int] = []
+        evicted: list[bytes] = []
+        free = self.free
+        key_slot = self.key_slot
+        for key in keys:
+            if free:
+                s = free.pop()
+            else:
+                victim = self.policy.evict(self._evictable_key, incoming=key)
+                if victim is None:  # cannot happen while the evictable count is right
+                    raise RuntimeError("eviction policy found no victim")
+                s = key_slot.pop(victim)
+                self.evictable -= 1
+                evicted.append(victim)
+            key_slot[key] = s
+            self.slot_key[s] = key
+            self.state[s] = WRITING
+            self.ref[s] = 1
+            slots.append(s)
+        return slots, evicted
+
+    def mark_ready(self, key: bytes) -> int:
+        """A WRITING key's bytes are in place: release the writer's reference, admit the key."""
+        s = self.key_slot[key]
+        self.state[s] = READY
+        self.policy.insert(key)
+        self.ref[s] -= 1
+        if self.ref[s] == 0:
+            self.evictable += 1
+        return s
+
+    def release(self, key: bytes) -> int:
+        """Drop a WRITING key whose write failed; its slot becomes free."""
+        s = self.key_slot.pop(key)
+        self.slot_key[s] = None
+        self.state[s] = FREE
+        self.ref[s] = 0
+        self.free.append(s)
+        return s
+
+    def drop(self, key: bytes) -> bool:
+        """Remove a READY, unreferenced key (reset, invalidation). False if it is in use."""
+        s = self.key_slot.get(key)
+        if s is None or self.state[s] != READY or self.ref[s] != 0:
+            return False
+        del self.key_slot[key]
+        self.policy.remove(key)
+        self.slot_key[s] = None
+        self.state[s] = FREE
+        self.evictable -= 1
+        self.free.append(s)
+        return True
+
+    def check(self) -> None:
+        """Verify the table's invariants (tests and debugging); raises AssertionError."""
+        free = set(self.free)
+        assert len(free) == len(self.free), "a slot is free twice"
+        used = set(self.key_slot.values())
+        assert len(used) == len(self.key_slot), "two keys share a slot"
+        assert not (free & used), "a slot is both free and used"
+        assert len(free) + len(used) == self.num_slots, "a slot is lost"
+        ev = 0
+        for key, s in self.key_slot.items():
+            assert self.slot_key[s] == key
+            assert self.state[s] in (WRITING, READY)
+            assert self.ref[s] >= 0
+            if self.state[s] == READY:
+                assert key in self.policy, "a READY key is unknown to the policy"
+                if self.ref[s] == 0:
+                    ev += 1
+        for s in free:
+            assert self.state[s] == FREE and self.ref[s] == 0 and self.slot_key[s] is None
+        assert ev == self.evictable, f"evictable count {self.evictable} != {ev}"
+        assert len(self.policy) == sum(1 for s in used if self.state[s] == READY)

@@ -1,0 +1,455 @@
+"""The tiering manager: the CPU primary tier as gateway, secondary tiers below it.
+
+Storing: the engine writes blocks into primary slots (``prepare_store``/``complete_store``); the
+manager then cascades them to the secondary tiers the cascade policy names, one batched job per
+tier per step, holding each slot until every tier has read it.
+
+Loading: ``lookup`` finds the leading run in the primary tier; keys after it that a secondary tier
+holds get primary slots and are promoted, one batched job per tier per step. Requests that need
+the same blocks share one promotion. While a promotion is in flight ``lookup`` answers None.
+
+Nothing here blocks: tiers do their I/O on their own threads and report through ``poll``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvtier.manager.base import OffloadingManager
+from kvtier.manager.cascade import CascadePolicy
+from kvtier.manager.primary import READY, PrimaryTier
+from kvtier.tiers.base import SecondaryTier, TierJobResult
+from kvtier.types import LoadStoreSpec, OffloadingEvent, PrepareStoreOutput, ReqContext
+
+log = logging.getLogger("kvtier.manager")
+
+PRIMARY_MEDIUM = "CPU"
+
+
+@dataclass
+class _Job:
+    kind: str  # "promote" or "cascade"
+    tier: int
+    keys: list[bytes]
+    slots: list[int]
+    submitted: float = field(default_factory=time.monotonic)
+    step: int = 0
+
+
+@dataclass
+class _Batch:
+    keys: list[bytes] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+
+
+class TieringManager(OffloadingManager):
+    """A CPU primary tier plus any number of secondary tiers, in lookup order."""
+
+    def __init__(
+        self,
+        primary: PrimaryTier,
+        region: np.ndarray,
+        tiers: Sequence[SecondaryTier],
+        cascade_policy: CascadePolicy,
+        *,
+        on_shutdown: Any = None,
+    ) -> None:
+        self.primary = primary
+        self._region = region
+        self.tiers = list(tiers)
+        self.cascade_policy = cascade_policy
+        self._on_shutdown = on_shutdown
+        self._job_ids = itertools.count(1)
+        self._jobs: dict[int, _Job] = {}
+        self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
+        self._promote_batches = [_Batch() for _ in self.tiers]
+        self._cascade_batches = [_Batch() for _ in self.tiers]
+        self._events: list[OffloadingEvent] = []
+        self._step = 0
+        self._closed = False
+        self.counters: dict[str, float] = {
+            "lookups": 0,
+            "lookup_keys": 0,
+            "primary_hit_blocks": 0,
+            "promotions_started": 0,
+            "promoted_blocks": 0,
+            "promotion_failures": 0,
+            "promotion_alloc_failures": 0,
+            "promotion_steps_total": 0,
+            "promotion_seconds_total": 0.0,
+            "cascaded_blocks": 0,
+            "cascade_failures": 0,
+            "stored_blocks": 0,
+            "store_alloc_failures": 0,
+            "evicted_blocks": 0,
+            "loads_prepared_blocks": 0,
+        }
+
+    # -- lookup and promotion --------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes], ctx: ReqContext) -> int | None:
+        c = self.counters
+        c["lookups"] += 1
+        n = len(keys)
+        c["lookup_keys"] += n
+        primary = self.primary
+        r = primary.run_length(keys)
+        if r == n:
+            return n
+        if keys[r] in self._promoting:
+            self._collect()  # a promotion may have finished since the step began
+            r += primary.run_length(keys, r)
+            if r == n:
+                return n
+        if not self.tiers or keys[r] in primary.key_slot and keys[r] not in self._promoting:
+            return r  # absent everywhere we can see, or being stored by the engine right now
+        return self._lookup_secondary(keys, r)
+
+    def _lookup_secondary(self, keys: Sequence[bytes], r: int) -> int | None:
+        primary = self.primary
+        promoting = self._promoting
+        n = len(keys)
+        pos = r
+        pending = False
+        plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
+        while pos < n:
+            q = primary.run_length(keys, pos)
+            if q:
+                pos += q
+                continue
+            key = keys[pos]
+            if key in promoting:
+                pending = True
+                pos += 1
+                continue
+            if key in primary.key_slot:  # WRITING by an engine store: not loadable yet
+                break
+            rest = keys[pos:]
+            best, best_tier = 0, -1
+            for ti, tier in enumerate(self.tiers):
+                if not tier.available:
+                    continue
+                m = tier.lookup(rest)
+                if m is None:
+                    pending = True
+                elif m > best:
+                    best, best_tier = m, ti
+            if best == 0:
+                break
+            for key in rest[:best]:
+                if key not in primary.key_slot:
+                    plan.append((best_tier, key))
+                elif key in promoting:
+                    pending = True
+            pos += best
+        if plan:
+            started = self._start_promotions(keys, r, plan)
+            if started == 0 and not pending:
+                # Nothing could be given a slot: the run ends at the first key to promote.
+                first = plan[0][1]
+                return r + _index_from(keys, first, r) - r
+            return None
+        if pending:
+            return None
+        return primary.run_length(keys) if pos > r else r
+
+    def _start_promotions(
+        self, keys: Sequence[bytes], r: int, plan: list[tuple[int, bytes]]
+    ) -> int:
+        """Give slots to as many planned keys as possible (in order); queue them per tier."""
+        primary = self.primary
+        # Guard the request's resident blocks so that promotion never evicts its own prefix.
+        guarded = []
+        key_slot = primary.key_slot
+        for key in keys[: r + len(plan) + 1]:
+            s = key_slot.get(key)
+            if s is not None and primary.state[s] == READY:
+                primary.incref(s)
+                guarded.append(s)
+        try:
+            avail = len(primary.free) + primary.evictable
+            take = min(len(plan), avail)
+            if take < len(plan):
+                self.counters["promotion_alloc_failures"] += len(plan) - take
+            if take == 0:
+                return 0
+            plan = plan[:take]
+            result = primary.allocate([k for _, k in plan])
+            assert result is not None
+            slots, evicted = result
+        finally:
+            for s in guarded:
+                primary.decref(s)
+        self._evicted(evicted)
+        for (ti, key), slot in zip(plan, slots):
+            self._promoting[key] = ti
+            b = self._promote_batches[ti]
+            b.keys.append(key)
+            b.slots.append(slot)
+        self.counters["promotions_started"] += take
+        return take
+
+    # -- loads -----------------------------------------------------------------------------
+    def prepare_load(self, keys: Sequence[bytes], ctx: ReqContext) -> LoadStoreSpec:
+        primary = self.primary
+        key_slot = primary.key_slot
+        slots = np.empty(len(keys), dtype=np.int64)
+        for i, key in enumerate(keys):
+            s = key_slot.get(key)
+            if s is None or primary.state[s] != READY:
+                for j in range(i):
+                    primary.decref(int(slots[j]))
+                raise KeyError(f"prepare_load: block {key!r} is not ready in the primary tier")
+            primary.incref(s)
+            slots[i] = s
+        primary.policy.access_many(keys)
+        self.counters["loads_prepared_blocks"] += len(keys)
+        self.counters["primary_hit_blocks"] += len(keys)
+        return LoadStoreSpec(slots)
+
+    def complete_load(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
+        primary = self.primary
+        key_slot = primary.key_slot
+        for key in keys:
+            s = key_slot.get(key)
+            if s is not None:
+                primary.decref(s)
+
+    def touch(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
+        self.primary.policy.access_many(keys)
+        for tier in self.tiers:
+            tier.touch(keys)
+
+    # -- stores ----------------------------------------------------------------------------
+    def prepare_store(self, keys: Sequence[bytes], ctx: ReqContext) -> PrepareStoreOutput | None:
+        primary = self.primary
+        key_slot = primary.key_slot
+        new_keys: list[bytes] = []
+        guarded: list[int] = []
+        seen: set[bytes] = set()
+        for key in keys:
+            s = key_slot.get(key)
+            if s is None:
+                if key not in seen:
+                    seen.add(key)
+                    new_keys.append(key)
+            elif primary.state[s] == READY:
+                primary.incref(s)  # keep the batch's resident blocks while making room
+                guarded.append(s)
+        try:
+            result = primary.allocate(new_keys) if new_keys else ([], [])
+        finally:
+            for s in guarded:
+                primary.decref(s)
+        if result is None:
+            self.counters["store_alloc_failures"] += 1
+            return None
+        slots, evicted = result
+        self._evicted(evicted)
+        return PrepareStoreOutput(
+            keys_to_store=new_keys,
+            store_spec=LoadStoreSpec(np.asarray(slots, dtype=np.int64)),
+            evicted_keys=evicted,
+        )
+
+    def complete_store(
+        self, keys: Sequence[bytes], ctx: ReqContext, success: bool = True
+    ) -> None:
+        primary = self.primary
+        key_slot = primary.key_slot
+        done: list[bytes] = []
+        for key in keys:
+            s = key_slot.get(key)
+            if s is None or primary.state[s] == READY or key in self._promoting:
+                continue
+            if success:
+                primary.mark_ready(key)
+                done.append(key)
+            else:
+                primary.release(key)
+        if done:
+            self.counters["stored_blocks"] += len(done)
+            self._events.append(OffloadingEvent(done, PRIMARY_MEDIUM, False))
+            self._queue_cascade(done, source_tier=None)
+
+    def _queue_cascade(self, keys: list[bytes], source_tier: int | None) -> None:
+        """Hand freshly resident keys to the tiers the cascade policy picks (slots pinned)."""
+        if not self.tiers:
+            return
+        primary = self.primary
+        key_slot = primary.key_slot
+        for ti in range(len(self.tiers)):
+            if source_tier is not None and ti >= source_tier:
+                break  # a promoted block is already in its tier and those below it
+            tier = self.tiers[ti]
+            chosen = self.cascade_policy.select(keys, ti, tier)
+            if not chosen:
+                continue
+            b = self._cascade_batches[ti]
+            for key in chosen:
+                s = key_slot[key]
+                primary.incref(s)
+                b.keys.append(key)
+                b.slots.append(s)
+
+    # -- the step --------------------------------------------------------------------------
+    def on_schedule_end(self) -> None:
+        self._step += 1
+        self._collect()
+        for ti, tier in enumerate(self.tiers):
+            pb = self._promote_batches[ti]
+            if pb.keys:
+                self._submit("promote", ti, tier, pb)
+                self._promote_batches[ti] = _Batch()
+            cb = self._cascade_batches[ti]
+            if cb.keys:
+                if tier.available:
+                    self._submit("cascade", ti, tier, cb)
+                else:
+                    self.counters["cascade_failures"] += len(cb.keys)
+                    self._release_cascade(cb.keys, cb.slots)
+                self._cascade_batches[ti] = _Batch()
+
+    def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
+        job_id = next(self._job_ids)
+        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step)
+        slots = np.asarray(batch.slots, dtype=np.int64)
+        try:
+            if kind == "promote":
+                tier.submit_load(job_id, batch.keys, slots)
+            else:
+                tier.submit_store(job_id, batch.keys, slots)
+        except Exception as e:  # a tier must not raise, but if it does the engine goes on
+            log.exception("tier %s raised from submit_%s", tier.name, kind)
+            self._finish(TierJobResult(job_id, frozenset(batch.keys)), tier_error=e)
+
+    def _collect(self) -> None:
+        for tier in self.tiers:
+            try:
+                results = tier.poll()
+            except Exception:
+                log.exception("tier %s raised from poll", tier.name)
+                continue
+            for res in results:
+                self._finish(res)
+            for ev in tier.take_events():
+                if ev.keys:
+                    self._events.append(OffloadingEvent(list(ev.keys), tier.medium, ev.removed))
+
+    def _finish(self, res: TierJobResult, tier_error: Exception | None = None) -> None:
+        job = self._jobs.pop(res.job_id, None)
+        if job is None:
+            return
+        failed = res.failed_keys
+        if job.kind == "cascade":
+            self._release_cascade(job.keys, job.slots)
+            ok = len(job.keys) - len(failed)
+            self.counters["cascaded_blocks"] += ok
+            self.counters["cascade_failures"] += len(failed)
+            return
+        primary = self.primary
+        loaded: list[bytes] = []
+        for key in job.keys:
+            self._promoting.pop(key, None)
+            if key in failed:
+                primary.release(key)
+            else:
+                primary.mark_ready(key)
+                loaded.append(key)
+        c = self.counters
+        c["promoted_blocks"] += len(loaded)
+        c["promotion_failures"] += len(failed)
+        c["promotion_steps_total"] += (self._step - job.step) * len(job.keys)
+        c["promotion_seconds_total"] += (time.monotonic() - job.submitted) * len(job.keys)
+        if loaded:
+            self._events.append(OffloadingEvent(loaded, PRIMARY_MEDIUM, False))
+            self._queue_cascade(loaded, source_tier=job.tier)
+
+    def _release_cascade(self, keys: list[bytes], slots: list[int]) -> None:
+        decref = self.primary.decref
+        for s in slots:
+            decref(s)
+
+    def _evicted(self, keys: list[bytes]) -> None:
+        if keys:
+            self.counters["evicted_blocks"] += len(keys)
+            self._events.append(OffloadingEvent(list(keys), PRIMARY_MEDIUM, True))
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def has_pending_work(self) -> bool:
+        if self._jobs:
+            return True
+        if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
+            return True
+        return any(t.has_pending_work() for t in self.tiers)
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        ev, self._events = self._events, []
+        return ev
+
+    def get_stats(self) -> dict[str, Any]:
+        p = self.primary
+        c = dict(self.counters)
+        promoted = c["promoted_blocks"] + c["promotion_failures"]
+        c["promotion_latency_steps_avg"] = c["promotion_steps_total"] / promoted if promoted else 0.0
+        c["promotion_latency_s_avg"] = c["promotion_seconds_total"] / promoted if promoted else 0.0
+        bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+        tiers: dict[str, Any] = {
+            PRIMARY_MEDIUM: {
+                "medium": PRIMARY_MEDIUM,
+                "num_slots": p.num_slots,
+                "used_slots": len(p.key_slot),
+                "free_slots": len(p.free),
+                "usage_bytes": len(p.key_slot) * bb,
+                "capacity_bytes": p.num_slots * bb,
+                "policy": p.policy.name,
+                "hits": c["primary_hit_blocks"],
+                "evictions": c["evicted_blocks"],
+                "bytes_written": c["stored_blocks"] * bb,
+                "bytes_read": c["loads_prepared_blocks"] * bb,
+            }
+        }
+        for tier in self.tiers:
+            st = {"medium": tier.medium, "available": tier.available}
+            try:
+                st.update(tier.stats())
+            except Exception:
+                log.exception("tier %s raised from stats", tier.name)
+            tiers[tier.name] = st
+        return {"manager": c, "tiers": tiers}
+
+    def reset_cache(self) -> None:
+        primary = self.primary
+        dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
+        if dropped:
+            self._events.append(OffloadingEvent(dropped, PRIMARY_MEDIUM, True))
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for tier in self.tiers:
+            try:
+                tier.shutdown()
+            except Exception:
+                log.exception("tier %s raised from shutdown", tier.name)
+        self._jobs.clear()
+        self._region = np.empty((0, 0), dtype=np.uint8)
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+
+    def primary_blocks(self) -> np.ndarray:
+        return self._region
+
+
+def _index_from(keys: Sequence[bytes], key: bytes, start: int) -> int:
+    for i in range(start, len(keys)):
+        if keys[i] == key:
+            return i
+    return len(keys)

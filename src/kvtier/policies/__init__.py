@@ -1,0 +1,61 @@
+"""Eviction policies and their registry."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from kvtier.config import ConfigError
+from kvtier.policies.arc import ARCPolicy
+from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.lru import LRUPolicy
+
+_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "arc": ARCPolicy}
+
+
+def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
+    """Make ``cls`` available as ``eviction_policy: name``."""
+    if not (inspect.isclass(cls) and issubclass(cls, EvictionPolicy)):
+        raise TypeError(f"{cls!r} is not an EvictionPolicy subclass")
+    _POLICIES[name] = cls
+
+
+def policy_names() -> list[str]:
+    """Registered policy names."""
+    return sorted(_POLICIES)
+
+
+def resolve_policy(
+    name: str, module_path: str | None = None, *, key: str = "eviction_policy"
+) -> type[EvictionPolicy]:
+    """The policy class for a config value; raises ConfigError naming ``key``."""
+    if module_path is not None:
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError as e:
+            raise ConfigError(
+                "cache_policy_module_path", f"an importable module ({e})", module_path
+            ) from e
+        cls = getattr(module, name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, EvictionPolicy)):
+            raise ConfigError(key, f"an EvictionPolicy subclass defined in {module_path}", name)
+        return cls
+    cls = _POLICIES.get(name)
+    if cls is None:
+        raise ConfigError(
+            key,
+            "one of " + ", ".join(repr(n) for n in policy_names())
+            + " (or a class name with cache_policy_module_path)",
+            name,
+        )
+    return cls
+
+
+__all__ = [
+    "ARCPolicy",
+    "EvictionPolicy",
+    "LRUPolicy",
+    "policy_names",
+    "register_policy",
+    "resolve_policy",
+]
