@@ -118,6 +118,7 @@ class TieringManager(OffloadingManager):
         pos = r
         pending = False
         plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
+        first_planned = r
         while pos < n:
             q = primary.run_length(keys, pos)
             if q:
@@ -142,32 +143,34 @@ class TieringManager(OffloadingManager):
                     best, best_tier = m, ti
             if best == 0:
                 break
-            for key in rest[:best]:
+            for j, key in enumerate(rest[:best]):
                 if key not in primary.key_slot:
+                    if not plan:
+                        first_planned = pos + j
                     plan.append((best_tier, key))
                 elif key in promoting:
                     pending = True
             pos += best
         if plan:
-            started = self._start_promotions(keys, r, plan)
+            started = self._start_promotions(keys[:first_planned], plan)
             if started == 0 and not pending:
                 # Nothing could be given a slot: the run ends at the first key to promote.
-                first = plan[0][1]
-                return r + _index_from(keys, first, r) - r
+                return _index_from(keys, plan[0][1], r)
             return None
         if pending:
             return None
         return primary.run_length(keys) if pos > r else r
 
-    def _start_promotions(
-        self, keys: Sequence[bytes], r: int, plan: list[tuple[int, bytes]]
-    ) -> int:
-        """Give slots to as many planned keys as possible (in order); queue them per tier."""
+    def _start_promotions(self, run: Sequence[bytes], plan: list[tuple[int, bytes]]) -> int:
+        """Give slots to as many planned keys as possible (in order); queue them per tier.
+
+        ``run`` is the request's keys before the first one to promote: its resident blocks are
+        guarded while slots are found, so that a promotion never evicts the prefix it extends.
+        """
         primary = self.primary
-        # Guard the request's resident blocks so that promotion never evicts its own prefix.
         guarded = []
         key_slot = primary.key_slot
-        for key in keys[: r + len(plan) + 1]:
+        for key in run:
             s = key_slot.get(key)
             if s is not None and primary.state[s] == READY:
                 primary.incref(s)
