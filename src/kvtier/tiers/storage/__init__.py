@@ -1,0 +1,5 @@
+"""The ``storage`` secondary tier (and vLLM's ``fs`` alias): checksummed block records in slab files."""
+
+from kvtier.tiers.storage.tier import FsTier, StorageTier
+
+__all__ = ["FsTier", "StorageTier"]
