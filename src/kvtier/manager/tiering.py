@@ -201,28 +201,38 @@ class TieringManager(OffloadingManager):
     # -- loads -----------------------------------------------------------------------------
     def prepare_load(self, keys: Sequence[bytes], ctx: ReqContext) -> LoadStoreSpec:
         primary = self.primary
-        key_slot = primary.key_slot
-        slots = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            s = key_slot.get(key)
-            if s is None or primary.state[s] != READY:
-                for j in range(i):
-                    primary.decref(int(slots[j]))
+        get = primary.key_slot.get
+        state, ref = primary.state, primary.ref
+        slots: list[int] = []
+        newly_pinned = 0
+        for key in keys:
+            s = get(key)
+            if s is None or state[s] != READY:
+                self.complete_load(keys[: len(slots)], ctx)
                 raise KeyError(f"prepare_load: block {key!r} is not ready in the primary tier")
-            primary.incref(s)
-            slots[i] = s
+            if ref[s] == 0:
+                newly_pinned += 1
+            ref[s] += 1
+            slots.append(s)
+        primary.evictable -= newly_pinned  # READY slots that just became referenced
         primary.policy.access_many(keys)
         self.counters["loads_prepared_blocks"] += len(keys)
         self.counters["primary_hit_blocks"] += len(keys)
-        return LoadStoreSpec(slots)
+        return LoadStoreSpec(np.fromiter(slots, dtype=np.int64, count=len(slots)))
 
     def complete_load(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
         primary = self.primary
-        key_slot = primary.key_slot
+        get = primary.key_slot.get
+        state, ref = primary.state, primary.ref
+        released = 0
         for key in keys:
-            s = key_slot.get(key)
-            if s is not None:
-                primary.decref(s)
+            s = get(key)
+            if s is None or ref[s] == 0:
+                continue
+            ref[s] -= 1
+            if ref[s] == 0 and state[s] == READY:
+                released += 1
+        primary.evictable += released
 
     def touch(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
         self.primary.policy.access_many(keys)
