@@ -21,7 +21,8 @@ class ManagerMachine(RuleBasedStateMachine):
         super().__init__()
         self.spec = kvtier.TieringOffloadingSpec(
             {"cpu_bytes_to_use": SLOTS * BLOCK, "eviction_policy": "arc",
-             "secondary_tiers": [{"type": "example", "capacity_bytes": 10 * BLOCK}]},
+             # A synchronous tier keeps every run deterministic, as hypothesis requires.
+             "secondary_tiers": [{"type": "DictTier", "module_path": "plugin_example"}]},
             gpu_block_size=16, bytes_per_gpu_block=BLOCK, namespace="inv")
         self.m = self.spec.get_manager()
         self.region = self.m.primary_blocks()
