@@ -134,9 +134,7 @@ class TieringManager(OffloadingManager):
             rest = keys[pos:]
             best, best_tier = 0, -1
             for ti, tier in enumerate(self.tiers):
-                if not tier.available:
-                    continue
-                m = tier.lookup(rest)
+                m = tier.lookup(rest)  # a tier that is down answers 0 (and may re-probe)
                 if m is None:
                     pending = True
                 elif m > best:

@@ -229,7 +229,12 @@ class SecondaryTier(ABC):
 
     @property
     def available(self) -> bool:
-        """False while the tier's medium is down."""
+        """False while the tier's medium is down.
+
+        While a tier is unavailable the manager sends it no store jobs (it counts them as cascade
+        failures) but still calls ``lookup`` (answer 0 without touching the medium) and ``poll``
+        once per step: re-probe the medium from there, without blocking (see :class:`Health`).
+        """
         return True
 
     def shutdown(self) -> None:
