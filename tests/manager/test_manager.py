@@ -123,6 +123,12 @@ class BrokenTier(ExampleTier):
     def poll(self) -> list[TierJobResult]:
         raise OSError("disk on fire")
 
+    def lookup(self, keys):
+        raise OSError("disk on fire")
+
+    def touch(self, keys):
+        raise OSError("disk on fire")
+
 
 def test_a_raising_tier_never_reaches_the_engine(namespace: str) -> None:
     kvtier.register_tier("broken", BrokenTier)
@@ -135,6 +141,8 @@ def test_a_raising_tier_never_reaches_the_engine(namespace: str) -> None:
         assert stats["manager"]["cascade_failures"] >= 2 * SLOTS
         # The healthy tier below still serves everything.
         assert load_and_check(m, keys) == len(keys)
+        m.touch(keys, kvtier.ReqContext("t"))
+        assert m.get_stats()["manager"]["tier_errors"] > 0
         m.primary.check()
     finally:
         m.shutdown()

@@ -74,7 +74,9 @@ class TieringManager(OffloadingManager):
         self._events: list[OffloadingEvent] = []
         self._step = 0
         self._closed = False
+        self._raised: set[tuple[str, str]] = set()
         self.counters: dict[str, float] = {
+            "tier_errors": 0,
             "lookups": 0,
             "lookup_keys": 0,
             "primary_hit_blocks": 0,
@@ -134,7 +136,11 @@ class TieringManager(OffloadingManager):
             rest = keys[pos:]
             best, best_tier = 0, -1
             for ti, tier in enumerate(self.tiers):
-                m = tier.lookup(rest)  # a tier that is down answers 0 (and may re-probe)
+                try:
+                    m = tier.lookup(rest)  # a tier that is down answers 0 (and may re-probe)
+                except Exception:
+                    self._tier_raised(tier, "lookup")
+                    m = 0
                 if m is None:
                     pending = True
                 elif m > best:
@@ -235,7 +241,17 @@ class TieringManager(OffloadingManager):
     def touch(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
         self.primary.policy.access_many(keys)
         for tier in self.tiers:
-            tier.touch(keys)
+            try:
+                tier.touch(keys)
+            except Exception:
+                self._tier_raised(tier, "touch")
+
+    def _tier_raised(self, tier: SecondaryTier, what: str) -> None:
+        """A tier broke its contract by raising: log it once per tier and method, count it."""
+        self.counters["tier_errors"] += 1
+        if (tier.name, what) not in self._raised:
+            self._raised.add((tier.name, what))
+            log.exception("tier %s raised from %s (logged once; counted in tier_errors)", tier.name, what)
 
     # -- stores ----------------------------------------------------------------------------
     def prepare_store(self, keys: Sequence[bytes], ctx: ReqContext) -> PrepareStoreOutput | None:
@@ -336,24 +352,29 @@ class TieringManager(OffloadingManager):
                 tier.submit_load(job_id, batch.keys, slots)
             else:
                 tier.submit_store(job_id, batch.keys, slots)
-        except Exception as e:  # a tier must not raise, but if it does the engine goes on
-            log.exception("tier %s raised from submit_%s", tier.name, kind)
-            self._finish(TierJobResult(job_id, frozenset(batch.keys)), tier_error=e)
+        except Exception:  # a tier must not raise, but if it does the engine goes on
+            self._tier_raised(tier, f"submit_{kind}")
+            self._finish(TierJobResult(job_id, frozenset(batch.keys)))
 
     def _collect(self) -> None:
         for tier in self.tiers:
             try:
                 results = tier.poll()
             except Exception:
-                log.exception("tier %s raised from poll", tier.name)
+                self._tier_raised(tier, "poll")
                 continue
             for res in results:
                 self._finish(res)
-            for ev in tier.take_events():
+            try:
+                events = tier.take_events()
+            except Exception:
+                self._tier_raised(tier, "take_events")
+                continue
+            for ev in events:
                 if ev.keys:
                     self._events.append(OffloadingEvent(list(ev.keys), tier.medium, ev.removed))
 
-    def _finish(self, res: TierJobResult, tier_error: Exception | None = None) -> None:
+    def _finish(self, res: TierJobResult) -> None:
         job = self._jobs.pop(res.job_id, None)
         if job is None:
             return
