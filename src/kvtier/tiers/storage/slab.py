@@ -28,6 +28,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,6 +127,10 @@ class SlabStore:
         self.fsync = fsync
         self.n_threads = n_threads
         self._fds: dict[int, int] = {}
+        self._alloc_end: dict[int, int] = {}  # slab file -> bytes allocated (its size)
+        self._grow_lock = threading.Lock()
+        self.grow_bytes = max(64 << 20, self.slot_size)
+        self.limit_slots = 0  # allocation never covers slots at or beyond this
         self._intent_fds: list[int] = []
         self._lock_fd: int | None = None
         os.makedirs(directory, exist_ok=True)
@@ -199,6 +204,41 @@ class SlabStore:
             self._sync_dir()
         return fd
 
+    def ensure_allocated(self, slot: int) -> None:
+        """Make the file space of ``slot`` allocated, growing its file ahead in large steps.
+
+        Growing ahead keeps O_DIRECT writes inside the file size (no serialising extension of the
+        file on every write); it never goes beyond ``limit_slots``. Raises OSError (ENOSPC).
+        """
+        f, off = self.locate(slot)
+        end = off + self.slot_size
+        cur = self._alloc_end.get(f)
+        if cur is not None and cur >= end:
+            return
+        with self._grow_lock:
+            fd = self.fd(f)
+            cur = self._alloc_end.get(f)
+            if cur is None:
+                cur = os.fstat(fd).st_size
+            if cur >= end:
+                self._alloc_end[f] = cur
+                return
+            first = f * self.slots_per_file
+            limit = min(self.slots_per_file, max(0, self.limit_slots - first)) * self.slot_size
+            target = max(end, min(cur + self.grow_bytes, limit))
+            try:
+                os.posix_fallocate(fd, cur, target - cur)
+            except OSError:
+                if target == end:
+                    raise
+                target = end
+                os.posix_fallocate(fd, cur, target - cur)
+            self._alloc_end[f] = target
+
+    def allocated_bytes(self) -> int:
+        """Bytes of slab file space allocated so far."""
+        return sum(self._alloc_end.values())
+
     def _sync_dir(self) -> None:
         dfd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -219,6 +259,7 @@ class SlabStore:
         head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
         hdr[: len(head)] = head
         hdr[SLOT_HEADER - _SEQ.size : SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+        self.ensure_allocated(slot)
         f, off = self.locate(slot)
         fd = self.fd(f)
         n = os.pwritev(fd, [memoryview(hdr)[:SLOT_HEADER], payload], off)
@@ -317,6 +358,7 @@ class SlabStore:
                     continue
                 fd = self.fd(file_idx)
                 size = os.fstat(fd).st_size
+                self._alloc_end[file_idx] = size
                 # a slot counts only if its whole record lies inside the file
                 n = 0 if size < self.record_bytes else (size - self.record_bytes) // self.slot_size + 1
                 n = min(n, self.slots_per_file, max_slots - first)
@@ -397,11 +439,15 @@ class SlabStore:
                 fd = self._fds.pop(file_idx, None)
                 if fd is not None:
                     os.close(fd)
+                self._alloc_end.pop(file_idx, None)
                 os.unlink(path)
             else:
                 keep = (n_slots - first) * self.slot_size
-                if os.path.getsize(path) > keep and n_slots - first < self.slots_per_file:
+                size = os.path.getsize(path)
+                if size > keep and n_slots - first < self.slots_per_file:
                     os.truncate(path, keep)
+                    size = keep
+                self._alloc_end[file_idx] = size
 
     def file_bytes(self) -> int:
         """Current size of all slab files."""

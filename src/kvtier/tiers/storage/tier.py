@@ -258,6 +258,7 @@ class StorageTier(SecondaryTier):
                 with contextlib.suppress(BufferError):
                     zeros.close()
             store.truncate_to(max_slots)
+            store.limit_slots = max_slots
             store.clear_intents()
         except BaseException:
             store.close()
@@ -597,6 +598,8 @@ class StorageTier(SecondaryTier):
                     self.name, new_max, new_max * (store.slot_size if store else 0),
                 )
                 self._max_slots = new_max
+                if store is not None:
+                    store.limit_slots = new_max
 
     def _finish_chunk(self, job: _JobState, failed: set[bytes], moved: int) -> None:
         with job.lock:
@@ -636,7 +639,7 @@ class StorageTier(SecondaryTier):
         store = self._store
         if store is None:
             return 0
-        return self._hwm * store.slot_size + store.meta_bytes()
+        return max(self._hwm * store.slot_size, store.allocated_bytes()) + store.meta_bytes()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
