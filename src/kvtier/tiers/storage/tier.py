@@ -291,6 +291,11 @@ class StorageTier(SecondaryTier):
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> int | None:
+        if self._store is None:
+            return 0
+        health = self._read_health
+        if not health.up and not health.should_probe():
+            return 0  # reads are failing: answer 0 until the next probe is due
         n = 0
         index = self._index
         with self._lock:
@@ -311,14 +316,6 @@ class StorageTier(SecondaryTier):
                     index.move_to_end(key)
 
     # -- jobs ------------------------------------------------------------------------------
-    def _usable(self, health: Health) -> bool:
-        """False when jobs must fail without I/O (down and not yet time to probe again)."""
-        if self._store is None:
-            if health.should_probe():
-                self._request_open()
-            return False
-        return health.up or health.should_probe()
-
     def _request_open(self) -> None:
         with self._cond:
             if self._opening or self._stop:
@@ -334,7 +331,7 @@ class StorageTier(SecondaryTier):
         self._done.put(TierJobResult(job_id, frozenset(keys)))
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
-        if not self._usable(self._read_health):
+        if self._store is None:
             self._fail_now(job_id, keys, "load_failures")
             return
         failed: set[bytes] = set()
@@ -354,7 +351,7 @@ class StorageTier(SecondaryTier):
         self._enqueue("load", job_id, work, failed)
 
     def submit_store(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
-        if not self._usable(self._write_health):
+        if self._store is None:
             self._fail_now(job_id, keys, "store_failures")
             return
         failed: set[bytes] = set()
@@ -614,6 +611,8 @@ class StorageTier(SecondaryTier):
 
     # -- results and housekeeping ----------------------------------------------------------
     def poll(self) -> list[TierJobResult]:
+        if self._store is None and not self._opening and self._read_health.should_probe():
+            self._request_open()  # the directory could not be opened: try again, off this thread
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
@@ -628,11 +627,11 @@ class StorageTier(SecondaryTier):
 
     @property
     def available(self) -> bool:
+        """False while the directory cannot be opened or writes fail (until a probe is due)."""
         if self._store is None:
-            if self._read_health.should_probe():
-                self._request_open()
             return False
-        return self._read_health.up or self._read_health.should_probe()
+        health = self._write_health
+        return health.up or health.should_probe()
 
     def usage_bytes(self) -> int:
         """Bytes on the medium that count against capacity: slots handed out plus metadata."""

@@ -1,0 +1,372 @@
+"""The storage tier on real files: config, round trips, restarts, namespaces, capacity, events."""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvtier
+from kvtier.format.record import namespace_fingerprint
+from kvtier.tiers.base import TierContext, TierJobResult
+from kvtier.tiers.storage import FsTier, StorageTier
+
+BB = 64 << 10  # block bytes used by most tests
+_ids = itertools.count(1)
+
+
+def make_spec(path: Path, namespace: str, *, slots: int = 16, bb: int = BB, **tier: object
+              ) -> kvtier.TieringOffloadingSpec:
+    """A spec with a CPU primary of ``slots`` blocks and one storage tier under ``path``."""
+    params = {"type": "storage", "path": str(path), "capacity_bytes": 64 << 20, **tier}
+    cfg = {"cpu_bytes_to_use": slots * bb, "secondary_tiers": [params]}
+    return kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=bb,
+                                        namespace=namespace)
+
+
+def tier_ctx(namespace: str, slots: int = 8, bb: int = BB) -> TierContext:
+    """A TierContext over page-aligned memory, like the manager's region."""
+    buf = mmap.mmap(-1, slots * bb)
+    primary = np.frombuffer(buf, dtype=np.uint8).reshape(slots, bb)
+    return TierContext(namespace, namespace_fingerprint(namespace), bb, primary, "storage0")
+
+
+def run_job(tier: StorageTier, kind: str, keys: Sequence[bytes], slots: Sequence[int],
+            timeout: float = 20.0) -> TierJobResult:
+    """Submit one job and poll until it finishes."""
+    jid = next(_ids)
+    submit = tier.submit_store if kind == "store" else tier.submit_load
+    submit(jid, list(keys), np.asarray(slots, dtype=np.int64))
+    deadline = time.monotonic() + timeout
+    while True:
+        for res in tier.poll():
+            if res.job_id == jid:
+                return res
+        assert time.monotonic() < deadline, "tier job did not finish"
+        time.sleep(0.001)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes the files under ``path`` occupy: the larger of their sizes and their allocated blocks."""
+    total = 0
+    for p in path.rglob("*"):
+        if p.is_file():
+            st_ = p.stat()
+            total += max(st_.st_size, st_.st_blocks * 512)
+    return total
+
+
+# -- configuration -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("params", "key"),
+    [
+        ({"capacity_bytes": 1 << 20}, "path"),
+        ({"path": "/tmp/x"}, "capacity_bytes"),
+        ({"path": "/tmp/x", "capacity_bytes": 0}, "capacity_bytes"),
+        ({"path": "/tmp/x", "capacity_bytes": "1G"}, "capacity_bytes"),
+        ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "direct_io": "maybe"}, "direct_io"),
+        ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "fsync": "sometimes"}, "fsync"),
+        ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "n_read_threads": 0}, "n_read_threads"),
+        ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "bogus": 1}, "bogus"),
+        ({"path": "/tmp/x", "root_dir": "/tmp/y", "capacity_bytes": 1 << 20}, "root_dir"),
+    ],
+)
+def test_bad_parameters_name_the_key(tmp_path: Path, params: dict, key: str) -> None:
+    cfg = {"cpu_bytes_to_use": 1 << 20, "secondary_tiers": [{"type": "storage", **params}]}
+    with pytest.raises(kvtier.ConfigError, match=rf"secondary_tiers\[0\]\.{key}"):
+        kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB)
+
+
+def test_vllm_fs_config_works_unchanged(tmp_path: Path) -> None:
+    """vLLM's fs tier keys are accepted; capacity defaults to 90% of the free space."""
+    cfg = {"cpu_bytes_to_use": 8 * BB, "secondary_tiers": [
+        {"type": "fs", "root_dir": str(tmp_path / "kv"), "n_read_threads": 2, "n_write_threads": 3,
+         "enable_kv_events": True}]}
+    spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB)
+    m = spec.get_manager()
+    try:
+        tier = m.tiers[0]
+        assert isinstance(tier, FsTier)
+        assert (tier.n_read_threads, tier.n_write_threads) == (2, 3)
+        st_ = os.statvfs(tmp_path)
+        free = st_.f_bavail * st_.f_frsize
+        cap = m.get_stats()["tiers"]["fs0"]["capacity_bytes"]
+        assert 0.8 * free < cap <= 0.9 * free + (64 << 20)
+        keys = [make_key(i, "fs") for i in range(12)]
+        store_blocks(m, keys)
+        settle(m)
+        assert m.get_stats()["tiers"]["fs0"]["blocks"] == 12
+    finally:
+        m.shutdown()
+
+
+def test_storage_accepts_root_dir_alias(tmp_path: Path, namespace: str) -> None:
+    cfg = {"cpu_bytes_to_use": 8 * BB, "secondary_tiers": [
+        {"type": "storage", "root_dir": str(tmp_path / "alias"), "capacity_bytes": 1 << 20}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB).get_manager()
+    try:
+        assert m.tiers[0].lane_dir.startswith(str(tmp_path / "alias"))
+    finally:
+        m.shutdown()
+
+
+def test_direct_io_true_rejects_unaligned_blocks(tmp_path: Path) -> None:
+    cfg = {"cpu_bytes_to_use": 8 * 3000, "secondary_tiers": [
+        {"type": "storage", "path": str(tmp_path), "capacity_bytes": 1 << 20, "direct_io": True}]}
+    spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=3000)
+    with pytest.raises(kvtier.ConfigError, match="direct_io"):
+        spec.get_manager()
+
+
+# -- round trips and restarts ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bb", "direct_io", "fsync"),
+    [(BB, "auto", "none"), (BB, False, "batch"), (3000, "auto", "always")],
+)
+def test_round_trip_three_times_primary_capacity(
+    tmp_path: Path, namespace: str, bb: int, direct_io: object, fsync: str
+) -> None:
+    spec = make_spec(tmp_path, namespace, bb=bb, direct_io=direct_io, fsync=fsync)
+    m = spec.get_manager()
+    try:
+        keys = [make_key(i, namespace) for i in range(3 * spec.num_slots)]
+        store_blocks(m, keys)
+        settle(m)
+        st_ = m.get_stats()["tiers"]["storage0"]
+        assert st_["blocks"] == len(keys)
+        assert st_["direct_io"] is (bb % 4096 == 0 and direct_io == "auto")
+        assert load_and_check(m, keys) == len(keys)
+        st_ = m.get_stats()["tiers"]["storage0"]
+        # the primary holds 16 blocks: at least the other 32 came back from storage, verified
+        assert st_["hits"] >= 2 * spec.num_slots
+        assert st_["corrupt"] == 0 and st_["load_failures"] == 0
+    finally:
+        m.shutdown()
+
+
+def test_restart_serves_old_blocks_and_other_namespace_sees_none(tmp_path: Path) -> None:
+    keys = [make_key(i, "restart") for i in range(40)]
+    m = make_spec(tmp_path, "model-a").get_manager()
+    store_blocks(m, keys)
+    settle(m)
+    m.shutdown()
+
+    m = make_spec(tmp_path, "model-b").get_manager()
+    try:
+        assert m.tiers[0].lookup(keys) == 0
+        assert lookup_until(m, keys) == 0
+        store_blocks(m, [make_key(i, "b") for i in range(5)])  # b's data lives beside a's
+        settle(m)
+    finally:
+        m.shutdown()
+
+    spec = make_spec(tmp_path, "model-a")
+    m = spec.get_manager()
+    try:
+        tier = m.tiers[0]
+        st_ = m.get_stats()["tiers"]["storage0"]
+        assert st_["blocks"] == 40 and st_["index_rebuild_seconds"] > 0
+        assert tier.lookup(keys) == 40  # known at once, no second round
+        assert load_and_check(m, keys) == 40
+    finally:
+        m.shutdown()
+
+
+def test_same_block_geometry_is_part_of_the_namespace(tmp_path: Path) -> None:
+    """A different block size under the same namespace name never reads the old records."""
+    keys = [make_key(i, "geo") for i in range(6)]
+    m = make_spec(tmp_path, "same").get_manager()
+    store_blocks(m, keys)
+    settle(m)
+    m.shutdown()
+    m = make_spec(tmp_path, "same", bb=2 * BB).get_manager()
+    try:
+        assert m.tiers[0].lookup(keys) == 0
+    finally:
+        m.shutdown()
+
+
+def test_lookup_answers_leading_run_at_once(tmp_path: Path, namespace: str) -> None:
+    tier = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=8 << 20)
+    try:
+        keys = [make_key(i) for i in range(6)]
+        prim = tier.ctx.primary
+        for i, k in enumerate(keys[:4]):
+            prim[i] = block_bytes_for(k, BB)
+        assert tier.lookup(keys) == 0
+        assert run_job(tier, "store", [keys[0], keys[1], keys[3]], [0, 1, 3]).success
+        assert tier.lookup(keys) == 2
+        assert tier.lookup(keys[3:]) == 1
+        res = run_job(tier, "load", [keys[0], keys[2]], [5, 6])
+        assert res.failed_keys == {keys[2]}
+        assert np.array_equal(prim[5], block_bytes_for(keys[0], BB))
+    finally:
+        tier.shutdown()
+
+
+def test_second_process_on_same_directory_gets_its_own_lane(tmp_path: Path, namespace: str) -> None:
+    a = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
+    b = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
+    try:
+        assert a.lane_dir != b.lane_dir and b.lane_dir.endswith(".1")
+    finally:
+        a.shutdown()
+        b.shutdown()
+    c = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
+    try:
+        assert c.lane_dir == a.lane_dir  # the lock went with the process that held it
+    finally:
+        c.shutdown()
+
+
+# -- capacity ----------------------------------------------------------------------------------
+def test_capacity_holds_under_five_times_the_workload(tmp_path: Path, namespace: str) -> None:
+    capacity = 20 * (BB + 4096) + 5 * 4096  # 20 slots, 4 intent files and NAMESPACE
+    spec = make_spec(tmp_path, namespace, capacity_bytes=capacity, n_read_threads=2,
+                     n_write_threads=2, slab_bytes=1 << 20)
+    m = spec.get_manager()
+    try:
+        max_blocks = m.get_stats()["tiers"]["storage0"]["max_blocks"]
+        assert max_blocks == 20
+        keys = [make_key(i, namespace) for i in range(5 * max_blocks)]
+        for i in range(0, len(keys), 10):
+            store_blocks(m, keys[i : i + 10])
+            settle(m)
+            st_ = m.get_stats()["tiers"]["storage0"]
+            assert st_["usage_bytes"] <= capacity
+            assert dir_bytes(tmp_path) <= capacity
+        st_ = m.get_stats()["tiers"]["storage0"]
+        assert st_["evictions"] >= len(keys) - max_blocks
+        assert st_["blocks"] <= max_blocks
+        events = [e for e in m.take_events() if e.medium == "STORAGE"]
+        stored = {k for e in events if not e.removed for k in e.keys}
+        removed = {k for e in events if e.removed for k in e.keys}
+        assert stored == set(keys) and len(removed) == st_["evictions"]
+        # LRU: the newest blocks survive and come back intact, the oldest are gone
+        m.reset_cache()
+        assert m.tiers[0].lookup(keys[-max_blocks + 2 :]) == max_blocks - 2
+        assert m.tiers[0].lookup(keys[:1]) == 0
+        assert load_and_check(m, keys[-8:]) == 8
+    finally:
+        m.shutdown()
+
+
+def test_restart_with_smaller_capacity_shrinks_to_fit(tmp_path: Path, namespace: str) -> None:
+    keys = [make_key(i, namespace) for i in range(30)]
+    m = make_spec(tmp_path, namespace, slab_bytes=1 << 20).get_manager()
+    store_blocks(m, keys)
+    settle(m)
+    m.shutdown()
+    capacity = 10 * (BB + 4096) + 3 * 4096
+    m = make_spec(tmp_path, namespace, capacity_bytes=capacity, slab_bytes=1 << 20,
+                  n_read_threads=1, n_write_threads=1).get_manager()
+    try:
+        st_ = m.get_stats()["tiers"]["storage0"]
+        assert st_["max_blocks"] == 10 and 0 < st_["blocks"] <= 10
+        assert dir_bytes(tmp_path) <= capacity
+        found = [k for k in keys if m.tiers[0].lookup([k]) == 1]
+        m.reset_cache()
+        assert load_and_check(m, found) == len(found)
+    finally:
+        m.shutdown()
+
+
+def test_touch_protects_a_block_from_eviction(tmp_path: Path, namespace: str) -> None:
+    ctx = tier_ctx(namespace, slots=4)
+    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=4 * (BB + 4096) + 3 * 4096,
+                       n_read_threads=1, n_write_threads=1)
+    try:
+        keys = [make_key(i) for i in range(6)]
+        cap = tier.stats()["max_blocks"]
+        assert cap == 4
+        for k in keys[:4]:
+            assert run_job(tier, "store", [k], [0]).success
+        tier.touch([keys[0]])
+        assert run_job(tier, "store", [keys[4]], [0]).success
+        assert tier.lookup([keys[0]]) == 1 and tier.lookup([keys[1]]) == 0
+        assert [e.keys for e in tier.take_events() if e.removed] == [[keys[1]]]
+    finally:
+        tier.shutdown()
+
+
+# -- invariants --------------------------------------------------------------------------------
+_op = st.one_of(
+    st.tuples(st.just("store"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),
+    st.tuples(st.just("load"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),
+    st.tuples(st.just("touch"), st.lists(st.integers(0, 11), min_size=1, max_size=3, unique=True)),
+    st.tuples(st.just("restart"), st.just([])),
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, min_size=1, max_size=14))
+def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
+                                       ops: list[tuple[str, list[int]]]) -> None:
+    """Against an LRU model: same contents, capacity never exceeded, every load exact."""
+    bb = 8192
+    path = tmp_path_factory.mktemp("inv")
+    ctx = tier_ctx("inv", slots=8, bb=bb)
+    capacity = 5 * (bb + 4096) + 3 * 4096  # 5 blocks with 2 threads' metadata
+    keys = [make_key(i, "inv") for i in range(12)]
+
+    def open_tier() -> StorageTier:
+        return StorageTier(ctx, path=str(path), capacity_bytes=capacity, n_read_threads=1,
+                           n_write_threads=1, slab_bytes=1 << 20)
+
+    tier = open_tier()
+    model: list[int] = []  # LRU order, oldest first
+    wseq: dict[int, int] = {}  # when each block's record was written (restart order)
+    clock = itertools.count()
+    try:
+        assert tier.stats()["max_blocks"] == 5
+        for kind, idx in ops:
+            if kind == "store":
+                for j, i in enumerate(idx):
+                    ctx.primary[j] = block_bytes_for(keys[i], bb)
+                assert run_job(tier, "store", [keys[i] for i in idx], list(range(len(idx)))).success
+                # present blocks are refreshed at once; new ones take a slot (evicting the LRU
+                # block when full) and become visible, newest, when their records are written
+                writing: list[int] = []
+                for i in idx:
+                    if i in model:
+                        model.remove(i)
+                        model.append(i)
+                    else:
+                        if len(model) + len(writing) >= 5:
+                            model.pop(0)
+                        writing.append(i)
+                        wseq[i] = next(clock)
+                model.extend(writing)
+            elif kind == "load":
+                res = run_job(tier, "load", [keys[i] for i in idx], list(range(len(idx))))
+                assert res.failed_keys == {keys[i] for i in idx if i not in model}
+                for j, i in enumerate(idx):
+                    if i in model:
+                        assert np.array_equal(ctx.primary[j], block_bytes_for(keys[i], bb))
+                        model.remove(i)
+                        model.append(i)
+            elif kind == "touch":
+                tier.touch([keys[i] for i in idx])
+                for i in idx:
+                    if i in model:
+                        model.remove(i)
+                        model.append(i)
+            else:
+                tier.shutdown()
+                tier = open_tier()
+                model.sort(key=wseq.__getitem__)  # recency after a restart: write order
+            st_ = tier.stats()
+            assert st_["usage_bytes"] <= capacity and dir_bytes(path) <= capacity
+            assert st_["corrupt"] == 0
+            assert {k for k in keys if tier.lookup([k])} == {keys[i] for i in model}
+    finally:
+        tier.shutdown()
