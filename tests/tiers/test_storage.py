@@ -299,7 +299,7 @@ def test_touch_protects_a_block_from_eviction(tmp_path: Path, namespace: str) ->
 
 
 # -- invariants --------------------------------------------------------------------------------
-_op = st.one_of(
+_op: st.SearchStrategy[tuple[str, list[int]]] = st.one_of(
     st.tuples(st.just("store"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),
     st.tuples(st.just("load"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),
     st.tuples(st.just("touch"), st.lists(st.integers(0, 11), min_size=1, max_size=3, unique=True)),
