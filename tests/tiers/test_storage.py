@@ -114,7 +114,7 @@ def test_storage_accepts_root_dir_alias(tmp_path: Path, namespace: str) -> None:
         {"type": "storage", "root_dir": str(tmp_path / "alias"), "capacity_bytes": 1 << 20}]}
     m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB).get_manager()
     try:
-        assert m.tiers[0].lane_dir.startswith(str(tmp_path / "alias"))
+        assert m.get_stats()["tiers"]["storage0"]["path"].startswith(str(tmp_path / "alias"))
     finally:
         m.shutdown()
 

@@ -171,7 +171,8 @@ class SlabStore:
     def _intent_path(self, i: int) -> str:
         return os.path.join(self.directory, f"intent-{i:02d}")
 
-    def _slab_path(self, file_idx: int) -> str:
+    def slab_path(self, file_idx: int) -> str:
+        """Path of slab file ``file_idx``."""
         return os.path.join(self.directory, f"slab-{file_idx:05d}.kvs")
 
     def slab_files(self) -> list[tuple[int, str]]:
@@ -193,7 +194,7 @@ class SlabStore:
         if fd is not None:
             return fd
         flags = os.O_CREAT | os.O_RDWR | (O_DIRECT if self.direct else 0)
-        path = self._slab_path(file_idx)
+        path = self.slab_path(file_idx)
         existed = os.path.exists(path)
         fd = os.open(path, flags, 0o644)
         prev = self._fds.setdefault(file_idx, fd)

@@ -159,7 +159,7 @@ class StorageTier(SecondaryTier):
         self._stats: dict[str, float] = {
             "hits": 0, "misses": 0, "lookup_hits": 0, "bytes_read": 0, "bytes_written": 0,
             "load_failures": 0, "store_failures": 0, "corrupt": 0, "evictions": 0,
-            "start_invalidated": 0, "index_rebuild_seconds": 0.0,
+            "start_verified": 0, "start_invalidated": 0, "index_rebuild_seconds": 0.0,
         }
         self._read_health = Health(f"{self.name} (reads)")
         self._write_health = Health(f"{self.name} (writes)")
@@ -238,13 +238,16 @@ class StorageTier(SecondaryTier):
             found: dict[bytes, tuple[int, int]] = {}
             stale: list[int] = []
             invalid = 0
+            checked = 0
             zeros = aligned_buffer(ALIGN)
             try:
                 for rec in store.scan(max_slots):
-                    if rec.slot in suspects and not store.verify_slot(rec.slot):
-                        store.invalidate(rec.slot, zeros)
-                        invalid += 1
-                        continue
+                    if rec.slot in suspects:
+                        checked += 1
+                        if not store.verify_slot(rec.slot):
+                            store.invalidate(rec.slot, zeros)
+                            invalid += 1
+                            continue
                     prev = found.get(rec.key)
                     if prev is None or prev[1] < rec.seq:
                         if prev is not None:
@@ -280,6 +283,7 @@ class StorageTier(SecondaryTier):
             self._index = OrderedDict((k, slot) for k, (slot, _seq) in entries)
             self._seq = 1 + max((seq for _slot, seq in found.values()), default=0)
             self._stats["start_invalidated"] += invalid
+            self._stats["start_verified"] += checked
             self._stats["index_rebuild_seconds"] = time.perf_counter() - t0
             self._open_error = None
         log.info(
@@ -633,6 +637,16 @@ class StorageTier(SecondaryTier):
         health = self._write_health
         return health.up or health.should_probe()
 
+    def record_location(self, key: bytes) -> tuple[str, int] | None:
+        """Where ``key``'s record lies: (slab file path, byte offset), or None (for tools and tests)."""
+        store = self._store
+        with self._lock:
+            slot = self._index.get(key)
+        if store is None or slot is None:
+            return None
+        f, off = store.locate(slot)
+        return store.slab_path(f), off
+
     def usage_bytes(self) -> int:
         """Bytes on the medium that count against capacity: slots handed out plus metadata."""
         store = self._store
@@ -667,6 +681,11 @@ class StorageTier(SecondaryTier):
         for t in self._threads:
             t.join(timeout=10)
         if self._store is not None:
+            if not any(t.is_alive() for t in self._threads):
+                try:
+                    self._store.clear_intents()  # every write has ended: nothing to re-verify
+                except OSError as e:
+                    log.warning("tier %s: could not clear intent files: %s", self.name, e)
             self._store.close()
 
 
