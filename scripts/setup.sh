@@ -14,6 +14,6 @@ python -m pip install -q -e ".[test,dev,plot]"
 # vLLM for the integration tests: the package alone, plus the light modules it imports.
 python -m pip install -q --no-deps "vllm==0.33.0"
 if grep -qv '^\s*#' requirements/vllm-test.txt 2>/dev/null; then
-  python -m pip install -q -r requirements/vllm-test.txt
+  python -m pip install -q --no-deps -r requirements/vllm-test.txt
 fi
 echo "kvtier: environment ready in .venv"
