@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per offloaded block, as the trace's hash_ids use (default 512)")
     w.add_argument("--seed", type=int, default=0, help="synthetic workload seed (default 0)")
     w.add_argument("--sessions", type=_positive, default=None,
-                   help="synthetic workload: number of chat sessions (default 160)")
+                   help="synthetic workload: number of chat sessions (default 400)")
     w.add_argument("--session-rate", type=float, default=None, metavar="PER_S",
                    help="synthetic workload: new sessions per second (default 4)")
     c = b.add_argument_group("tiers")
@@ -140,7 +140,6 @@ def bench(args: argparse.Namespace) -> int:
     from kvtier.bench.engine import BenchError, EngineOptions
     from kvtier.bench.report import plot, render, write_json
     from kvtier.bench.runner import (
-        BenchRunner,
         Plan,
         default_secondary_tier,
         parse_config_arg,
@@ -149,7 +148,7 @@ def bench(args: argparse.Namespace) -> int:
     from kvtier.config import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(stderr=False)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if args.vllm:
         from kvtier.bench.vllm_backend import vllm_unavailable
 

@@ -94,7 +94,8 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
         for c in configs:
             st.add_column(c, justify="right")
         for frac in sorted({p["cpu_fraction"] for p in report["sweep"]}):
-            row = [f"{frac:g} ({next(p['cpu_blocks'] for p in report['sweep'] if p['cpu_fraction'] == frac)} blk)"]
+            blocks = next(p["cpu_blocks"] for p in report["sweep"] if p["cpu_fraction"] == frac)
+            row = [f"{frac:g} ({blocks} blk)"]
             for c in configs:
                 pts = [p for p in report["sweep"] if p["config"] == c and p["cpu_fraction"] == frac]
                 row.append(" / ".join(_pct(p["block_hit_rate"]) for p in pts) or "-")

@@ -159,7 +159,7 @@ class SyntheticParams:
     """Knobs of the synthetic multi-turn workload."""
 
     seed: int = 0
-    sessions: int = 160
+    sessions: int = 400
     system_prompts: int = 6
     system_tokens: tuple[int, int] = (1024, 4096)
     zipf_s: float = 1.2

@@ -1,0 +1,137 @@
+"""End-to-end replays through the real manager, worker and tiers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from kvtier.bench.engine import EngineOptions, EngineSim, KVTierOffload
+from kvtier.bench.runner import SCHEMA, BenchRunner, Plan, default_secondary_tier
+from kvtier.bench.workload import SyntheticParams, synthetic_workload
+from kvtier.cli import main
+from kvtier.types import LoadStoreSpec, ReqContext
+
+BB = 4096
+
+
+def _tier_config(tmp_path) -> dict:
+    ttype = default_secondary_tier()
+    tier = {"type": ttype}
+    if ttype == "storage":
+        tier["path"] = str(tmp_path / "tier")
+    return {"secondary_tiers": [tier]}
+
+
+def test_short_run_reports_every_configuration(tmp_path) -> None:
+    wl = synthetic_workload(SyntheticParams(seed=3, sessions=30))
+    cpu_blocks = max(8, wl.distinct_blocks // 10)
+    biggest = max(len(r.hash_ids) for r in wl.requests)
+    plan = Plan(
+        engine=EngineOptions(bytes_per_block=BB, gpu_blocks=biggest + 4),
+        config=_tier_config(tmp_path),
+        cpu_blocks=cpu_blocks, tier_blocks=wl.distinct_blocks,
+    )
+    report = BenchRunner(wl, plan).run()
+    assert report["schema"] == SCHEMA
+    for key in ("kvtier_version", "machine", "workload", "engine", "runs", "sweep", "wall_s"):
+        assert key in report
+    runs = {r["name"]: r for r in report["runs"]}
+    assert set(runs) == {"no-offload", "cpu", f"cpu+{default_secondary_tier()}", "reference-lru"}
+    for r in report["runs"]:
+        for key in ("block_hit_rate", "token_hit_rate", "prefill_tokens_saved", "tiers",
+                    "wrong_blocks", "wall_s", "requests", "block_refs"):
+            assert key in r, (r["name"], key)
+        assert r["wrong_blocks"] == 0
+        assert r["requests"] == len(wl.requests)
+    assert runs["no-offload"]["tiers"]["engine"]["hit_blocks"] > 0  # the engine's own cache
+    cpu = runs["cpu"]
+    assert cpu["tiers"]["CPU"]["hit_blocks"] > 0
+    assert cpu["loaded_blocks"] == cpu["tiers"]["CPU"]["hit_blocks"] > 0
+    assert cpu["block_hit_rate"] > runs["no-offload"]["block_hit_rate"]
+    assert cpu["tiers"]["CPU"]["bytes_written"] > 0
+    for key in ("scheduler_us_per_block", "promotion_latency_steps", "vs_no_offload"):
+        assert key in cpu
+    tiered = runs[f"cpu+{default_secondary_tier()}"]
+    # A tier that holds everything beats the CPU tier alone; its blocks came through promotion.
+    assert tiered["block_hit_rate"] > cpu["block_hit_rate"]
+    assert tiered["lookup_none"] > 0
+    secondary = [m for m in tiered["tiers"] if m not in ("engine", "CPU")]
+    assert secondary and tiered["tiers"][secondary[0]]["hit_blocks"] > 0
+    assert tiered["tiers"][secondary[0]]["bytes_written"] > 0
+    json.dumps(report)  # serializable as is
+
+
+class _CorruptingOffload(KVTierOffload):
+    """Flips a byte of every 5th distinct block in its primary slot before it is first loaded
+    (the CPU tier is big enough that nothing is evicted and stored afresh)."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.bad: set[bytes] = set()
+        self.bad_loads = 0
+        self._n = 0
+
+    def prepare_load(self, keys: Sequence[bytes], ctx: ReqContext) -> LoadStoreSpec:
+        spec = super().prepare_load(keys, ctx)
+        region = self.manager.primary_blocks()
+        for key, slot in zip(keys, spec.block_ids):
+            if key not in self.bad:
+                self._n += 1
+                if self._n % 5:
+                    continue
+                region[int(slot), 100] ^= 0xFF
+                self.bad.add(key)
+            self.bad_loads += 1
+        return spec
+
+
+def test_wrong_bytes_are_counted() -> None:
+    wl = synthetic_workload(SyntheticParams(seed=4, sessions=20))
+    off = _CorruptingOffload({"cpu_bytes_to_use": wl.distinct_blocks * BB})
+    counters = EngineSim(wl, off, EngineOptions(bytes_per_block=BB, prefix_cache=False)).run()
+    assert off.bad_loads > 0
+    assert counters.wrong_blocks == off.bad_loads
+
+
+def test_cli_writes_json_and_plot(tmp_path) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["bench", "--quiet", "--sessions", "20", "--sweep", "0.05,0.2",
+               "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA
+    assert {p["config"] for p in report["sweep"]} >= {"cpu", "reference-lru"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_errors_are_clear(tmp_path, capsys) -> None:
+    assert main(["bench", "--quiet", "--config", "{oops"]) == 2
+    assert "--config: not valid JSON" in capsys.readouterr().err
+    assert main(["bench", "--quiet", "--config", "@" + str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the file" in capsys.readouterr().err
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n'
+                   "garbage\n")
+    assert main(["bench", "--quiet", "--trace", str(bad)]) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    assert main(["bench", "--quiet", "--sessions", "5", "--config",
+                 '{"secondary_tiers": [{"type": "nope"}]}']) == 2
+    assert "secondary_tiers[0]" in capsys.readouterr().err
+    assert main(["bench", "--quiet", "--bytes-per-block", "1000"]) == 2
+    assert "--bytes-per-block" in capsys.readouterr().err
+
+
+def test_version(capsys) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("kvtier ")
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_policies_replay_cleanly(policy: str) -> None:
+    wl = synthetic_workload(SyntheticParams(seed=5, sessions=15))
+    off = KVTierOffload({"cpu_bytes_to_use": 16 * BB, "eviction_policy": policy})
+    counters = EngineSim(wl, off, EngineOptions(bytes_per_block=BB, prefix_cache=False)).run()
+    assert counters.wrong_blocks == 0 and counters.loaded_blocks > 0
