@@ -135,3 +135,33 @@ def test_policies_replay_cleanly(policy: str) -> None:
     off = KVTierOffload({"cpu_bytes_to_use": 16 * BB, "eviction_policy": policy})
     counters = EngineSim(wl, off, EngineOptions(bytes_per_block=BB, prefix_cache=False)).run()
     assert counters.wrong_blocks == 0 and counters.loaded_blocks > 0
+
+
+def test_vllm_flag_says_why_it_cannot_run(monkeypatch, capsys) -> None:
+    import kvtier.bench.vllm_backend as vb
+
+    monkeypatch.setattr(vb, "vllm_unavailable", lambda: "ModuleNotFoundError: No module named 'x'")
+    assert main(["bench", "--quiet", "--sessions", "5", "--vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--vllm" in err and "No module named 'x'" in err
+
+
+@pytest.mark.vllm
+def test_vllm_manager_replays_beside_kvtier(tmp_path) -> None:
+    from kvtier.bench.vllm_backend import vllm_unavailable
+
+    why = vllm_unavailable()
+    if why:
+        pytest.skip(f"vLLM's tiering manager is not importable: {why}")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quiet", "--sessions", "25", "--no-prefix-cache", "--vllm",
+                 "--json", str(out)]) == 0
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    v = runs["vllm-cpu+fs"]
+    assert v["wrong_blocks"] == 0
+    assert v["loaded_blocks"] == v["hit_blocks"] > 0
+    assert v["tiers"]["STORAGE"]["hit_blocks"] > 0
+    # Same workload, same CPU size, a second tier that holds every block: vLLM's manager and
+    # kvtier's serve the same number of blocks.
+    tiered = next(r for n, r in runs.items() if n.startswith("cpu+"))
+    assert v["hit_blocks"] == tiered["hit_blocks"]

@@ -143,6 +143,11 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         if r["kind"] == "none":
             ax1.axhline(r["block_hit_rate"], color="grey", linestyle=":",
                         label=f"no-offload ({_pct(r['block_hit_rate'])})")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax1.xaxis.set_major_formatter(ScalarFormatter())
+    ax1.xaxis.set_minor_formatter(ScalarFormatter())
+    ax1.tick_params(axis="x", which="minor", labelsize=7)
     ax1.set_xlabel("CPU tier capacity (blocks, log scale)")
     ax1.set_ylabel("block hit rate")
     ax1.set_ylim(0, max(0.05, min(1.0, 1.15 * _max_rate(report))))
