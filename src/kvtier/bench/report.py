@@ -123,6 +123,8 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     sweep = report.get("sweep") or []
     if sweep:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         series: dict[str, list[tuple[int, float]]] = {}
         for p in sweep:
             label = p["config"]
@@ -133,27 +135,40 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             pts.sort()
             style = "--" if label == "reference-lru" else "-"
             ax1.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=label)
-        ax1.set_xscale("log")
-    else:
         for r in report["runs"]:
-            x = r.get("cpu_blocks") or 0
-            ax1.scatter([max(x, 1)], [r["block_hit_rate"]], s=60, label=r["name"])
+            if r["kind"] == "none":
+                ax1.axhline(r["block_hit_rate"], color="grey", linestyle=":",
+                            label=f"no-offload ({_pct(r['block_hit_rate'])})")
         ax1.set_xscale("log")
-    for r in report["runs"]:
-        if r["kind"] == "none":
-            ax1.axhline(r["block_hit_rate"], color="grey", linestyle=":",
-                        label=f"no-offload ({_pct(r['block_hit_rate'])})")
-    from matplotlib.ticker import ScalarFormatter
-
-    ax1.xaxis.set_major_formatter(ScalarFormatter())
-    ax1.xaxis.set_minor_formatter(ScalarFormatter())
-    ax1.tick_params(axis="x", which="minor", labelsize=7)
-    ax1.set_xlabel("CPU tier capacity (blocks, log scale)")
-    ax1.set_ylabel("block hit rate")
+        ax1.xaxis.set_major_formatter(ScalarFormatter())
+        ax1.xaxis.set_minor_formatter(NullFormatter())
+        xs = sorted({p["cpu_blocks"] for p in sweep})
+        ax1.set_xticks(xs)
+        ax1.set_xticklabels([str(x) for x in xs], fontsize=8)
+        ax1.set_xlabel("CPU tier capacity (blocks, log scale)")
+        ax1.set_ylabel("block hit rate")
+        ax1.set_title(f"Hit rate vs CPU capacity — {report['workload']['name']}")
+        ax1.legend(fontsize=8, loc="best")
+    else:
+        runs = report["runs"]
+        xs = list(range(len(runs)))
+        w = 0.4
+        ax1.bar([x - w / 2 for x in xs], [r["block_hit_rate"] for r in runs], w, label="block hit")
+        ax1.bar([x + w / 2 for x in xs], [r["token_hit_rate"] for r in runs], w, label="token hit")
+        for x, r in zip(xs, runs):
+            ax1.text(x - w / 2, r["block_hit_rate"] + 0.01, _pct(r["block_hit_rate"]),
+                     ha="center", fontsize=8)
+        ax1.set_xticks(xs)
+        ax1.set_xticklabels(
+            [r["name"] + ("" if r.get("cpu_blocks") is None else f"\nCPU {r['cpu_blocks']} blk")
+             for r in runs], fontsize=8,
+        )
+        ax1.set_ylabel("hit rate")
+        ax1.set_title(f"Hit rate per configuration — {report['workload']['name']} "
+                      "(--sweep: vs capacity)")
+        ax1.legend(fontsize=8, loc="upper left")
     ax1.set_ylim(0, max(0.05, min(1.0, 1.15 * _max_rate(report))))
-    ax1.set_title(f"Hit rate vs capacity — {report['workload']['name']}")
     ax1.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8, loc="best")
 
     bars: list[tuple[str, float, float]] = []
     for r in report["runs"]:
@@ -163,7 +178,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             bars.append((f"{r['name']}\n{medium}", d.get("bytes_read", 0) / 2**20,
                          d.get("bytes_written", 0) / 2**20))
     if bars:
-        xs = range(len(bars))
+        xs = list(range(len(bars)))
         w = 0.4
         ax2.bar([x - w / 2 for x in xs], [b[1] for b in bars], w, label="read")
         ax2.bar([x + w / 2 for x in xs], [b[2] for b in bars], w, label="written")

@@ -94,7 +94,7 @@ def with_capacities(
     cfg["cpu_bytes_to_use"] = cpu_blocks * block_bytes
     for t in cfg.get("secondary_tiers") or []:
         if tier_blocks is not None and t.get("type") != "network":
-            t["capacity_bytes"] = tier_blocks * (block_bytes + TIER_BLOCK_OVERHEAD)
+            t["capacity_bytes"] = tier_blocks * (block_bytes + TIER_BLOCK_OVERHEAD) + (1 << 20)
         if fresh_dirs is not None and t.get("type") in ("storage", "fs") and t.get("path"):
             base = str(t["path"])
             os.makedirs(base, exist_ok=True)
