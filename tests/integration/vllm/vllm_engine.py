@@ -52,7 +52,6 @@ from vllm.v1.kv_offload.base import (
     CanonicalKVCacheRef,
     CanonicalKVCaches,
     CanonicalKVCacheTensor,
-    LookupResult,
 )
 from vllm.v1.kv_offload.config import (
     OffloadingCacheConfig,
@@ -66,6 +65,7 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request, RequestStatus
 
 TOKENS_PER_BLOCK = 16
+STEP_S = 0.01  # how long the stand-in's model step takes
 LAYERS = ("model.layers.0.attn", "model.layers.1.attn")
 ATTN = FullAttentionSpec(
     block_size=TOKENS_PER_BLOCK, num_kv_heads=2, head_size=16, dtype=torch.float16
@@ -144,7 +144,7 @@ class Engine:
         )
         self.sched = OffloadingConnectorScheduler(self.spec, self.vllm_config,
                                                   self.kv_cache_config)
-        self.manager = self.sched.manager
+        self.manager: Any = self.sched.manager  # KVTierManager or vLLM's manager
         self.kv = [torch.zeros((num_gpu_blocks, PAGE), dtype=torch.int8) for _ in LAYERS]
         self.worker: OffloadingConnectorWorker | None = None
         if self.kind == "kvtier":
@@ -159,7 +159,6 @@ class Engine:
         self.pending_finish: set[str] = set()
         self.events: list[Any] = []
         self._ids = 0
-        self._acks: list[int] = []  # vllm spec: jobs to acknowledge (no worker here)
 
     # -- requests -------------------------------------------------------------------------
     def new_request(self, tokens: list[int]) -> Request:
@@ -205,13 +204,14 @@ class Engine:
                         scheduled = True
             if not scheduled:
                 run.steps_to_schedule += 1
-                time.sleep(0.005)  # a model step takes time; transfers and tier jobs run
             if scheduled:
                 out.scheduled_new_reqs = [NewRequestData.from_request(req, (run.block_ids,))]
                 out.num_scheduled_tokens = {req.request_id: req.num_tokens - req.num_computed_tokens}
                 out.total_num_scheduled_tokens = req.num_tokens - req.num_computed_tokens
             meta = self.sched.build_connector_meta(out)
             self._worker_step(meta, run if scheduled else None)
+            if not scheduled:
+                time.sleep(STEP_S)  # the model step: transfers and tier jobs run meanwhile
             if scheduled:
                 req.num_computed_tokens = req.num_tokens
                 req.status = RequestStatus.FINISHED_LENGTH_CAPPED
@@ -236,9 +236,8 @@ class Engine:
             if run is not None:
                 self._forward(run)
             wmeta = OffloadingWorkerMetadata()
-            for job_id in self._acks:
+            for job_id in list(meta.store_jobs) + list(meta.load_jobs):
                 wmeta.mark_completed(job_id)
-            self._acks = list(meta.store_jobs) + list(meta.load_jobs)
             recv = {job.req_id for job in meta.load_jobs.values()}
         self.finished |= recv
         self.sched.update_connector_output(
@@ -277,7 +276,7 @@ class Engine:
         """Step until every transfer and tier job is done."""
         deadline = time.monotonic() + timeout
         self.idle(2)
-        while self.sched._jobs or self.manager.has_pending_work() or self._acks:
+        while self.sched._jobs or self.manager.has_pending_work():
             if time.monotonic() > deadline:
                 raise TimeoutError("transfers did not finish")
             time.sleep(0.002)
