@@ -49,7 +49,8 @@ _SEQ = struct.Struct("<QQ")  # write sequence, xxh3-64 of (sequence, key)
 _INTENT_HEAD = struct.Struct("<4sI")
 _INTENT_MAGIC = b"KVTI"
 _INTENT_MAX = (SLOT_HEADER - _INTENT_HEAD.size - 8) // 8  # slots per intent write
-_SCAN_CHUNK = 4 << 20
+_SCAN_CHUNK = 4 << 20  # bytes per read when scanning small slots in bulk
+_SCAN_BULK_SLOT = 64 << 10  # slots up to this size are scanned in bulk, larger ones header by header
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -350,8 +351,8 @@ class SlabStore:
     # -- start -----------------------------------------------------------------------------
     def scan(self, max_slots: int) -> Iterator[ScannedRecord]:
         """Every slot below ``max_slots`` whose header verifies as one of this lane's records."""
-        buf = aligned_buffer(max(_SCAN_CHUNK, self.slot_size) if self.slot_size <= _SCAN_CHUNK
-                             else SLOT_HEADER)
+        bulk = self.slot_size <= _SCAN_BULK_SLOT
+        buf = aligned_buffer(_SCAN_CHUNK if bulk else SLOT_HEADER)
         try:
             for file_idx, _path in self.slab_files():
                 first = file_idx * self.slots_per_file
@@ -363,7 +364,7 @@ class SlabStore:
                 # a slot counts only if its whole record lies inside the file
                 n = 0 if size < self.record_bytes else (size - self.record_bytes) // self.slot_size + 1
                 n = min(n, self.slots_per_file, max_slots - first)
-                if self.slot_size <= _SCAN_CHUNK:
+                if bulk:
                     per = max(1, _SCAN_CHUNK // self.slot_size)
                     for i0 in range(0, n, per):
                         k = min(per, n - i0)
