@@ -275,7 +275,7 @@ def vllm_throughput(directory: str, block: int, total: int, args: argparse.Names
             is_parallelism_agnostic=True),
     )
     spec = VllmSpec(cfg)
-    m = spec.get_manager()
+    m: Any = spec.get_manager()  # a TieringOffloadingManager
     region = np.frombuffer(m.primary_tier.get_kv_memoryview().cast("B"), dtype=np.uint8)
     region[:] = 1  # as for kvtier: the slots hold written KV data before they are stored
     del region
