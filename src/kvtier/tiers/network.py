@@ -230,6 +230,25 @@ class _Servers:
         else:
             client.ping()
 
+    def warm(self, n: int) -> None:
+        """Open ``n`` connections to every server now, so that no job waits for a handshake."""
+        client = self._client
+        if client is None:
+            return
+        if self.cluster:
+            pools = [client.get_redis_connection(node).connection_pool
+                     for node in client.get_primaries()]
+        else:
+            pools = [client.connection_pool]
+        for pool in pools:
+            conns: list[Any] = []
+            try:
+                for _ in range(n):
+                    conns.append(pool.get_connection())
+            finally:
+                for conn in conns:
+                    pool.release(conn)
+
     def route(self, rkeys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
         """Group key indices by the server that holds them: [(connection pool, indices)]."""
         client = self._client
@@ -407,7 +426,8 @@ class NetworkTier(SecondaryTier):
             "socket_connect_timeout": float(connect_timeout_seconds),
             "socket_timeout": float(socket_timeout_seconds),
             "socket_keepalive": True,
-            "max_connections": self.pool_size + 2,
+            # I/O threads and the query thread hold one each per server, warm-up a few more
+            "max_connections": 2 * self.pool_size + 4,
             "retry": Retry(NoBackoff(), 1),
             "socket_read_size": 256 * 1024,
             "client_name": f"kvtier-{ctx.name}",
@@ -658,11 +678,14 @@ class NetworkTier(SecondaryTier):
 
     def _query_loop(self) -> None:
         servers, health = self._servers, self._health
+        warm = False
         while not self._stop.is_set():
-            if not servers.ready or not health.up:
+            if not warm or not health.up:
                 if health.should_probe():
                     try:
                         servers.connect()
+                        servers.warm(self.pool_size + 1)
+                        warm = True
                         health.record_success()
                     except Exception as e:
                         health.record_failure(e)
