@@ -96,6 +96,8 @@ _MEDIA: dict[str, tuple[Medium, Locality]] = {
     "NETWORK": (Medium.STORAGE, Locality.REMOTE),
 }
 
+HIT, MISS, RETRY = LookupResult.HIT, LookupResult.MISS, LookupResult.RETRY
+
 METRIC_PREFIX = "vllm:kvtier_"
 _COUNTERS = {
     "stored_blocks": "Blocks the engine stored into kvtier's CPU primary tier.",
@@ -154,14 +156,15 @@ class KVTierLoadStoreSpec(BlockIDsLoadStoreSpec):
 class _ReqState:
     """Per-request scratch: the request's keys in prefix order and this step's verdict."""
 
-    __slots__ = ("ctx", "keys", "step", "base", "run")
+    __slots__ = ("ctx", "keys", "step", "lo", "hi", "retry")
 
     def __init__(self, ctx: kvtier.ReqContext) -> None:
         self.ctx = ctx
         self.keys: list[bytes] = []
-        self.step = -1
-        self.base = 0
-        self.run: int | None = 0
+        self.step = -1  # the step this verdict is for
+        self.lo = 0  # end-token positions lo..hi are HIT; past hi: MISS (RETRY at ``retry``)
+        self.hi = -1
+        self.retry = -1
 
 
 class KVTierManager(OffloadingManager):
@@ -170,8 +173,15 @@ class KVTierManager(OffloadingManager):
     def __init__(self, manager: TieringManager, tokens_per_chunk: int) -> None:
         self.kv = manager
         self.tokens_per_chunk = tokens_per_chunk
-        self._step = 0
+        self._step_cell = [0]  # the step number, shared with the per-key closure
         self._last_counters: dict[str, float] = {}
+        self._fast_lookup = self._make_fast_lookup()
+        # vLLM calls ``manager.lookup`` once per key: the instance attribute skips the method.
+        self.lookup = self._fast_lookup  # type: ignore[method-assign]
+
+    @property
+    def _step(self) -> int:
+        return self._step_cell[0]
 
     # -- request lifecycle ---------------------------------------------------------------
     def _state(self, req_context: ReqContext) -> _ReqState:
@@ -196,32 +206,53 @@ class KVTierManager(OffloadingManager):
     # -- lookup ------------------------------------------------------------------------------
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         """One key's answer, from the request's per-step prefix verdict."""
-        st = req_context._state.get(_ReqState)
+        return self._fast_lookup(key, req_context)
+
+    def _make_fast_lookup(self) -> Any:
+        """The per-key answer as a closure (the connector calls it once per key)."""
+        step = self._step_cell
+        slow = self._lookup_slow
+        state_type = _ReqState
+
+        def lookup(key: OffloadKey, req_context: ReqContext) -> LookupResult:
+            st = req_context._state.get(state_type)
+            if st is not None and st.step == step[0]:
+                pos = req_context._offload_key_positions.get(key)
+                if pos is not None and pos >= st.lo:
+                    if pos <= st.hi:
+                        return HIT
+                    return RETRY if pos == st.retry else MISS
+            return slow(key, req_context)
+
+        return lookup
+
+    def _lookup_slow(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        """First key of a request in this step (or one before its verdict): a new verdict."""
         pos = req_context._offload_key_positions.get(key)
-        if st is None or pos is None or pos % self.tokens_per_chunk:
+        if pos is None or pos % self.tokens_per_chunk:
             return self._lookup_one(key, req_context)
-        idx = pos // self.tokens_per_chunk - 1
-        if st.step != self._step or idx < st.base:
-            self._verdict(st, req_context, idx)
-        run = st.run
-        if run is None:
-            return LookupResult.RETRY if idx == st.base else LookupResult.MISS
-        return LookupResult.HIT if idx < st.base + run else LookupResult.MISS
+        st = self._state(req_context)
+        self._verdict(st, req_context, pos // self.tokens_per_chunk - 1)
+        return self._fast_lookup(key, req_context)
 
     def _verdict(self, st: _ReqState, req_context: ReqContext, base: int) -> None:
         """Run kvtier's batched lookup over the request's keys from ``base`` on."""
         keys = st.keys
         positions = req_context._offload_key_positions
+        tpc = self.tokens_per_chunk
         if len(keys) != len(positions):
-            tpc = self.tokens_per_chunk
             if positions[next(reversed(positions))] == len(positions) * tpc:
                 keys[:] = positions  # one group, keys recorded in prefix order
             else:
                 keys[:] = [k for p, k in sorted((p, k) for k, p in positions.items())
                            if p % tpc == 0]
+        run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
         st.step = self._step
-        st.base = base
-        st.run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
+        st.lo = (base + 1) * tpc  # end-token position of the first key of the verdict
+        if run is None:
+            st.hi, st.retry = st.lo - 1, st.lo  # defer: RETRY for the first key, MISS after
+        else:
+            st.hi, st.retry = (base + run) * tpc, -1
 
     def _lookup_one(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         r = self.kv.lookup([key], self._state(req_context).ctx)
@@ -267,7 +298,7 @@ class KVTierManager(OffloadingManager):
     # -- the step and housekeeping ------------------------------------------------------------
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         """End of a step: verdicts expire; kvtier collects and submits tier jobs."""
-        self._step += 1
+        self._step_cell[0] += 1
         self.kv.on_schedule_end()
 
     def has_pending_work(self) -> bool:
