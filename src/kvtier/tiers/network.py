@@ -96,7 +96,8 @@ _PARAMS: dict[str, str] = {
     "key_prefix": "prefix of every Redis key (default kvtier:<namespace fingerprint>:)",
     "ttl_seconds": "expire blocks this long after they are stored (default: never)",
     "connect_timeout_seconds": "TCP connect timeout",
-    "socket_timeout_seconds": "timeout of one socket read or write",
+    "socket_timeout_seconds": "timeout of one socket read or write of a load or store",
+    "lookup_timeout_seconds": "longest wait for the server's answer to a lookup query",
     "pool_size": "I/O threads for loads and stores (each holds one connection per server)",
     "max_batch_bytes": "largest batch of records sent or received in one round trip",
     "negative_cache_seconds": "how long a 'not on the server' answer is trusted",
@@ -279,20 +280,24 @@ class _Servers:
             g[1].append(i)
         return list(groups.values())
 
-    def exchange(self, batches: Sequence[tuple[Any, list[Any], int]]) -> list[list[Any]]:
+    def exchange(self, batches: Sequence[tuple[Any, list[Any], int]],
+                 timeout: float | None = None) -> list[list[Any]]:
         """Send every batch (pool, packed pieces, reply count) first, then read the replies.
 
         Error replies come back as exception objects in their place. A connection error is
-        retried once on fresh connections (the commands used here are idempotent).
+        retried once on fresh connections (the commands used here are idempotent). ``timeout``
+        bounds each wait for reply bytes (default: the socket timeout).
         """
         try:
-            return self._exchange_once(batches)
+            return self._exchange_once(batches, timeout)
         except redis.ConnectionError:
             if self.cluster:
                 self._refresh = True
-            return self._exchange_once(batches)
+            return self._exchange_once(batches, timeout)
 
-    def _exchange_once(self, batches: Sequence[tuple[Any, list[Any], int]]) -> list[list[Any]]:
+    def _exchange_once(self, batches: Sequence[tuple[Any, list[Any], int]],
+                       timeout: float | None) -> list[list[Any]]:
+        kw = {} if timeout is None else {"timeout": timeout}
         conns: list[tuple[Any, Any]] = []
         clean = False
         try:
@@ -305,7 +310,7 @@ class _Servers:
                 replies: list[Any] = []
                 for _ in range(n):
                     try:
-                        replies.append(conn.read_response())
+                        replies.append(conn.read_response(**kw))
                     except ResponseError as e:
                         if isinstance(e, (MovedError, AskError)):
                             self._refresh = True
@@ -383,7 +388,8 @@ class NetworkTier(SecondaryTier):
             raise ConfigError(f"{label}.ttl_seconds", "at least 0.001 (a millisecond)",
                               out["ttl_seconds"])
         _require_number(out, "connect_timeout_seconds", label, 2.0)
-        _require_number(out, "socket_timeout_seconds", label, 10.0)
+        _require_number(out, "socket_timeout_seconds", label, 2.0)
+        _require_number(out, "lookup_timeout_seconds", label, 1.0)
         _require_number(out, "negative_cache_seconds", label, 1.0)
         _require_int(out, "pool_size", label, 4, 1, 64)
         _require_int(out, "max_batch_bytes", label, 16 * _MIB, 64 * 1024, 1 << 31)
@@ -400,7 +406,8 @@ class NetworkTier(SecondaryTier):
         key_prefix: str | None = None,
         ttl_seconds: float | None = None,
         connect_timeout_seconds: float = 2.0,
-        socket_timeout_seconds: float = 10.0,
+        socket_timeout_seconds: float = 2.0,
+        lookup_timeout_seconds: float = 1.0,
         pool_size: int = 4,
         max_batch_bytes: int = 16 * _MIB,
         negative_cache_seconds: float = 1.0,
@@ -416,6 +423,7 @@ class NetworkTier(SecondaryTier):
         self._prefix = self.key_prefix.encode("utf-8")
         self.ttl_ms = None if ttl_seconds is None else max(1, int(round(ttl_seconds * 1000)))
         self.pool_size = int(pool_size)
+        self.lookup_timeout = float(lookup_timeout_seconds)
         self.max_batch_bytes = int(max_batch_bytes)
         self.negative_ttl = float(negative_cache_seconds)
         self.presence_limit = int(presence_cache_keys)
@@ -720,7 +728,7 @@ class NetworkTier(SecondaryTier):
                 (pool, _pack([(b"EXISTS", rkeys[i]) for i in idx], zero_copy=False), len(idx))
                 for pool, idx in groups
             ]
-            replies = self._servers.exchange(batches)
+            replies = self._servers.exchange(batches, self.lookup_timeout)
         except Exception as e:
             self._updates.append(("unknown", keys))
             self._failure(e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -258,6 +259,30 @@ def test_server_killed_and_restarted(own_redis_server: RedisServer, managers,
     settle(m)
     assert load_and_check(m, after) == len(after)
     assert time.monotonic() - t0 < 30
+
+
+def test_stalled_server_is_a_miss_then_serves_again(own_redis_server: RedisServer, managers,
+                                                    namespace: str) -> None:
+    server = own_redis_server
+    m = make_manager(server.url, namespace, lookup_timeout_seconds=0.5, socket_timeout_seconds=1)
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(8)]
+    store_blocks(m, keys)
+    settle(m)
+    m.reset_cache()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)  # alive but silent: every reply times out
+    try:
+        t0 = time.monotonic()
+        assert lookup_until(m, [make_key(99, namespace)], timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+        assert lookup_until(m, keys, timeout=10) == 0
+        assert tier_stats(m)["available"] is False
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    back = step_until(m, lambda: tier_stats(m)["available"], timeout=10)
+    assert back < 2.0
+    assert load_and_check(m, keys) == len(keys)
 
 
 def test_out_of_memory_server_fails_stores_not_the_engine(
