@@ -464,7 +464,7 @@ class NetworkTier(SecondaryTier):
                                     max_backoff=_MAX_BACKOFF_S)
         self._stats_lock = threading.Lock()
         self._stats: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "blocks_read", "bytes_read", "blocks_written", "bytes_written",
+            ("hits", "lookup_hits", "misses", "bytes_read", "blocks_written", "bytes_written",
              "load_failures", "store_failures", "corrupt", "evicted_at_load", "oom_errors",
              "round_trips", "lookup_queries", "lookup_keys_queried", "stores_skipped",
              "touches"),
@@ -517,7 +517,7 @@ class NetworkTier(SecondaryTier):
                 return None
         for k in keys[:n]:  # refresh LRU order of what was asked about
             present[k] = present.pop(k)
-        self._stats["hits"] += n
+        self._stats["lookup_hits"] += n
         if n < nk:
             self._stats["misses"] += 1
         return n
@@ -838,7 +838,7 @@ class NetworkTier(SecondaryTier):
         with self._stats_lock:
             st = self._stats
             st["round_trips"] += 1
-            st["blocks_read"] += len(good)
+            st["hits"] += len(good)
             st["bytes_read"] += moved
             st["load_failures"] += len(failed) + len(gone) + len(bad)
             st["evicted_at_load"] += len(gone)

@@ -80,7 +80,7 @@ def _round_trip(manager: kvtier.TieringManager, namespace: str) -> None:
     # Most blocks left the primary tier long ago: they can only come back from Redis.
     assert load_and_check(manager, keys) == len(keys)
     st = tier_stats(manager)
-    assert st["blocks_read"] >= 2 * SLOTS
+    assert st["hits"] >= 2 * SLOTS
     assert st["corrupt"] == 0 and st["load_failures"] == 0
 
 
@@ -90,6 +90,31 @@ def test_round_trip_standalone(redis_server: RedisServer, managers, namespace: s
     _round_trip(m, namespace)
     with redis_server.client() as c:
         assert c.exists(redis_key(m, make_key(0, namespace))) == 1
+        assert c.ttl(redis_key(m, make_key(0, namespace))) == -1  # no ttl_seconds: no expiry
+    stored = {k for ev in m.take_events() if ev.medium == "NETWORK" and not ev.removed
+              for k in ev.keys}
+    assert stored == {make_key(i, namespace) for i in range(3 * SLOTS)}
+
+
+def test_ttl_expires_blocks_and_touch_refreshes_it(redis_server: RedisServer, managers,
+                                                   namespace: str) -> None:
+    m = make_manager(redis_server.url, namespace, ttl_seconds=0.6)
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(4)]
+    store_blocks(m, keys)
+    settle(m)
+    with redis_server.client() as c:
+        pttl = c.pttl(redis_key(m, keys[0]))
+        assert 0 < pttl <= 600
+        time.sleep(0.4)
+        m.touch(keys[:1], kvtier.ReqContext("t"))  # keys[0] is still used: keep it
+        step_until(m, lambda: tier_stats(m)["touches"] >= 1)
+        assert c.pttl(redis_key(m, keys[0])) > 300
+        time.sleep(0.5)
+        assert c.exists(redis_key(m, keys[1])) == 0  # expired on the server
+    other = make_manager(redis_server.url, namespace, slots=8)
+    managers.append(other)
+    assert lookup_until(other, keys[1:]) == 0
 
 
 def test_round_trip_cluster(redis_cluster: RedisClusterNodes, managers, namespace: str) -> None:
@@ -152,7 +177,7 @@ def test_two_processes_share_blocks(redis_server: RedisServer, managers, namespa
     managers.append(m)
     keys = [make_key(i, namespace) for i in range(n)]
     assert load_and_check(m, keys) == n
-    assert tier_stats(m)["blocks_read"] == n
+    assert tier_stats(m)["hits"] == n
 
 
 def test_namespaces_never_share(redis_server: RedisServer, managers, namespace: str) -> None:
