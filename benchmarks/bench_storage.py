@@ -30,6 +30,7 @@ import mmap
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -427,7 +428,7 @@ def main() -> None:
     ap.add_argument("--job-blocks", type=int, default=JOB_BLOCKS, help="blocks per tier job")
     ap.add_argument("--jobs-in-flight", type=int, default=8)
     ap.add_argument("--rebuild-blocks", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement, interleaved (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per system, each paired with a raw run")
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                     help="python of a venv with lmcache==0.5.6 ('' to skip LMCache)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's fs tier")
@@ -448,7 +449,7 @@ def main() -> None:
           f"{platform.platform()}")
     print(f"disk: {args.dir} on {dev}, free {st.f_bavail * st.f_frsize / 2**30:.1f} GiB")
     print(f"{args.threads} I/O threads everywhere; jobs of {args.job_blocks} blocks, "
-          f"{args.jobs_in_flight} in flight; {args.total_mib} MiB per measurement, best of {args.repeat}")
+          f"{args.jobs_in_flight} in flight; {args.total_mib} MiB per measurement, {args.repeat} runs")
     total = args.total_mib * MiB
     systems: list[tuple[str, Callable[..., tuple[float, float]]]] = [
         ("raw O_DIRECT", lambda d, b, t, a: raw_throughput(d, b, a.threads, t)),
@@ -468,32 +469,41 @@ def main() -> None:
         else:
             skipped.append(f"LMCache: {args.peers_python} does not exist")
     rows: list[dict[str, Any]] = []
+    raw_fn = systems[0][1]
     for block in [int(x) for x in args.sizes.split(",")]:
-        best: dict[str, tuple[float, float]] = {}
+        # Every system run is paired with a raw run just before it, and the ratio is taken per
+        # pair: this disk's speed drifts by tens of percent within minutes.
+        runs: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in systems}
+        failed: set[str] = set()
         for rep in range(args.repeat):
-            for name, fn in systems:
-                if name in best and best[name] == (0.0, 0.0):
-                    continue  # it failed before
-                _progress(f"{block >> 10} KiB, run {rep + 1}/{args.repeat}: {name}")
+            for name, fn in systems[1:]:
+                if name in failed:
+                    continue
+                _progress(f"{block >> 10} KiB, run {rep + 1}/{args.repeat}: raw, then {name}")
+                rw, rr = raw_fn(args.dir, block, total, args)
+                runs["raw O_DIRECT"].append((rw, rr, 1.0, 1.0))
                 try:
-                    v = fn(args.dir, block, total, args)
+                    w, r = fn(args.dir, block, total, args)
                 except Exception as e:
                     skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
-                    best[name] = (0.0, 0.0)
+                    failed.add(name)
                     continue
-                b = best.get(name, (0.0, 0.0))
-                best[name] = (max(b[0], v[0]), max(b[1], v[1]))
-        raw_w, raw_r = best["raw O_DIRECT"]
-        for name, (w, rd) in best.items():
-            rows.append({"block": block, "system": name, "write_gbps": w, "read_gbps": rd,
-                         "write_ratio": w / raw_w, "read_ratio": rd / raw_r})
+                runs[name].append((w, r, w / rw, r / rr))
+        for name, vals in runs.items():
+            if not vals:
+                continue
+            med = [statistics.median(v[i] for v in vals) for i in range(4)]
+            rows.append({"block": block, "system": name, "write_gbps": med[0], "read_gbps": med[1],
+                         "write_ratio": med[2], "read_ratio": med[3], "runs": vals})
     print()
     print("| block | system | write GB/s | x raw | read GB/s | x raw |")
     print("|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['block'] >> 10} KiB | {r['system']} | {r['write_gbps']:.2f} | "
-              f"{r['write_ratio']:.2f} | {r['read_gbps']:.2f} | {r['read_ratio']:.2f} |")
-    for note in LMCACHE_NOTES + skipped:
+    for row in rows:
+        print(f"| {row['block'] >> 10} KiB | {row['system']} | {row['write_gbps']:.2f} | "
+              f"{row['write_ratio']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} |")
+    print("(medians over the runs; 'x raw' is the median of each run's ratio to the raw run just "
+          "before it)")
+    for note in dict.fromkeys(LMCACHE_NOTES + skipped):
         print(f"note: {note}")
     rb = None
     if args.rebuild_blocks:
