@@ -279,3 +279,33 @@ def test_unusable_directory_at_start_never_raises_and_recovers(tmp_path: Path, n
     finally:
         with contextlib.suppress(Exception):
             m.shutdown()
+
+
+def test_fs_default_capacity_keeps_its_own_blocks_across_restarts(small_fs: Path, namespace: str
+                                                                  ) -> None:
+    """vLLM's fs type sizes itself from free space; its own files count as space it may keep."""
+    cfg = {"cpu_bytes_to_use": 8 * BB, "secondary_tiers": [
+        {"type": "fs", "root_dir": str(small_fs), "n_read_threads": 1, "n_write_threads": 1}]}
+
+    def manager() -> kvtier.TieringManager:
+        return kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB,
+                                            namespace=namespace).get_manager()
+
+    m = manager()
+    keys = [make_key(i, namespace) for i in range(20)]
+    try:
+        cap = m.get_stats()["tiers"]["fs0"]["capacity_bytes"]
+        assert 1.5 * 2**20 < cap <= 0.9 * 2 * 2**20
+        store_blocks(m, keys)
+        settle(m)
+        stored = m.get_stats()["tiers"]["fs0"]["blocks"]
+        assert stored >= 16
+    finally:
+        m.shutdown()
+    m = manager()
+    try:
+        st = m.get_stats()["tiers"]["fs0"]
+        assert st["capacity_bytes"] >= cap - 64 * 1024 and st["blocks"] == stored
+        assert load_and_check(m, keys) == stored
+    finally:
+        m.shutdown()

@@ -197,6 +197,10 @@ class StorageTier(SecondaryTier):
         assert capacity_bytes is not None
         return capacity_bytes
 
+    def _lane_capacity(self, lane: str) -> int:
+        """The capacity for the lane just taken (``fs`` without capacity_bytes measures it here)."""
+        return self.capacity_bytes
+
     def _open(self) -> None:
         """Take a lane, rebuild the index from the records on disk (raises OSError)."""
         t0 = time.perf_counter()
@@ -226,6 +230,7 @@ class StorageTier(SecondaryTier):
             if direct == "auto":
                 direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(lane)
             store.direct = bool(direct)
+            self.capacity_bytes = self._lane_capacity(lane)
             budget = self.capacity_bytes - store.meta_bytes()
             max_slots = max(0, budget // store.slot_size)
             if max_slots == 0:
@@ -715,9 +720,22 @@ class FsTier(StorageTier):
         super().__init__(ctx, path, capacity_bytes, **params)
 
     def _resolve_capacity(self, capacity_bytes: int | None) -> int:
-        if capacity_bytes is not None:
-            return capacity_bytes
-        probe = self.root
+        self._auto_capacity = capacity_bytes is None
+        return capacity_bytes if capacity_bytes is not None else self._free_space_share(self.root, 0)
+
+    def _lane_capacity(self, lane: str) -> int:
+        if not self._auto_capacity:
+            return self.capacity_bytes
+        held = 0  # what this tier already holds there is space it may keep using
+        for name in os.listdir(lane):
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(lane, name))
+                held += max(st.st_size, st.st_blocks * 512)
+        return self._free_space_share(lane, held)
+
+    def _free_space_share(self, path: str, held: int) -> int:
+        """90% of the free space of ``path``'s file system, plus ``held`` bytes already used."""
+        probe = path
         while not os.path.exists(probe) and os.path.dirname(probe) != probe:
             probe = os.path.dirname(probe)
         try:
@@ -725,9 +743,9 @@ class FsTier(StorageTier):
             free = st.f_bavail * st.f_frsize
         except OSError:
             free = 0
-        cap = max(int(free * 0.9), 1)
+        cap = max(int((free + held) * 0.9), 1)
         log.info(
-            "tier %s: capacity_bytes not set; using 90%% of the free space of %s: %d bytes",
-            self.name, probe, cap,
+            "tier %s: capacity_bytes not set; using 90%% of the free space of %s%s: %d bytes",
+            self.name, probe, f" (including {held} bytes it holds)" if held else "", cap,
         )
         return cap
