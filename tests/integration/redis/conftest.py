@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,14 +56,45 @@ def free_port(*, cluster: bool = False) -> int:
     raise RuntimeError("no free loopback port found")
 
 
+@dataclass
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(workdir: Path) -> TlsFiles:
+    """Generate the CA and server certificate with the openssl command."""
+    openssl = require_tool("openssl")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    (workdir / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    steps = [
+        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+         "-subj", "/CN=kvtier test CA"],
+        ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf"],
+    ]
+    for args in steps:
+        res = subprocess.run([openssl, *args], cwd=workdir, capture_output=True, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]} failed: {res.stderr.decode()[-500:]}")
+    return TlsFiles(workdir / "ca.crt", workdir / "server.crt", workdir / "server.key")
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1:<port>, with its own directory."""
 
-    def __init__(self, workdir: Path, port: int, extra: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, port: int, extra: list[str] | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.binary = require_tool("redis-server")
         self.workdir = workdir
         self.port = port
         self.extra = list(extra or [])
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.password: str | None = None
         if "--requirepass" in self.extra:
@@ -71,13 +103,27 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """redis:// URL of the server."""
+        """redis:// (or, with TLS, rediss://) URL of the server."""
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _client_kwargs(self) -> dict[str, object]:
+        kw: dict[str, object] = {"host": "127.0.0.1", "port": self.port,
+                                 "password": self.password}
+        if self.tls is not None:
+            kw.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+        return kw
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the process and wait until it answers PING."""
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port),
+                     "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                     "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            self.binary, *ports, "--bind", "127.0.0.1",
             "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--protected-mode", "no",
             "--logfile", str(self.workdir / "redis.log"),
@@ -92,8 +138,7 @@ class RedisServer:
                 err += log.read_text(errors="replace")[-2000:] if log.exists() else ""
                 raise RuntimeError(f"redis-server on port {self.port} exited: {err}")
             try:
-                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1,
-                                 password=self.password) as c:
+                with redis.Redis(socket_timeout=1, **self._client_kwargs()) as c:  # type: ignore[arg-type]
                     if c.ping():
                         return
             except redis.RedisError:
@@ -125,15 +170,15 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A plain redis-py client to inspect the server."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           password=self.password)
+        return redis.Redis(socket_timeout=5, **self._client_kwargs())  # type: ignore[arg-type]
 
 
-def start_server(workdir: Path, extra: list[str] | None = None) -> RedisServer:
+def start_server(workdir: Path, extra: list[str] | None = None,
+                 tls: TlsFiles | None = None) -> RedisServer:
     """A started standalone server on a fresh port (retries if the port is taken meanwhile)."""
     last: Exception | None = None
     for attempt in range(5):
-        server = RedisServer(workdir / f"p{attempt}", free_port(), extra)
+        server = RedisServer(workdir / f"p{attempt}", free_port(), extra, tls)
         try:
             server.start()
             return server

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RedisClusterNodes, RedisServer, start_server
+from conftest import RedisClusterNodes, RedisServer, make_tls_files, start_server
 from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
 
 import kvtier
@@ -495,6 +495,23 @@ def test_unreachable_server_is_a_miss_not_an_error(managers, namespace: str) -> 
     m.reset_cache()
     assert lookup_until(m, keys) == 0
     assert tier_stats(m)["available"] is False
+
+
+def test_tls_round_trip(redis_tools: None, tmp_path: Path, managers, namespace: str) -> None:
+    server = start_server(tmp_path / "tls", tls=make_tls_files(tmp_path / "certs"))
+    try:
+        assert server.url.startswith("rediss://")
+        m = make_manager(server.url, namespace)
+        managers.append(m)
+        _round_trip(m, namespace)
+        plain = make_manager(f"redis://127.0.0.1:{server.port}/0", namespace, slots=64,
+                             connect_timeout_seconds=0.5, socket_timeout_seconds=0.5)
+        managers.append(plain)  # no TLS against a TLS port: misses, no exception
+        assert lookup_until(plain, [make_key(0, namespace)]) == 0
+    finally:
+        for mm in managers:
+            mm.shutdown()
+        server.stop()
 
 
 def test_password_from_params(redis_tools: None, tmp_path: Path, managers, namespace: str) -> None:
