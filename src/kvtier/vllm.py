@@ -156,15 +156,16 @@ class KVTierLoadStoreSpec(BlockIDsLoadStoreSpec):
 class _ReqState:
     """Per-request scratch: the request's keys in prefix order and this step's verdict."""
 
-    __slots__ = ("ctx", "keys", "step", "lo", "hi", "retry")
+    __slots__ = ("ctx", "keys", "step", "lo", "answers")
 
     def __init__(self, ctx: kvtier.ReqContext) -> None:
         self.ctx = ctx
-        self.keys: list[bytes] = []
-        self.step = -1  # the step this verdict is for
-        self.lo = 0  # end-token positions lo..hi are HIT; past hi: MISS (RETRY at ``retry``)
-        self.hi = -1
-        self.retry = -1
+        self.keys: list[bytes] = []  # the request's keys in prefix order
+        self.step = -1  # the step of the verdict
+        self.lo = 0  # end-token position of the verdict's first key
+        # This step's answers: the leading run (HIT) and the key after it (MISS), or RETRY
+        # for the first key when kvtier asks to come back; None between steps.
+        self.answers: dict[bytes, LookupResult] | None = None
 
 
 class KVTierManager(OffloadingManager):
@@ -173,15 +174,12 @@ class KVTierManager(OffloadingManager):
     def __init__(self, manager: TieringManager, tokens_per_chunk: int) -> None:
         self.kv = manager
         self.tokens_per_chunk = tokens_per_chunk
-        self._step_cell = [0]  # the step number, shared with the per-key closure
+        self._step = 0
         self._last_counters: dict[str, float] = {}
+        self._live: list[_ReqState] = []  # states holding this step's answers
         self._fast_lookup = self._make_fast_lookup()
         # vLLM calls ``manager.lookup`` once per key: the instance attribute skips the method.
         self.lookup = self._fast_lookup  # type: ignore[method-assign]
-
-    @property
-    def _step(self) -> int:
-        return self._step_cell[0]
 
     # -- request lifecycle ---------------------------------------------------------------
     def _state(self, req_context: ReqContext) -> _ReqState:
@@ -210,30 +208,28 @@ class KVTierManager(OffloadingManager):
 
     def _make_fast_lookup(self) -> Any:
         """The per-key answer as a closure (the connector calls it once per key)."""
-        step = self._step_cell
         slow = self._lookup_slow
         state_type = _ReqState
 
         def lookup(key: OffloadKey, req_context: ReqContext) -> LookupResult:
-            st = req_context._state.get(state_type)
-            if st is not None and st.step == step[0]:
-                pos = req_context._offload_key_positions.get(key)
-                if pos is not None and pos >= st.lo:
-                    if pos <= st.hi:
-                        return HIT
-                    return RETRY if pos == st.retry else MISS
-            return slow(key, req_context)
+            try:  # this step's verdict answers the key: two dict lookups
+                return req_context._state[state_type].answers[key]
+            except (KeyError, TypeError):
+                return slow(key, req_context)
 
         return lookup
 
     def _lookup_slow(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        """First key of a request in this step (or one before its verdict): a new verdict."""
+        """A key this step's verdict does not list: past the run, or a new verdict."""
         pos = req_context._offload_key_positions.get(key)
         if pos is None or pos % self.tokens_per_chunk:
             return self._lookup_one(key, req_context)
         st = self._state(req_context)
+        if st.answers is not None and st.step == self._step and pos >= st.lo:
+            return MISS  # after the verdict's first non-HIT key
         self._verdict(st, req_context, pos // self.tokens_per_chunk - 1)
-        return self._fast_lookup(key, req_context)
+        assert st.answers is not None
+        return st.answers.get(key, MISS)
 
     def _verdict(self, st: _ReqState, req_context: ReqContext, base: int) -> None:
         """Run kvtier's batched lookup over the request's keys from ``base`` on."""
@@ -247,12 +243,17 @@ class KVTierManager(OffloadingManager):
                 keys[:] = [k for p, k in sorted((p, k) for k, p in positions.items())
                            if p % tpc == 0]
         run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
-        st.step = self._step
-        st.lo = (base + 1) * tpc  # end-token position of the first key of the verdict
-        if run is None:
-            st.hi, st.retry = st.lo - 1, st.lo  # defer: RETRY for the first key, MISS after
+        if run is None:  # defer: RETRY for the first key, MISS after it
+            answers = {keys[base]: RETRY}
         else:
-            st.hi, st.retry = (base + run) * tpc, -1
+            answers = dict.fromkeys(keys[base : base + run], HIT)
+            if base + run < len(keys):
+                answers[keys[base + run]] = MISS
+        if st.answers is None:
+            self._live.append(st)
+        st.answers = answers
+        st.step = self._step
+        st.lo = (base + 1) * tpc  # end-token position of the verdict's first key
 
     def _lookup_one(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         r = self.kv.lookup([key], self._state(req_context).ctx)
@@ -298,7 +299,10 @@ class KVTierManager(OffloadingManager):
     # -- the step and housekeeping ------------------------------------------------------------
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         """End of a step: verdicts expire; kvtier collects and submits tier jobs."""
-        self._step_cell[0] += 1
+        self._step += 1
+        for st in self._live:
+            st.answers = None
+        self._live.clear()
         self.kv.on_schedule_end()
 
     def has_pending_work(self) -> bool:
