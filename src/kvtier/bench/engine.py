@@ -409,6 +409,7 @@ class RunCounters:
     lookup_none: int = 0
     waited_requests: int = 0
     wait_steps_total: int = 0
+    wait_seconds_total: float = 0.0
     steps: int = 0
     manager_calls: int = 0
     manager_seconds: float = 0.0
@@ -615,6 +616,7 @@ class EngineSim:
         if run.none_answers:
             c.waited_requests += 1
             c.wait_steps_total += c.steps - run.first_try_step
+            c.wait_seconds_total += time.perf_counter() - run.wait_since
         run.units = units
         run.engine_hit = e
         run.tier_hit = r

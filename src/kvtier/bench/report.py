@@ -51,7 +51,7 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
     for col, just in (
         ("config", "left"), ("CPU blocks", "right"), ("block hit", "right"),
         ("token hit", "right"), ("prefill saved", "right"), ("vs no-offload", "right"),
-        ("wrong", "right"), ("promo steps", "right"), ("sched µs/blk", "right"),
+        ("wrong", "right"), ("promo steps/ms", "right"), ("sched µs/blk", "right"),
         ("wall s", "right"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -67,7 +67,11 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             _tokens(r["prefill_tokens_saved"]),
             "-" if not vs else f"{vs['prefill_tokens_ratio']:.3f}x prefill",
             f"[red]{wrong}[/red]" if wrong else "0",
-            f"{promo['request_avg']:.1f}" if promo.get("requests_waited") else "-",
+            (
+                f"{promo['request_avg']:.1f} / "
+                f"{1000 * (r.get('promotion_latency_s') or {}).get('request_avg', 0.0):.1f}"
+                if promo.get("requests_waited") else "-"
+            ),
             f"{r['scheduler_us_per_block']:.2f}" if "scheduler_us_per_block" in r else "-",
             f"{r['wall_s']:.1f}",
         )
@@ -133,8 +137,10 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             series.setdefault(label, []).append((p["cpu_blocks"], p["block_hit_rate"]))
         for label, pts in sorted(series.items(), key=lambda kv: _config_order(kv[0])):
             pts.sort()
-            style = "--" if label == "reference-lru" else "-"
-            ax1.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", label=label)
+            ref = label == "reference-lru"
+            ax1.plot([x for x, _ in pts], [y for _, y in pts], "--" if ref else "-",
+                     marker="x" if ref else "o", markersize=9 if ref else 6,
+                     zorder=3 if ref else 2, label=label)
         for r in report["runs"]:
             if r["kind"] == "none":
                 ax1.axhline(r["block_hit_rate"], color="grey", linestyle=":",

@@ -175,7 +175,12 @@ def summarize(
             "request_avg": c.wait_steps_total / c.waited_requests if c.waited_requests else 0.0,
             "requests_waited": c.waited_requests,
         },
-        "scheduler_us_per_block": 1e6 * c.manager_seconds / (c.lookup_blocks or refs),
+        "promotion_latency_s": {
+            "manager_avg": float(mgr.get("promotion_latency_s_avg", 0.0) or 0.0),
+            "request_avg": c.wait_seconds_total / c.waited_requests if c.waited_requests else 0.0,
+        },
+        "scheduler_us_per_block": 1e6 * c.manager_seconds / refs,
+        "lookup_blocks": c.lookup_blocks,
         "scheduler_s": c.manager_seconds,
         "manager_calls": c.manager_calls,
         "steps": c.steps,
