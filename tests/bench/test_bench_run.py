@@ -165,3 +165,19 @@ def test_vllm_manager_replays_beside_kvtier(tmp_path) -> None:
     # kvtier's serve the same number of blocks.
     tiered = next(r for n, r in runs.items() if n.startswith("cpu+"))
     assert v["hit_blocks"] == tiered["hit_blocks"]
+
+
+def test_overlapping_requests_keep_order_and_bytes(tmp_path) -> None:
+    wl = synthetic_workload(SyntheticParams(seed=6, sessions=30))
+    plan = Plan(
+        engine=EngineOptions(bytes_per_block=BB, prefix_cache=False, concurrency=3,
+                             gpu_blocks=3 * max(len(r.hash_ids) for r in wl.requests)),
+        config=_tier_config(tmp_path), cpu_blocks=max(8, wl.distinct_blocks // 10),
+        tier_blocks=wl.distinct_blocks, reference=False,
+    )
+    report = BenchRunner(wl, plan).run()
+    for r in report["runs"]:
+        assert r["requests"] == len(wl.requests)
+        assert r["wrong_blocks"] == 0
+    tiered = next(r for r in report["runs"] if r["name"].startswith("cpu+"))
+    assert tiered["loaded_blocks"] == tiered["hit_blocks"] > 0
