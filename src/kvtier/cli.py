@@ -234,12 +234,15 @@ def bench(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     render(report, console)
-    if args.json:
-        write_json(report, args.json)
-        console.print(f"JSON report: {args.json}")
-    if args.plot:
-        plot(report, args.plot)
-        console.print(f"plot: {args.plot}")
+    try:
+        if args.json:
+            write_json(report, args.json)
+            console.print(f"JSON report: {args.json}")
+        if args.plot:
+            plot(report, args.plot)
+            console.print(f"plot: {args.plot}")
+    except OSError as e:
+        return _err(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
     wrong = sum(r.get("wrong_blocks", 0) for r in report["runs"])
     wrong += sum(p.get("wrong_blocks", 0) for p in report.get("sweep") or [])
     if wrong:

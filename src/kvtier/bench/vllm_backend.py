@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.bench.engine import EngineOptions, Offload
+from kvtier.bench.engine import BenchError, EngineOptions, Offload
 from kvtier.types import LoadStoreSpec, PrepareStoreOutput, ReqContext
 
 _GROUP = (0).to_bytes(4, "big")
@@ -63,7 +63,7 @@ class VLLMOffload(Offload):
     def __init__(self, cpu_blocks: int, fs_dir: str, tier_blocks: int | None = None) -> None:
         why = vllm_unavailable()
         if why:
-            raise RuntimeError(f"vLLM's TieringOffloadingManager cannot be imported: {why}")
+            raise BenchError(f"vLLM's TieringOffloadingManager cannot be imported: {why}")
         self.name = "vllm"
         self.stores = True
         self.cpu_blocks = cpu_blocks
@@ -276,6 +276,6 @@ def _engine_views(kv_caches: list[Any], opts: EngineOptions) -> list[np.ndarray]
     views = []
     for t in kv_caches:
         if t.device.type != "cpu":
-            raise RuntimeError("--vllm replays need CPU engine tensors (--device cpu)")
+            raise BenchError("--vllm replays need CPU engine tensors (--device cpu)")
         views.append(t.view(torch.uint8).numpy().reshape(t.shape[0], -1))
     return views
