@@ -300,9 +300,7 @@ class KVTierManager(OffloadingManager):
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         """End of a step: verdicts expire; kvtier collects and submits tier jobs."""
         self._step += 1
-        for st in self._live:
-            st.answers = None
-        self._live.clear()
+        self._drop_verdicts()
         self.kv.on_schedule_end()
 
     def has_pending_work(self) -> bool:
@@ -343,8 +341,14 @@ class KVTierManager(OffloadingManager):
         """kvtier's own counters per tier (the dict of ``TieringManager.get_stats``)."""
         return self.kv.get_stats()
 
+    def _drop_verdicts(self) -> None:
+        for st in self._live:
+            st.answers = None
+        self._live.clear()
+
     def reset_cache(self) -> None:
-        """Drop the primary tier (persistent tiers keep their data)."""
+        """Drop the primary tier (persistent tiers keep their data) and this step's verdicts."""
+        self._drop_verdicts()
         self.kv.reset_cache()
 
     def shutdown(self) -> None:

@@ -26,6 +26,9 @@ import numpy as np
 import pytest
 import torch
 from vllm.v1.kv_offload.base import (
+    CanonicalKVCacheRef,
+    CanonicalKVCaches,
+    CanonicalKVCacheTensor,
     GPULoadStoreSpec,
     LookupResult,
     Medium,
@@ -335,3 +338,46 @@ def test_events_map_media(engines: list[Engine], tmp_path: Any) -> None:
         (Medium.STORAGE, kv_vllm.Locality.LOCAL, True, "storage"),
         (Medium.CPU, kv_vllm.Locality.LOCAL, False, None),
     ]
+
+
+def test_tensor_parallel_ranks_share_one_slot() -> None:
+    """Two TP ranks (one engine) attach one region; each fills its own share of a slot."""
+    extra = kvtier_extra(cpu_bytes_to_use=16 * 2 * BYTES_PER_BLOCK)
+    specs: list[Any] = [
+        kv_vllm.KVTierOffloadingSpec(
+            offloading_config(extra, engine_id="engine-tp", rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert specs[0].instance_id == specs[1].instance_id
+    assert "tp2" in specs[0].namespace
+    manager = specs[0].get_manager()  # the scheduler's side owns the region
+    workers, kvs = [], []
+    try:
+        region = manager.kv.primary_blocks()
+        assert region.shape[1] == 2 * BYTES_PER_BLOCK
+        for spec in specs:
+            kv = [torch.randint(-128, 128, (32, PAGE), dtype=torch.int8) for _ in range(2)]
+            kvs.append(kv)
+            workers.append(spec.get_worker(CanonicalKVCaches(
+                tensors=[CanonicalKVCacheTensor(t, PAGE) for t in kv],
+                group_data_refs=[[CanonicalKVCacheRef(0, PAGE), CanonicalKVCacheRef(1, PAGE)]],
+            )))
+        gpu = GPULoadStoreSpec([3, 9], group_sizes=[2], block_indices=[0])
+        for r, w in enumerate(workers):
+            assert w.submit_store(r + 1, gpu, kv_vllm.KVTierLoadStoreSpec([7, 2]))
+            w.wait({r + 1})
+        for slot, block in ((7, 3), (2, 9)):
+            for r in range(2):
+                share = region[slot, r * BYTES_PER_BLOCK : (r + 1) * BYTES_PER_BLOCK]
+                want = np.concatenate([t[block].numpy().view(np.uint8) for t in kvs[r]])
+                assert np.array_equal(share, want), (slot, r)
+        for r, w in enumerate(workers):
+            dst = GPULoadStoreSpec([20, 21], group_sizes=[2], block_indices=[0])
+            assert w.submit_load(10 + r, kv_vllm.KVTierLoadStoreSpec([7, 2]), dst)
+            w.wait({10 + r})
+            for t in kvs[r]:
+                assert torch.equal(t[20], t[3]) and torch.equal(t[21], t[9])
+    finally:
+        for w in workers:
+            w.shutdown()
+        manager.shutdown()

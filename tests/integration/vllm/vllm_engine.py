@@ -78,7 +78,7 @@ init_none_hash(sha256)
 
 def offloading_config(
     extra: dict[str, Any], blocks_per_chunk: int = 1, engine_id: str | None = None,
-    num_groups: int = 1,
+    num_groups: int = 1, rank: int = 0, world_size: int = 1,
 ) -> OffloadingConfig:
     """vLLM's OffloadingConfig for a 2-layer float16 model on one worker."""
     groups = tuple(
@@ -97,7 +97,8 @@ def offloading_config(
         cache=OffloadingCacheConfig(tokens_per_hash=TOKENS_PER_BLOCK,
                                     blocks_per_chunk=blocks_per_chunk),
         parallel=OffloadingParallelConfig(
-            rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1, dcp_size=1,
+            rank=rank, world_size=world_size, tp_size=world_size, pp_size=1, pcp_size=1,
+            dcp_size=1,
             data_parallel_index=0, data_parallel_size=1, data_parallel_rank_local=None,
             is_parallelism_agnostic=True,
         ),
