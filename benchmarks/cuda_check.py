@@ -12,6 +12,8 @@ and f > 1:
 * stores randomly chosen engine blocks into randomly chosen primary slots, loads them back into
   other randomly chosen engine blocks, and compares on the GPU (``torch.equal``) that every
   loaded block equals its source and that no other block changed;
+* does the same for one tensor-parallel rank's share of each slot (strided host memory, as
+  ``kvtier.vllm`` hands each rank of a TP>1 engine);
 * times the store (GPU -> CPU) and the load (CPU -> GPU) of the same jobs, and a plain torch
   copy of the same number of bytes as one contiguous buffer (pinned host <-> device
   ``copy_``) on the same machine, and prints GB/s and the ratio.
@@ -94,26 +96,47 @@ def plain_copy_gbps(nbytes: int, dev: torch.device, repeat: int) -> tuple[float,
     return nbytes / statistics.median(d2h) / GB, nbytes / statistics.median(h2d) / GB
 
 
+class RankShare:
+    """One tensor-parallel rank's share of every slot (as kvtier.vllm gives each rank)."""
+
+    def __init__(self, region: Any, rank: int, world: int) -> None:
+        self._region = region
+        self.block_bytes = region.block_bytes // world
+        self.array = region.array[:, rank * self.block_bytes : (rank + 1) * self.block_bytes]
+
+    def close(self) -> None:
+        """Detach."""
+        self._region.close()
+
+
 def run_case(f: int, dev: torch.device, layers: int, page: int, num_blocks: int,
-             primary_bytes: int, repeat: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Round trips and timings for one blocks_per_slot value."""
+             primary_bytes: int, repeat: int, rng: np.random.Generator,
+             world: int = 1) -> dict[str, Any]:
+    """Round trips and timings for one blocks_per_slot value (rank world-1 of ``world``)."""
     tokens = 16
     bytes_per_block = layers * page
     spec = kvtier.TieringOffloadingSpec(
         {"cpu_bytes_to_use": primary_bytes, "block_size": tokens * f},
-        gpu_block_size=tokens, bytes_per_gpu_block=bytes_per_block,
+        gpu_block_size=tokens, bytes_per_gpu_block=bytes_per_block * world,
         namespace="cuda-check", instance_id=f"cudacheck-{uuid.uuid4().hex[:10]}",
     )
     manager = spec.get_manager()
     kv = [torch.randint(0, 256, (num_blocks, page), dtype=torch.uint8, device=dev)
           for _ in range(layers)]
     t0 = time.perf_counter()
-    worker = spec.get_worker(kv)
+    if world == 1:
+        worker = spec.get_worker(kv)
+    else:
+        from kvtier.memory.region import BlockRegion
+
+        region = BlockRegion(spec.region_name, spec.num_slots, spec.block_bytes, owner=False)
+        worker = kvtier.OffloadingWorker(kv, RankShare(region, world - 1, world), f,
+                                         bytes_per_block)
     attach_s = time.perf_counter() - t0
     try:
         slots_total = spec.num_slots
         n_slots = min(slots_total, num_blocks // (2 * f))  # sources and destinations disjoint
-        job_bytes = n_slots * spec.block_bytes
+        job_bytes = n_slots * spec.block_bytes // world
         perm = rng.permutation(num_blocks)
         src_blocks = perm[: n_slots * f]
         dst_pool = perm[n_slots * f : 2 * n_slots * f]
@@ -156,6 +179,7 @@ def run_case(f: int, dev: torch.device, layers: int, page: int, num_blocks: int,
                                                    device=dev))
         return {
             "blocks_per_slot": f,
+            "tp_share": f"rank {world - 1} of {world}" if world > 1 else "whole slot",
             "slots_per_job": n_slots,
             "job_bytes": job_bytes,
             "bytes_intact": intact,
@@ -198,9 +222,10 @@ def main() -> int:
     num_blocks = kv_bytes // (layers * page)
     rng = np.random.default_rng(1234)
     cases = []
-    for f in (1, 4):
-        print(f"blocks_per_slot={f}: storing and loading ...", flush=True)
-        cases.append(run_case(f, dev, layers, page, num_blocks, primary, args.repeat, rng))
+    for f, world in ((1, 1), (4, 1), (1, 2)):
+        print(f"blocks_per_slot={f}, world={world}: storing and loading ...", flush=True)
+        cases.append(run_case(f, dev, layers, page, num_blocks, primary, args.repeat, rng,
+                              world))
     job_bytes = max(c["job_bytes"] for c in cases)
     d2h, h2d = plain_copy_gbps(job_bytes, dev, max(3, args.repeat))
     print()
@@ -209,11 +234,11 @@ def main() -> int:
           f"torch {torch.__version__}")
     if NOTE:
         print(NOTE)
-    hdr = (f"{'f':>3} {'job MiB':>9} {'intact':>7} {'others':>7} {'GPU->CPU GB/s':>14} "
+    hdr = (f"{'f':>3} {'share':>12} {'job MiB':>9} {'intact':>7} {'others':>7} {'GPU->CPU GB/s':>14} "
            f"{'vs torch':>9} {'CPU->GPU GB/s':>14} {'vs torch':>9}")
     print(hdr)
     for c in cases:
-        print(f"{c['blocks_per_slot']:>3} {c['job_bytes'] / 2**20:>9.0f} "
+        print(f"{c['blocks_per_slot']:>3} {c['tp_share']:>12} {c['job_bytes'] / 2**20:>9.0f} "
               f"{str(c['bytes_intact']):>7} {str(c['other_blocks_untouched']):>7} "
               f"{c['store_gbps']:>14.2f} {c['store_gbps'] / d2h:>9.2f} "
               f"{c['load_gbps']:>14.2f} {c['load_gbps'] / h2d:>9.2f}")
