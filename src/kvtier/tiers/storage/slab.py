@@ -29,7 +29,9 @@ import mmap
 import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import xxhash
@@ -350,46 +352,72 @@ class SlabStore:
 
     # -- start -----------------------------------------------------------------------------
     def scan(self, max_slots: int) -> Iterator[ScannedRecord]:
-        """Every slot below ``max_slots`` whose header verifies as one of this lane's records."""
+        """Every slot below ``max_slots`` whose header verifies as one of this lane's records.
+
+        Reads run on a few threads ahead of the parsing: small slots are read in 4 MiB sweeps,
+        larger ones header by header (their payloads are never read here).
+        """
         bulk = self.slot_size <= _SCAN_BULK_SLOT
-        buf = aligned_buffer(_SCAN_CHUNK if bulk else SLOT_HEADER)
+        per = max(1, _SCAN_CHUNK // self.slot_size) if bulk else 64
+        batches: list[tuple[int, int, int]] = []  # (fd, first slot index in file, count)
+        bases: list[int] = []  # global slot number of each batch's first slot
+        for file_idx, _path in self.slab_files():
+            first = file_idx * self.slots_per_file
+            if first >= max_slots:
+                continue
+            fd = self.fd(file_idx)
+            size = os.fstat(fd).st_size
+            self._alloc_end[file_idx] = size
+            # a slot counts only if its whole record lies inside the file
+            n = 0 if size < self.record_bytes else (size - self.record_bytes) // self.slot_size + 1
+            n = min(n, self.slots_per_file, max_slots - first)
+            for i0 in range(0, n, per):
+                batches.append((fd, i0, min(per, n - i0)))
+                bases.append(first + i0)
+        stride = self.slot_size if bulk else SLOT_HEADER
+        workers = 4 if bulk else 16  # header reads are small: latency-bound, so more at once
+        depth = 2 * workers
+        bufs = [aligned_buffer(per * stride) for _ in range(min(depth + 1, len(batches)))]
         try:
-            for file_idx, _path in self.slab_files():
-                first = file_idx * self.slots_per_file
-                if first >= max_slots:
-                    continue
-                fd = self.fd(file_idx)
-                size = os.fstat(fd).st_size
-                self._alloc_end[file_idx] = size
-                # a slot counts only if its whole record lies inside the file
-                n = 0 if size < self.record_bytes else (size - self.record_bytes) // self.slot_size + 1
-                n = min(n, self.slots_per_file, max_slots - first)
-                if bulk:
-                    per = max(1, _SCAN_CHUNK // self.slot_size)
-                    for i0 in range(0, n, per):
-                        k = min(per, n - i0)
-                        want = k * self.slot_size
-                        got = os.preadv(fd, [memoryview(buf)[:want]], i0 * self.slot_size)
-                        mv = memoryview(buf)
-                        for j in range(k):
-                            base = j * self.slot_size
-                            if base + SLOT_HEADER > got:
-                                break
-                            rec = self._parse(mv[base : base + SLOT_HEADER], first + i0 + j)
-                            if rec is not None:
-                                yield rec
-                else:
-                    mv = memoryview(buf)[:SLOT_HEADER]
-                    for i in range(n):
-                        got = os.preadv(fd, [mv], i * self.slot_size)
-                        if got < SLOT_HEADER:
-                            break
-                        rec = self._parse(mv, first + i)
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-scan") as pool:
+                futures: deque[Future[int]] = deque()
+                nxt = done = 0
+                while done < len(batches):
+                    while nxt < len(batches) and len(futures) < depth:
+                        buf = bufs[nxt % len(bufs)]
+                        futures.append(pool.submit(self._read_batch, buf, *batches[nxt], bulk))
+                        nxt += 1
+                    k = futures.popleft().result()
+                    mv = memoryview(bufs[done % len(bufs)])
+                    base = bases[done]
+                    done += 1
+                    for j in range(k):
+                        rec = self._parse(mv[j * stride : j * stride + SLOT_HEADER], base + j)
                         if rec is not None:
                             yield rec
+                    mv.release()
         finally:
-            with contextlib.suppress(BufferError):
-                buf.close()
+            for b in bufs:
+                with contextlib.suppress(BufferError):
+                    b.close()
+
+    def _read_batch(self, buf: mmap.mmap, fd: int, i0: int, count: int, bulk: bool) -> int:
+        """Read the headers of ``count`` slots from slot ``i0`` of a file into ``buf``; how many."""
+        mv = memoryview(buf)
+        try:
+            if bulk:
+                got = os.preadv(fd, [mv[: count * self.slot_size]], i0 * self.slot_size)
+                k = 0
+                while k < count and k * self.slot_size + SLOT_HEADER <= got:
+                    k += 1
+                return k
+            for j in range(count):
+                if os.preadv(fd, [mv[j * SLOT_HEADER : (j + 1) * SLOT_HEADER]],
+                             (i0 + j) * self.slot_size) < SLOT_HEADER:
+                    return j
+            return count
+        finally:
+            mv.release()
 
     def _parse(self, mv: memoryview, slot: int) -> ScannedRecord | None:
         if mv[:4] != b"KVTR":
