@@ -69,6 +69,7 @@ from vllm.v1.kv_offload.base import (
     TransferResult,
 )
 from vllm.v1.kv_offload.config import OffloadingConfig
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 import kvtier
 from kvtier.config import ConfigError
@@ -97,6 +98,9 @@ _MEDIA: dict[str, tuple[Medium, Locality]] = {
 }
 
 HIT, MISS, RETRY = LookupResult.HIT, LookupResult.MISS, LookupResult.RETRY
+
+# vLLM's hit sources: storage is a disk; a network or user tier is reported as unspecified.
+_SOURCES = {"STORAGE": CacheHitSource.DISK}
 
 METRIC_PREFIX = "vllm:kvtier_"
 _COUNTERS = {
@@ -156,7 +160,7 @@ class KVTierLoadStoreSpec(BlockIDsLoadStoreSpec):
 class _ReqState:
     """Per-request scratch: the request's keys in prefix order and this step's verdict."""
 
-    __slots__ = ("ctx", "keys", "step", "lo", "answers")
+    __slots__ = ("ctx", "keys", "step", "lo", "answers", "sources")
 
     def __init__(self, ctx: kvtier.ReqContext) -> None:
         self.ctx = ctx
@@ -166,6 +170,7 @@ class _ReqState:
         # This step's answers: the leading run (HIT) and the key after it (MISS), or RETRY
         # for the first key when kvtier asks to come back; None between steps.
         self.answers: dict[bytes, LookupResult] | None = None
+        self.sources: dict[bytes, CacheHitSource] = {}  # keys promoted for this request
 
 
 class KVTierManager(OffloadingManager):
@@ -245,6 +250,7 @@ class KVTierManager(OffloadingManager):
         run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
         if run is None:  # defer: RETRY for the first key, MISS after it
             answers = {keys[base]: RETRY}
+            self._note_sources(st, keys, base)
         else:
             answers = dict.fromkeys(keys[base : base + run], HIT)
             if base + run < len(keys):
@@ -254,6 +260,24 @@ class KVTierManager(OffloadingManager):
         st.answers = answers
         st.step = self._step
         st.lo = (base + 1) * tpc  # end-token position of the verdict's first key
+
+    def _note_sources(self, st: _ReqState, keys: list[bytes], base: int) -> None:
+        """Remember which tier each of the request's keys is being promoted from."""
+        promoting = self.kv._promoting
+        if not promoting:
+            return
+        tiers = self.kv.tiers
+        for key in keys[base:]:
+            ti = promoting.get(key)
+            if ti is not None:
+                st.sources[key] = _SOURCES.get(tiers[ti].medium, CacheHitSource.EXTERNAL_UNSPECIFIED)
+
+    def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
+        """Where a loaded key came from: the CPU tier, or the tier it was promoted from."""
+        st = req_context.get_state(_ReqState)
+        if st is None:
+            return CacheHitSource.HOST
+        return st.sources.get(key, CacheHitSource.HOST)
 
     def _lookup_one(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         r = self.kv.lookup([key], self._state(req_context).ctx)

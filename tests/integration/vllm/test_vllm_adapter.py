@@ -36,6 +36,7 @@ from vllm.v1.kv_offload.base import (
     make_offload_key,
 )
 from vllm.v1.kv_offload.factory import OffloadingSpecFactory
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm_engine import (
     BYTES_PER_BLOCK,
     PAGE,
@@ -229,6 +230,12 @@ def test_secondary_hit_promotes(kind: str, tier: str, tmp_path: Any,
     assert run.hit_tokens == 6 * TOKENS_PER_BLOCK
     assert run.lookups[-1] == 6 * TOKENS_PER_BLOCK and None in run.lookups
     steps = len(run.lookups) - 1  # deferred steps before the hit
+    sources = e.sched.get_external_cache_hit_sources(run.request, run.hit_tokens)
+    if kind == "kvtier":  # vLLM's own manager reports its example tier as host memory
+        want = CacheHitSource.DISK if tier != "example" else CacheHitSource.EXTERNAL_UNSPECIFIED
+        assert sources == {want: 6 * TOKENS_PER_BLOCK}, sources
+    elif tier == "fs":
+        assert sources == {CacheHitSource.DISK: 6 * TOKENS_PER_BLOCK}, sources
     print(f"{kind}/{tier}: deferred steps before the secondary hit: {steps} {run.lookups}")
     e.settle()
     if kind == "kvtier":
