@@ -388,3 +388,36 @@ def test_tensor_parallel_ranks_share_one_slot() -> None:
         for w in workers:
             w.shutdown()
         manager.shutdown()
+
+
+def test_stats_reach_vllm_prometheus_metrics(engines: list[Engine]) -> None:
+    """get_stats payloads pass vLLM's own Prometheus observer under the declared names."""
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+        OffloadPromMetrics,
+    )
+
+    e = Engine(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK,
+                            secondary_tiers=[{"type": "example"}]))
+    engines.append(e)
+    prom = OffloadPromMetrics(e.vllm_config, {Gauge: Gauge, Counter: Counter,
+                                              Histogram: Histogram}, ["engine"], {0: ["0"]})
+    e.run(prompt(1, 6))
+    e.settle()
+    e.run(prompt(2, 8))
+    e.settle()
+    e.run(prompt(1, 6))
+    e.settle()
+    stats = e.sched.get_stats()
+    assert stats is not None
+    prom.observe(stats.data, 0)
+
+    def sample(name: str) -> float:
+        value = REGISTRY.get_sample_value(name, {"engine": "0"})
+        assert value is not None, name
+        return value
+
+    assert sample("vllm:kvtier_stored_blocks_total") == 14  # prompt 1 came back promoted
+    assert sample("vllm:kvtier_promoted_blocks_total") >= 6
+    assert sample("vllm:kvtier_evicted_blocks_total") >= 12
+    assert 0.0 < sample("vllm:kvtier_primary_usage_perc") <= 1.0
