@@ -400,8 +400,8 @@ def test_stats_reach_vllm_prometheus_metrics(engines: list[Engine]) -> None:
     e = Engine(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK,
                             secondary_tiers=[{"type": "example"}]))
     engines.append(e)
-    prom = OffloadPromMetrics(e.vllm_config, {Gauge: Gauge, Counter: Counter,
-                                              Histogram: Histogram}, ["engine"], {0: ["0"]})
+    types: Any = {Gauge: Gauge, Counter: Counter, Histogram: Histogram}
+    prom = OffloadPromMetrics(e.vllm_config, types, ["engine"], {0: ["0"]})
     e.run(prompt(1, 6))
     e.settle()
     e.run(prompt(2, 8))
