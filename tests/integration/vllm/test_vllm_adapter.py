@@ -348,7 +348,10 @@ def test_events_map_media(engines: list[Engine], tmp_path: Any) -> None:
 
 
 def test_tensor_parallel_ranks_share_one_slot() -> None:
-    """Two TP ranks (one engine) attach one region; each fills its own share of a slot."""
+    """Two TP ranks (one engine) attach one region; each fills its own share of a slot.
+
+    As in vLLM, the workers register their KV caches before the scheduler builds its manager.
+    """
     extra = kvtier_extra(cpu_bytes_to_use=16 * 2 * BYTES_PER_BLOCK)
     specs: list[Any] = [
         kv_vllm.KVTierOffloadingSpec(
@@ -357,11 +360,12 @@ def test_tensor_parallel_ranks_share_one_slot() -> None:
     ]
     assert specs[0].instance_id == specs[1].instance_id
     assert "tp2" in specs[0].namespace
-    manager = specs[0].get_manager()  # the scheduler's side owns the region
-    workers, kvs = [], []
+    scheduler_spec = kv_vllm.KVTierOffloadingSpec(
+        offloading_config(extra, engine_id="engine-tp", rank=0, world_size=2))
+    workers: list[Any] = []
+    kvs: list[list[torch.Tensor]] = []
+    manager = None
     try:
-        region = manager.kv.primary_blocks()
-        assert region.shape[1] == 2 * BYTES_PER_BLOCK
         for spec in specs:
             kv = [torch.randint(-128, 128, (32, PAGE), dtype=torch.int8) for _ in range(2)]
             kvs.append(kv)
@@ -369,6 +373,9 @@ def test_tensor_parallel_ranks_share_one_slot() -> None:
                 tensors=[CanonicalKVCacheTensor(t, PAGE) for t in kv],
                 group_data_refs=[[CanonicalKVCacheRef(0, PAGE), CanonicalKVCacheRef(1, PAGE)]],
             )))
+        manager = scheduler_spec.get_manager()  # owns (and at shutdown unlinks) the region
+        region = manager.kv.primary_blocks()
+        assert region.shape[1] == 2 * BYTES_PER_BLOCK
         gpu = GPULoadStoreSpec([3, 9], group_sizes=[2], block_indices=[0])
         for r, w in enumerate(workers):
             assert w.submit_store(r + 1, gpu, kv_vllm.KVTierLoadStoreSpec([7, 2]))
@@ -387,7 +394,8 @@ def test_tensor_parallel_ranks_share_one_slot() -> None:
     finally:
         for w in workers:
             w.shutdown()
-        manager.shutdown()
+        if manager is not None:
+            manager.shutdown()
 
 
 def test_stats_reach_vllm_prometheus_metrics(engines: list[Engine]) -> None:
