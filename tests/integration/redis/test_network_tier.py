@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RedisClusterNodes, RedisServer, make_tls_files, start_server
 from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
+from redis_servers import (
+    RedisClusterNodes,
+    RedisServer,
+    free_port,
+    make_tls_files,
+    start_server,
+)
 
 import kvtier
 
@@ -343,35 +349,44 @@ class DelayProxy:
         self.port = 0
         self.chunks = 0
         self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self) -> DelayProxy:
         self._thread.start()
-        assert self._started.wait(10)
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        self._loop.close()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._started.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-            self._loop.run_until_complete(asyncio.sleep(0))
-            self._loop.close()
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+        for w in self._writers:
+            try:
+                await w.wait_closed()
+            except OSError:
+                pass
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [cw, sw]
         pending: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -485,8 +500,6 @@ def test_config_errors_never_show_the_password() -> None:
 
 
 def test_unreachable_server_is_a_miss_not_an_error(managers, namespace: str) -> None:
-    from conftest import free_port
-
     m = make_manager(f"redis://127.0.0.1:{free_port()}/0", namespace, connect_timeout_seconds=0.5)
     managers.append(m)
     keys = [make_key(i, namespace) for i in range(4)]
