@@ -226,13 +226,20 @@ class RedisClusterNodes:
             raise RuntimeError(
                 "redis-cli --cluster create failed: " + (res.stdout + res.stderr).decode()[-2000:]
             )
-        deadline = time.monotonic() + 30
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every node reports cluster_state:ok."""
+        deadline = time.monotonic() + timeout
         while True:
             states = []
             for n in self.nodes:
-                with n.client() as c:
-                    state = c.cluster("INFO").get("cluster_state")
-                    states.append(state in ("ok", b"ok"))
+                try:
+                    with n.client() as c:
+                        state = c.cluster("INFO").get("cluster_state")
+                except redis.RedisError:
+                    state = None
+                states.append(state in ("ok", b"ok"))
             if all(states):
                 return
             if time.monotonic() > deadline:

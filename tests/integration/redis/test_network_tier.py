@@ -148,6 +148,41 @@ def test_cluster_lookup_spans_all_nodes(redis_cluster: RedisClusterNodes, manage
     assert load_and_check(other, keys[:20]) == 20
 
 
+def test_cluster_node_killed_and_restarted(redis_cluster: RedisClusterNodes, managers,
+                                           namespace: str) -> None:
+    m = make_manager(redis_cluster.url, namespace, cluster=True, slots=64)
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(48)]
+    store_blocks(m, keys)
+    settle(m)
+    node = redis_cluster.nodes[1]
+    prefix = tier_stats(m)["key_prefix"].encode()
+    with node.client() as c:
+        on_node = {k[len(prefix):] for k in c.scan_iter(match=prefix + b"*", count=1000)}
+    assert 0 < len(on_node) < len(keys)
+    first_lost = min(i for i, k in enumerate(keys) if k in on_node)
+    try:
+        node.kill()
+        m.reset_cache()
+        # The blocks before the first one on the dead node still load; nothing raises.
+        assert lookup_until(m, keys) <= first_lost
+        assert tier_stats(m)["down_events"] >= 1
+        for _ in range(10):
+            assert lookup_until(m, keys) <= first_lost
+            m.on_schedule_end()
+    finally:
+        node.start()  # same port and nodes.conf: it rejoins, empty
+    back = step_until(m, lambda: tier_stats(m)["available"], timeout=10)
+    assert back < 2.0
+    redis_cluster.wait_ok()
+    m.reset_cache()
+    assert load_and_check(m, keys) == len(keys) - len(on_node)
+    fresh = [make_key(100 + i, namespace) for i in range(48)]
+    store_blocks(m, fresh)
+    settle(m)
+    assert load_and_check(m, fresh) == len(fresh)
+
+
 # -- sharing and isolation ------------------------------------------------------------------
 _STORE_SCRIPT = textwrap.dedent("""
     import sys
