@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +83,12 @@ def test_round_trip_through_worker_process(block_size: int, namespace: str) -> N
             gpu_ids = gpu_perm[i * f : (i + 1) * f].tolist()
             gpu_for[key] = gpu_ids
             out = manager.prepare_store([key], ctx)
+            for _ in range(5000):  # every slot may still be read by a cascade: step and retry
+                if out is not None:
+                    break
+                time.sleep(0.002)
+                manager.on_schedule_end()
+                out = manager.prepare_store([key], ctx)
             assert out is not None
             job += 1
             parent.send(("store", job, gpu_ids, out.store_spec.block_ids.tolist()))

@@ -193,3 +193,45 @@ def test_lookup_never_blocks_and_has_pending_work(namespace: str) -> None:
         assert lookup_until(m, keys[:2], ctx) == 2
     finally:
         m.shutdown()
+
+
+def test_a_hit_promised_by_lookup_survives_other_stores_in_the_same_step(namespace: str) -> None:
+    m = _manager(namespace, tiers=[])
+    try:
+        a, b = kvtier.ReqContext("a"), kvtier.ReqContext("b")
+        keys = [make_key(i, namespace) for i in range(SLOTS)]
+        store_blocks(m, keys)
+        m.on_schedule_end()
+        # The oldest blocks are the LRU victims; request a is told they are loadable ...
+        assert m.lookup(keys[:4], a) == 4
+        # ... and before its prepare_load, request b stores enough to evict them.
+        out = m.prepare_store([make_key(100 + i, namespace) for i in range(6)], b)
+        assert out is not None and not set(out.evicted_keys) & set(keys[:4])
+        spec = m.prepare_load(keys[:4], a)  # still there: no KeyError
+        assert len(spec.block_ids) == 4
+        m.complete_load(keys[:4], a)
+        m.complete_store(out.keys_to_store, b)
+        m.on_schedule_end()
+        # The protection ends with the step.
+        m.primary.check()
+        assert m.primary.evictable == SLOTS
+    finally:
+        m.shutdown()
+
+
+def test_promotion_keeps_the_resident_rest_of_the_run(namespace: str) -> None:
+    m = _manager(namespace, slots=SLOTS)
+    try:
+        ctx = kvtier.ReqContext("a")
+        run = [make_key(i, namespace) for i in range(12)]
+        store_blocks(m, run)
+        filler = [make_key(100 + i, namespace) for i in range(SLOTS - 6)]
+        store_blocks(m, filler)  # evicts the run's first 6 blocks, keeps its last 6
+        settle(m)
+        assert m.lookup(run, ctx) is None
+        assert all(k in m.primary for k in run[6:]), "promotion evicted the run's resident tail"
+        settle(m)
+        assert m.lookup(run, ctx) == 12  # one promotion round is enough
+        m.primary.check()
+    finally:
+        m.shutdown()

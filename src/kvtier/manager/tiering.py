@@ -75,6 +75,8 @@ class TieringManager(OffloadingManager):
         self._step = 0
         self._closed = False
         self._raised: set[tuple[str, str]] = set()
+        self._promised: list[tuple[Sequence[bytes], int]] = []  # this step's lookup answers
+        self._promise_pins: list[int] = []
         self.counters: dict[str, float] = {
             "tier_errors": 0,
             "lookups": 0,
@@ -102,16 +104,43 @@ class TieringManager(OffloadingManager):
         c["lookup_keys"] += n
         primary = self.primary
         r = primary.run_length(keys)
-        if r == n:
-            return n
-        if keys[r] in self._promoting:
+        if r < n and keys[r] in self._promoting:
             self._collect()  # a promotion may have finished since the step began
             r += primary.run_length(keys, r)
-            if r == n:
-                return n
-        if not self.tiers or keys[r] in primary.key_slot and keys[r] not in self._promoting:
-            return r  # absent everywhere we can see, or being stored by the engine right now
-        return self._lookup_secondary(keys, r)
+        if r < n and self.tiers and (keys[r] not in primary.key_slot or keys[r] in self._promoting):
+            answer = self._lookup_secondary(keys, r)
+            if answer is None:
+                return None
+            r = answer
+        if r:
+            self._promised.append((keys, r))
+        return r
+
+    def _protect_promises(self) -> None:
+        """Pin, until the step ends, every block ``lookup`` answered as loadable this step.
+
+        The engine calls ``prepare_load`` for a hit later in the same step; a store or promotion
+        for another request in between must not evict it. Recording a promise costs O(1) per
+        lookup; the pins are taken only when something is about to be evicted.
+        """
+        primary = self.primary
+        get = primary.key_slot.get
+        state = primary.state
+        pins = self._promise_pins
+        for keys, r in self._promised:
+            for i in range(r):
+                s = get(keys[i])
+                if s is not None and state[s] == READY:
+                    primary.incref(s)
+                    pins.append(s)
+        self._promised.clear()
+
+    def _release_promises(self) -> None:
+        decref = self.primary.decref
+        for s in self._promise_pins:
+            decref(s)
+        self._promise_pins.clear()
+        self._promised.clear()
 
     def _lookup_secondary(self, keys: Sequence[bytes], r: int) -> int | None:
         primary = self.primary
@@ -120,7 +149,6 @@ class TieringManager(OffloadingManager):
         pos = r
         pending = False
         plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
-        first_planned = r
         while pos < n:
             q = primary.run_length(keys, pos)
             if q:
@@ -147,16 +175,14 @@ class TieringManager(OffloadingManager):
                     best, best_tier = m, ti
             if best == 0:
                 break
-            for j, key in enumerate(rest[:best]):
+            for key in rest[:best]:
                 if key not in primary.key_slot:
-                    if not plan:
-                        first_planned = pos + j
                     plan.append((best_tier, key))
                 elif key in promoting:
                     pending = True
             pos += best
         if plan:
-            started = self._start_promotions(keys[:first_planned], plan)
+            started = self._start_promotions(keys[:pos], plan)
             if started == 0 and not pending:
                 # Nothing could be given a slot: the run ends at the first key to promote.
                 return _index_from(keys, plan[0][1], r)
@@ -165,33 +191,48 @@ class TieringManager(OffloadingManager):
             return None
         return primary.run_length(keys) if pos > r else r
 
-    def _start_promotions(self, run: Sequence[bytes], plan: list[tuple[int, bytes]]) -> int:
-        """Give slots to as many planned keys as possible (in order); queue them per tier.
+    def _start_promotions(self, keys: Sequence[bytes], plan: list[tuple[int, bytes]]) -> int:
+        """Give slots to as many planned keys as fit (in prefix order); queue them per tier.
 
-        ``run`` is the request's keys before the first one to promote: its resident blocks are
-        guarded while slots are found, so that a promotion never evicts the prefix it extends.
+        The blocks of the request's run that are resident stay guarded while slots are found, as
+        far as the run can fit in the primary tier at once, so a promotion never evicts the part
+        of the prefix it extends; resident blocks past that point are fair game.
         """
         primary = self.primary
-        guarded = []
+        if self._promised and len(primary.free) < len(plan):
+            self._protect_promises()
         key_slot = primary.key_slot
-        for key in run:
+        state, ref = primary.state, primary.ref
+        planned = {k for _, k in plan}
+        budget = len(primary.free) + primary.evictable
+        guard: list[int] = []
+        take = 0
+        for key in keys:
+            if key in planned:
+                if budget == 0:
+                    break
+                budget -= 1
+                take += 1
+                continue
             s = key_slot.get(key)
-            if s is not None and primary.state[s] == READY:
-                primary.incref(s)
-                guarded.append(s)
+            if s is not None and state[s] == READY and ref[s] == 0:
+                if budget == 0:
+                    break
+                budget -= 1  # guarding it takes it out of what can be evicted
+                guard.append(s)
+        if take < len(plan):
+            self.counters["promotion_alloc_failures"] += len(plan) - take
+        if take == 0:
+            return 0
+        plan = plan[:take]
+        for s in guard:
+            primary.incref(s)
         try:
-            avail = len(primary.free) + primary.evictable
-            take = min(len(plan), avail)
-            if take < len(plan):
-                self.counters["promotion_alloc_failures"] += len(plan) - take
-            if take == 0:
-                return 0
-            plan = plan[:take]
             result = primary.allocate([k for _, k in plan])
             assert result is not None
             slots, evicted = result
         finally:
-            for s in guarded:
+            for s in guard:
                 primary.decref(s)
         self._evicted(evicted)
         for (ti, key), slot in zip(plan, slots):
@@ -269,6 +310,8 @@ class TieringManager(OffloadingManager):
             elif primary.state[s] == READY:
                 primary.incref(s)  # keep the batch's resident blocks while making room
                 guarded.append(s)
+        if new_keys and self._promised and len(primary.free) < len(new_keys):
+            self._protect_promises()
         try:
             result = primary.allocate(new_keys) if new_keys else ([], [])
         finally:
@@ -328,6 +371,7 @@ class TieringManager(OffloadingManager):
     # -- the step --------------------------------------------------------------------------
     def on_schedule_end(self) -> None:
         self._step += 1
+        self._release_promises()
         self._collect()
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
@@ -457,6 +501,7 @@ class TieringManager(OffloadingManager):
         return {"manager": c, "tiers": tiers}
 
     def reset_cache(self) -> None:
+        self._release_promises()
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
         if dropped:
