@@ -370,3 +370,53 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
             assert {k for k in keys if tier.lookup([k])} == {keys[i] for i in model}
     finally:
         tier.shutdown()
+
+
+def test_concurrent_loads_and_stores_under_eviction(tmp_path: Path) -> None:
+    """Many overlapping jobs while evicting: a load in flight keeps its slot; bytes always exact."""
+    bb = 8192
+    ctx = tier_ctx("stress", slots=64, bb=bb)
+    cap = 6 * (bb + 4096) + 5 * 4096  # 6 blocks: every store job evicts most of the tier
+    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=cap,
+                       n_read_threads=2, n_write_threads=2, slab_bytes=1 << 20)
+    rng = np.random.default_rng(7)
+    keys = [make_key(i, "stress") for i in range(40)]
+    free_slots = list(range(64))
+    jobs: dict[int, tuple[str, list[bytes], list[int]]] = {}
+    checked = 0
+    try:
+        for _step in range(300):
+            # a load of present blocks, then at once a store of absent ones that must evict
+            present = [k for k in keys if tier.lookup([k])]
+            absent = [k for k in keys if k not in present]
+            for kind, pool, n in (("load", present, 3), ("store", absent, 5)):
+                if len(jobs) >= 8 or len(free_slots) < n or not pool:
+                    continue
+                pick = [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)]
+                slots = [free_slots.pop() for _ in pick]
+                for k, s in zip(pick, slots):
+                    ctx.primary[s] = block_bytes_for(k, bb) if kind == "store" else 0
+                jid = next(_ids)
+                submit = tier.submit_store if kind == "store" else tier.submit_load
+                submit(jid, pick, np.asarray(slots, dtype=np.int64))
+                jobs[jid] = (kind, pick, slots)
+            for res in tier.poll():
+                kind, pick, slots = jobs.pop(res.job_id)
+                if kind == "load":
+                    for k, s in zip(pick, slots):
+                        if k not in res.failed_keys:
+                            assert np.array_equal(ctx.primary[s], block_bytes_for(k, bb))
+                            checked += 1
+                free_slots.extend(slots)
+            time.sleep(0.0005)
+        deadline = time.monotonic() + 20
+        while jobs and time.monotonic() < deadline:
+            for res in tier.poll():
+                jobs.pop(res.job_id)
+            time.sleep(0.001)
+        st_ = tier.stats()
+        assert not jobs and checked > 50
+        assert st_["corrupt"] == 0 and st_["evictions"] > 0
+        assert st_["blocks"] <= 6 and dir_bytes(tmp_path) <= cap
+    finally:
+        tier.shutdown()
