@@ -79,6 +79,7 @@ class TieringManager(OffloadingManager):
         self._promise_pins: list[int] = []
         self.counters: dict[str, float] = {
             "tier_errors": 0,
+            "lookup_miss_blocks": 0,
             "lookups": 0,
             "lookup_keys": 0,
             "primary_hit_blocks": 0,
@@ -114,6 +115,7 @@ class TieringManager(OffloadingManager):
             r = answer
         if r:
             self._promised.append((keys, r))
+        self.counters["lookup_miss_blocks"] += n - r
         return r
 
     def _protect_promises(self) -> None:
@@ -486,8 +488,10 @@ class TieringManager(OffloadingManager):
                 "capacity_bytes": p.num_slots * bb,
                 "policy": p.policy.name,
                 "hits": c["primary_hit_blocks"],
+                "misses": c["lookup_miss_blocks"],
+                "failures": c["store_alloc_failures"] + c["promotion_failures"],
                 "evictions": c["evicted_blocks"],
-                "bytes_written": c["stored_blocks"] * bb,
+                "bytes_written": (c["stored_blocks"] + c["promoted_blocks"]) * bb,
                 "bytes_read": c["loads_prepared_blocks"] * bb,
             }
         }
