@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Sequence
 
 from kvtier.config import ConfigError
+from kvtier.plugins import load_class
 from kvtier.tiers.base import SecondaryTier
 
 
@@ -40,16 +39,8 @@ def register_cascade_policy(name: str, cls: type[CascadePolicy]) -> None:
 def resolve_cascade_policy(name: str, module_path: str | None) -> type[CascadePolicy]:
     """The class for a ``cascade_policy`` value; raises ConfigError."""
     if module_path is not None:
-        try:
-            module = importlib.import_module(module_path)
-        except ImportError as e:
-            raise ConfigError(
-                "cascade_policy_module_path", f"an importable module ({e})", module_path
-            ) from e
-        cls = getattr(module, name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, CascadePolicy)):
-            raise ConfigError("cascade_policy", f"a CascadePolicy subclass in {module_path}", name)
-        return cls
+        return load_class(module_path, name, CascadePolicy,
+                          path_key="cascade_policy_module_path", name_key="cascade_policy")
     if name not in _CASCADE:
         raise ConfigError(
             "cascade_policy", "one of " + ", ".join(repr(n) for n in sorted(_CASCADE)), name

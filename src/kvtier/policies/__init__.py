@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 from kvtier.config import ConfigError
+from kvtier.plugins import load_class
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import EvictionPolicy
 from kvtier.policies.lru import LRUPolicy
@@ -30,16 +30,8 @@ def resolve_policy(
 ) -> type[EvictionPolicy]:
     """The policy class for a config value; raises ConfigError naming ``key``."""
     if module_path is not None:
-        try:
-            module = importlib.import_module(module_path)
-        except ImportError as e:
-            raise ConfigError(
-                "cache_policy_module_path", f"an importable module ({e})", module_path
-            ) from e
-        cls = getattr(module, name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, EvictionPolicy)):
-            raise ConfigError(key, f"an EvictionPolicy subclass defined in {module_path}", name)
-        return cls
+        return load_class(module_path, name, EvictionPolicy,  # type: ignore[type-abstract]
+                          path_key="cache_policy_module_path", name_key=key)
     cls = _POLICIES.get(name)
     if cls is None:
         raise ConfigError(

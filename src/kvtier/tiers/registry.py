@@ -6,6 +6,7 @@ import importlib
 import inspect
 
 from kvtier.config import ConfigError
+from kvtier.plugins import load_class
 from kvtier.tiers.base import SecondaryTier
 
 # name -> "module:Class"; imported lazily so that an unused tier's dependencies are not needed.
@@ -33,16 +34,8 @@ def tier_names() -> list[str]:
 def resolve_tier(type_name: str, module_path: str | None, label: str) -> type[SecondaryTier]:
     """The class for a ``secondary_tiers`` entry; raises ConfigError naming ``label``."""
     if module_path is not None:
-        try:
-            module = importlib.import_module(module_path)
-        except ImportError as e:
-            raise ConfigError(f"{label}.module_path", f"an importable module ({e})", module_path) from e
-        cls = getattr(module, type_name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, SecondaryTier)):
-            raise ConfigError(
-                f"{label}.type", f"a SecondaryTier subclass defined in {module_path}", type_name
-            )
-        return cls
+        return load_class(module_path, type_name, SecondaryTier,  # type: ignore[type-abstract]
+                          path_key=f"{label}.module_path", name_key=f"{label}.type")
     if type_name in _REGISTERED:
         return _REGISTERED[type_name]
     target = _BUILTIN.get(type_name)
