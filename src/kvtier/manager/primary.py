@@ -85,27 +85,32 @@ class PrimaryTier:
         be freed now. The keys must not be in the table.
         """
         n = len(keys)
-        if not self.can_free(n):
-            return None
-        slots: list[int] = []
-        evicted: list[bytes] = []
         free = self.free
+        need = n - len(free)
+        if need > self.evictable:
+            return None
         key_slot = self.key_slot
-        for key in keys:
-            if free:
-                s = free.pop()
-            else:
-                victim = self.policy.evict(self._evictable_key, incoming=key)
-                if victim is None:  # cannot happen while the evictable count is right
-                    raise RuntimeError("eviction policy found no victim")
+        evicted: list[bytes] = []
+        if need > 0:
+            # Keys take free slots first; the ones after them are what evictions make room for.
+            evicted = self.policy.evict_many(need, self._evictable_key, keys[len(free):])
+            if len(evicted) != need:  # cannot happen while the evictable count is right
+                raise RuntimeError("eviction policy found too few victims")
+            slot_key = self.slot_key
+            for victim in evicted:
                 s = key_slot.pop(victim)
-                self.evictable -= 1
-                evicted.append(victim)
+                slot_key[s] = None
+                free.append(s)
+            self.evictable -= need
+        slots = free[-n:] if n else []
+        del free[len(free) - n :]
+        slots.reverse()
+        slot_key, state, ref = self.slot_key, self.state, self.ref
+        for key, s in zip(keys, slots):
             key_slot[key] = s
-            self.slot_key[s] = key
-            self.state[s] = WRITING
-            self.ref[s] = 1
-            slots.append(s)
+            slot_key[s] = key
+            state[s] = WRITING
+            ref[s] = 1
         return slots, evicted
 
     def mark_ready(self, key: bytes) -> int:
@@ -117,6 +122,20 @@ class PrimaryTier:
         if self.ref[s] == 0:
             self.evictable += 1
         return s
+
+    def mark_ready_many(self, keys: Sequence[bytes]) -> None:
+        """``mark_ready`` for each key, in order (one policy call for the batch)."""
+        key_slot, state, ref = self.key_slot, self.state, self.ref
+        released = 0
+        for key in keys:
+            s = key_slot[key]
+            state[s] = READY
+            r = ref[s] - 1
+            ref[s] = r
+            if r == 0:
+                released += 1
+        self.evictable += released
+        self.policy.insert_many(keys)
 
     def release(self, key: bytes) -> int:
         """Drop a WRITING key whose write failed; its slot becomes free."""

@@ -336,16 +336,18 @@ class TieringManager(OffloadingManager):
         primary = self.primary
         key_slot = primary.key_slot
         done: list[bytes] = []
+        state, promoting = primary.state, self._promoting
         for key in keys:
             s = key_slot.get(key)
-            if s is None or primary.state[s] == READY or key in self._promoting:
+            if s is None or state[s] == READY or key in promoting:
                 continue
             if success:
-                primary.mark_ready(key)
+                state[s] = READY  # a key listed twice is admitted once
                 done.append(key)
             else:
                 primary.release(key)
         if done:
+            primary.mark_ready_many(done)
             self.counters["stored_blocks"] += len(done)
             self._events.append(OffloadingEvent(done, PRIMARY_MEDIUM, False))
             self._queue_cascade(done, source_tier=None)

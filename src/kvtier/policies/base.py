@@ -8,7 +8,7 @@ removals, and asks it for a victim, passing a predicate that says which keys may
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -48,6 +48,24 @@ class EvictionPolicy(ABC, Generic[K]):
 
     @abstractmethod
     def __len__(self) -> int: ...
+
+    def insert_many(self, keys: Iterable[K]) -> None:
+        """``insert`` for each key, in order."""
+        for k in keys:
+            self.insert(k)
+
+    def evict_many(
+        self, n: int, evictable: Callable[[K], bool], incoming: Sequence[K] | None = None
+    ) -> list[K]:
+        """Up to ``n`` victims, as ``n`` calls of ``evict`` (``incoming[i]`` for the i-th)."""
+        out: list[K] = []
+        for i in range(n):
+            nxt = incoming[i] if incoming is not None and i < len(incoming) else None
+            victim = self.evict(evictable, nxt)
+            if victim is None:
+                break
+            out.append(victim)
+        return out
 
     def access_many(self, keys: Iterable[K]) -> None:
         """``access`` for each resident key, in order."""

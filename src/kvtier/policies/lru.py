@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from kvtier.policies.base import EvictionPolicy
 
@@ -20,6 +20,29 @@ class LRUPolicy(EvictionPolicy[Hashable]):
     def insert(self, key: Hashable) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+
+    def insert_many(self, keys: Iterable[Hashable]) -> None:
+        order = self._order
+        move = order.move_to_end
+        for key in keys:
+            order[key] = None
+            move(key)
+
+    def evict_many(
+        self, n: int, evictable: Callable[[Hashable], bool], incoming: Sequence[Hashable] | None = None
+    ) -> list[Hashable]:
+        out: list[Hashable] = []
+        if n <= 0:
+            return out
+        for key in self._order:
+            if evictable(key):
+                out.append(key)
+                if len(out) == n:
+                    break
+        order = self._order
+        for key in out:
+            del order[key]
+        return out
 
     def access(self, key: Hashable) -> None:
         if key in self._order:
