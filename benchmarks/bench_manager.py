@@ -5,7 +5,7 @@
 Reports microseconds per block for: a prefix lookup over resident blocks, prepare_load +
 complete_load, and prepare_store + complete_store with eviction (the primary tier holds a quarter
 of what is stored), for each eviction policy; best of ``--repeat`` runs. To compare two versions
-of the code, run it under each (``PYTHONPATH=<checkout>/src``) in the same session.
+of the code, run it under each (``PYTHONPATH=<checkout>/src``) back to back on one machine.
 """
 
 from __future__ import annotations
