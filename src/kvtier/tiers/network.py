@@ -280,6 +280,16 @@ class _Servers:
             g[1].append(i)
         return list(groups.values())
 
+    def per_key(self, command: bytes, rkeys: Sequence[bytes],
+                timeout: float | None = None) -> tuple[list[tuple[Any, list[int]]], list[list[Any]]]:
+        """``command key`` for every key, one pipeline per server: (groups, replies per group)."""
+        groups = self.route(rkeys)
+        batches = [
+            (pool, _pack([(command, rkeys[i]) for i in idx], zero_copy=False), len(idx))
+            for pool, idx in groups
+        ]
+        return groups, self.exchange(batches, timeout)
+
     def exchange(self, batches: Sequence[tuple[Any, list[Any], int]],
                  timeout: float | None = None) -> list[list[Any]]:
         """Send every batch (pool, packed pieces, reply count) first, then read the replies.
@@ -723,12 +733,7 @@ class NetworkTier(SecondaryTier):
         prefix = self._prefix
         rkeys = [prefix + k for k in keys]
         try:
-            groups = self._servers.route(rkeys)
-            batches = [
-                (pool, _pack([(b"EXISTS", rkeys[i]) for i in idx], zero_copy=False), len(idx))
-                for pool, idx in groups
-            ]
-            replies = self._servers.exchange(batches, self.lookup_timeout)
+            groups, replies = self._servers.per_key(b"EXISTS", rkeys, self.lookup_timeout)
         except Exception as e:
             self._updates.append(("unknown", keys))
             self._failure(e)
@@ -786,12 +791,7 @@ class NetworkTier(SecondaryTier):
         prefix = self._prefix
         rkeys = [prefix + k for k in keys]
         try:
-            groups = self._servers.route(rkeys)
-            batches = [
-                (pool, _pack([(b"GET", rkeys[i]) for i in idx], zero_copy=False), len(idx))
-                for pool, idx in groups
-            ]
-            replies = self._servers.exchange(batches)
+            groups, replies = self._servers.per_key(b"GET", rkeys)
         except Exception as e:
             self._failure(e)
             with self._stats_lock:
@@ -852,11 +852,7 @@ class NetworkTier(SecondaryTier):
 
     def _delete(self, rkeys: list[bytes]) -> None:
         try:
-            groups = self._servers.route(rkeys)
-            self._servers.exchange([
-                (pool, _pack([(b"DEL", rkeys[i]) for i in idx], zero_copy=False), len(idx))
-                for pool, idx in groups
-            ])
+            self._servers.per_key(b"DEL", rkeys)
         except Exception as e:
             log.warning("tier %s: could not delete corrupt records: %s", self.name, e)
 
