@@ -298,6 +298,38 @@ def test_touch_protects_a_block_from_eviction(tmp_path: Path, namespace: str) ->
         tier.shutdown()
 
 
+def test_recency_of_a_load_survives_a_restart(tmp_path: Path, namespace: str) -> None:
+    ctx = tier_ctx(namespace, slots=4)
+
+    def open_tier() -> StorageTier:
+        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=4 * (BB + 4096) + 3 * 4096,
+                           n_read_threads=1, n_write_threads=1)
+
+    keys = [make_key(i) for i in range(6)]
+    tier = open_tier()
+    try:
+        for k in keys[:4]:
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        assert run_job(tier, "load", [keys[3]], [1]).success  # young: nothing to persist
+        assert tier.stats()["recency_refreshes"] == 0
+        assert run_job(tier, "load", [keys[0]], [1]).success  # the oldest write, used again
+        assert tier.stats()["recency_refreshes"] == 1
+    finally:
+        tier.shutdown()
+    tier = open_tier()  # recency now comes from disk
+    try:
+        assert tier.lookup(keys[:4]) == 4
+        ctx.primary[0] = block_bytes_for(keys[4], BB)
+        assert run_job(tier, "store", [keys[4]], [0]).success
+        assert [e.keys for e in tier.take_events() if e.removed] == [[keys[1]]]
+        assert tier.lookup([keys[0]]) == 1
+        assert run_job(tier, "load", [keys[0]], [2]).success
+        assert np.array_equal(ctx.primary[2], block_bytes_for(keys[0], BB))
+    finally:
+        tier.shutdown()
+
+
 # -- invariants --------------------------------------------------------------------------------
 _op: st.SearchStrategy[tuple[str, list[int]]] = st.one_of(
     st.tuples(st.just("store"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),
@@ -324,7 +356,8 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
 
     tier = open_tier()
     model: list[int] = []  # LRU order, oldest first
-    wseq: dict[int, int] = {}  # when each block's record was written (restart order)
+    wseq: dict[int, int] = {}  # when each block's record was last written (restart order)
+    tseq: dict[int, int] = {}  # the tier's sequence number in each block's record
     clock = itertools.count()
     try:
         assert tier.stats()["max_blocks"] == 5
@@ -332,6 +365,7 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
             if kind == "store":
                 for j, i in enumerate(idx):
                     ctx.primary[j] = block_bytes_for(keys[i], bb)
+                seq = tier.stats()["next_seq"]
                 assert run_job(tier, "store", [keys[i] for i in idx], list(range(len(idx)))).success
                 # present blocks are refreshed at once; new ones take a slot (evicting the LRU
                 # block when full) and become visible, newest, when their records are written
@@ -345,8 +379,12 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
                             model.pop(0)
                         writing.append(i)
                         wseq[i] = next(clock)
+                        tseq[i] = seq
+                        seq += 1
                 model.extend(writing)
+                assert tier.stats()["next_seq"] == seq
             elif kind == "load":
+                seq = tier.stats()["next_seq"]
                 res = run_job(tier, "load", [keys[i] for i in idx], list(range(len(idx))))
                 assert res.failed_keys == {keys[i] for i in idx if i not in model}
                 for j, i in enumerate(idx):
@@ -354,6 +392,11 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
                         assert np.array_equal(ctx.primary[j], block_bytes_for(keys[i], bb))
                         model.remove(i)
                         model.append(i)
+                        if tseq[i] + tier.refresh_window <= seq:  # an old block's load is persisted
+                            wseq[i] = next(clock)
+                            tseq[i] = seq
+                            seq += 1
+                assert tier.stats()["next_seq"] == seq
             elif kind == "touch":
                 tier.touch([keys[i] for i in idx])
                 for i in idx:
@@ -363,7 +406,7 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
             else:
                 tier.shutdown()
                 tier = open_tier()
-                model.sort(key=wseq.__getitem__)  # recency after a restart: write order
+                model.sort(key=wseq.__getitem__)  # recency after a restart: last write or load
             st_ = tier.stats()
             assert st_["usage_bytes"] <= capacity and dir_bytes(path) <= capacity
             assert st_["corrupt"] == 0

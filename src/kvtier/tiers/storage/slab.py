@@ -292,6 +292,23 @@ class SlabStore:
             return "unexpected header length"
         return verify(h, dest, namespace_fp=self.namespace_fp, key=key, payload_len=self.block_bytes)
 
+    def stored_seq(self, key: bytes, hdr: mmap.mmap) -> int:
+        """The write sequence in the header just read into ``hdr`` (0 when its check fails)."""
+        seq, chk = _SEQ.unpack_from(hdr, SLOT_HEADER - _SEQ.size)
+        return int(seq) if _seq_check(seq, key) == chk else 0
+
+    def rewrite_seq(self, slot: int, key: bytes, seq: int, hdr: mmap.mmap) -> None:
+        """Give the record in ``slot`` (its header in ``hdr``) a new sequence: one header write.
+
+        The sequence lies outside the header checksum, so the record stays valid; a torn write
+        of this page can only make the record unreadable (a miss), never wrong.
+        """
+        hdr[SLOT_HEADER - _SEQ.size : SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+        f, off = self.locate(slot)
+        n = os.pwrite(self.fd(f), memoryview(hdr)[:SLOT_HEADER], off)
+        if n != SLOT_HEADER:
+            raise OSError(errno.EIO, f"short header write ({n} of {SLOT_HEADER} bytes)")
+
     def invalidate(self, slot: int, zeros: mmap.mmap) -> None:
         """Overwrite a slot's header with zeros so that no later start finds its record."""
         f, off = self.locate(slot)

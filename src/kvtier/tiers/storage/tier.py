@@ -158,7 +158,7 @@ class StorageTier(SecondaryTier):
         self._events: list[TierEvent] = []
         self._stats: dict[str, float] = {
             "hits": 0, "misses": 0, "lookup_hits": 0, "bytes_read": 0, "bytes_written": 0,
-            "load_failures": 0, "store_failures": 0, "corrupt": 0, "evictions": 0,
+            "load_failures": 0, "store_failures": 0, "corrupt": 0, "evictions": 0, "recency_refreshes": 0,
             "start_verified": 0, "start_invalidated": 0, "index_rebuild_seconds": 0.0,
         }
         self._read_health = Health(f"{self.name} (reads)")
@@ -492,6 +492,7 @@ class StorageTier(SecondaryTier):
             if reason is None:
                 moved += store.block_bytes
                 ok += 1
+                self._refresh_recency(store, key, s, hdr)
             else:
                 failed.add(key)
                 bad.append((key, s))
@@ -532,6 +533,33 @@ class StorageTier(SecondaryTier):
         elif ok:
             self._read_health.record_success()
         self._finish_chunk(task.job, failed, moved)
+
+    @property
+    def refresh_window(self) -> int:
+        """A loaded block whose sequence is this far behind the newest gets a new one."""
+        return max(1, self._max_slots // 2)
+
+    def _refresh_recency(self, store: Any, key: bytes, slot: int, hdr: Any) -> None:
+        """Persist a hit's recency, for blocks in the older half of the write sequence.
+
+        The index is rebuilt at start in sequence order. A loaded block whose sequence is at
+        least ``refresh_window`` behind the newest gets a new sequence (one header page), so a
+        restart keeps blocks in use among the recent ones; young blocks cost no extra write.
+        Runs while the slot is pinned.
+        """
+        stored = store.stored_seq(key, hdr)
+        with self._lock:
+            if stored + self.refresh_window > self._seq:
+                return
+            seq = self._seq
+            self._seq += 1
+        try:
+            store.rewrite_seq(slot, key, seq, hdr)
+        except OSError as e:  # only recency is lost; the block itself was served
+            log.debug("tier %s: could not refresh the recency of slot %d: %s", self.name, slot, e)
+            return
+        with self._lock:
+            self._stats["recency_refreshes"] += 1
 
     def _run_store(self, task: _Task, idx: int, hdr: Any) -> None:
         store = self._store
@@ -670,6 +698,7 @@ class StorageTier(SecondaryTier):
         st["direct_io"] = self.direct
         st["fsync"] = self.fsync
         st["max_blocks"] = self._max_slots
+        st["next_seq"] = self._seq
         if self._open_error:
             st["error"] = self._open_error
         return st
