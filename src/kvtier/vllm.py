@@ -43,33 +43,39 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
-    OffloadingConnectorStats,
-)
-from vllm.v1.kv_offload.base import (
-    BlockIDsLoadStoreSpec,
-    CanonicalKVCaches,
-    GPULoadStoreSpec,
-    LoadStoreSpec,
-    Locality,
-    LookupResult,
-    Medium,
-    OffloadingCounterMetadata,
-    OffloadingEvent,
-    OffloadingGaugeMetadata,
-    OffloadingManager,
-    OffloadingMetricMetadata,
-    OffloadingSpec,
-    OffloadingWorker,
-    OffloadKey,
-    PrepareStoreOutput,
-    ReqContext,
-    RequestOffloadingContext,
-    ScheduleEndContext,
-    TransferResult,
-)
-from vllm.v1.kv_offload.config import OffloadingConfig
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
+        OffloadingConnectorStats,
+    )
+    from vllm.v1.kv_offload.base import (
+        BlockIDsLoadStoreSpec,
+        CanonicalKVCaches,
+        GPULoadStoreSpec,
+        LoadStoreSpec,
+        Locality,
+        LookupResult,
+        Medium,
+        OffloadingCounterMetadata,
+        OffloadingEvent,
+        OffloadingGaugeMetadata,
+        OffloadingManager,
+        OffloadingMetricMetadata,
+        OffloadingSpec,
+        OffloadingWorker,
+        OffloadKey,
+        PrepareStoreOutput,
+        ReqContext,
+        RequestOffloadingContext,
+        ScheduleEndContext,
+        TransferResult,
+    )
+    from vllm.v1.kv_offload.config import OffloadingConfig
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError as _e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"kvtier.vllm needs vLLM 0.33.0 (pip install 'kvtier[vllm]'): {_e}"
+    ) from _e
 
 import kvtier
 from kvtier.config import ConfigError
