@@ -309,3 +309,38 @@ def test_fs_default_capacity_keeps_its_own_blocks_across_restarts(small_fs: Path
         assert load_and_check(m, keys) == stored
     finally:
         m.shutdown()
+
+
+def test_after_a_full_file_system_the_tier_grows_back(small_fs: Path, namespace: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(StorageTier, "REGROW_CHECK_S", 0.05)
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (1 << 20))  # half of the 2 MiB file system
+    m = make_manager(small_fs, namespace, capacity_bytes=16 << 20)
+    try:
+        keys = [make_key(i, namespace) for i in range(40)]
+        for i in range(0, 24, 6):
+            store_blocks(m, keys[i : i + 6])
+            settle(m)
+            time.sleep(0.05)
+        shrunk = tier_stats(m)["max_blocks"]
+        assert 0 < shrunk < 16, "the tier should have kept to the space the disk had"
+        filler.unlink()  # the operator frees space
+        deadline = time.monotonic() + 10
+        while tier_stats(m)["max_blocks"] <= shrunk and time.monotonic() < deadline:
+            m.on_schedule_end()
+            time.sleep(0.02)
+        grown = tier_stats(m)["max_blocks"]
+        assert grown > shrunk, "the tier never grew back after space was freed"
+        for i in range(24, 40, 4):
+            store_blocks(m, keys[i : i + 4])
+            settle(m)
+            time.sleep(0.05)
+        st = tier_stats(m)
+        assert st["blocks"] > shrunk
+        assert st["usage_bytes"] <= st["capacity_bytes"]
+        m.reset_cache()
+        present = [k for k in keys if storage(m).lookup([k]) == 1]
+        assert load_and_check(m, present) == len(present) == st["blocks"]
+    finally:
+        m.shutdown()

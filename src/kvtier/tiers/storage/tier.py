@@ -59,13 +59,16 @@ class _JobState:
 
 @dataclass
 class _Task:
-    kind: str  # "load", "store" or "open"
+    kind: str  # "load", "store", "open" or "regrow"
     job: _JobState | None
     items: list[tuple[bytes, int, int]]  # (key, primary slot, file slot)
 
 
 class StorageTier(SecondaryTier):
     """Blocks as checksummed records in slab files under ``path`` (bounded by ``capacity_bytes``)."""
+
+    #: after the file system filled up, how often (seconds) to look for room to grow back
+    REGROW_CHECK_S = 5.0
 
     medium = "STORAGE"
     PARAMS: ClassVar[Mapping[str, str] | None] = {
@@ -154,6 +157,9 @@ class StorageTier(SecondaryTier):
         self._free: list[int] = []
         self._hwm = 0
         self._max_slots = 0
+        self._cap_slots = 0  # what capacity_bytes allows; _max_slots is lower after ENOSPC
+        self._regrowing = False
+        self._next_regrow = 0.0
         self._seq = 1
         self._events: list[TierEvent] = []
         self._stats: dict[str, float] = {
@@ -283,6 +289,7 @@ class StorageTier(SecondaryTier):
             self.lane_dir = lane
             self.direct = store.direct
             self._max_slots = max_slots
+            self._cap_slots = max_slots
             self._hwm = hwm
             self._free = [s for s in range(hwm - 1, -1, -1) if s not in used]
             self._index = OrderedDict((k, slot) for k, (slot, _seq) in entries)
@@ -448,6 +455,8 @@ class StorageTier(SecondaryTier):
                         self._run_load(task, hdr, zeros)
                     elif task.kind == "store":
                         self._run_store(task, idx, hdr)
+                    elif task.kind == "regrow":
+                        self._run_regrow()
                     else:
                         self._run_open()
                 except Exception as e:  # never let an I/O thread die
@@ -635,6 +644,35 @@ class StorageTier(SecondaryTier):
                 if store is not None:
                     store.limit_slots = new_max
 
+    def _run_regrow(self) -> None:
+        """After ENOSPC: give back as many slots as the file system has room for again."""
+        try:
+            store = self._store
+            if store is None:
+                return
+            try:
+                st = os.statvfs(self.lane_dir)
+            except OSError:
+                return
+            room = (st.f_bavail * st.f_frsize) // store.slot_size - 1  # keep one slot spare
+            with self._lock:
+                old = self._max_slots
+                new = min(self._cap_slots, old + max(0, room))
+                if new <= old:
+                    return
+                self._max_slots = new
+                store.limit_slots = new
+                # Slots at or past the old limit that hold nothing were dropped, not freed: hand
+                # them out again (never one that is in use, doomed, or already on the free list).
+                taken = (set(self._index.values()) | set(self._writing.values())
+                         | self._doomed | set(self._free))
+                self._free.extend(s for s in range(min(self._hwm, new) - 1, old - 1, -1)
+                                  if s not in taken)
+            log.warning("tier %s: the file system has room again; growing back to %d blocks",
+                        self.name, new)
+        finally:
+            self._regrowing = False
+
     def _finish_chunk(self, job: _JobState, failed: set[bytes], moved: int) -> None:
         with job.lock:
             job.failed |= failed
@@ -650,6 +688,14 @@ class StorageTier(SecondaryTier):
     def poll(self) -> list[TierJobResult]:
         if self._store is None and not self._opening and self._read_health.should_probe():
             self._request_open()  # the directory could not be opened: try again, off this thread
+        if self._max_slots < self._cap_slots and not self._regrowing:
+            now = time.monotonic()
+            if now >= self._next_regrow:  # the disk filled up once: look for room again, off-thread
+                self._next_regrow = now + self.REGROW_CHECK_S
+                self._regrowing = True
+                with self._cond:
+                    self._store_q.append(_Task("regrow", None, []))
+                    self._cond.notify()
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
