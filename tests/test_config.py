@@ -72,7 +72,8 @@ def test_bad_geometry(arg: str, value: int) -> None:
 
 def test_vllm_keys_accepted_and_geometry() -> None:
     cfg = dict(GOOD, spec_name="KVTierOffloadingSpec", spec_module_path="kvtier.vllm",
-               offload_prompt_only=True, block_size=64)
+               offload_prompt_only=True, block_size=64, sync_load_budget_bytes=1 << 20,
+               tier_poll_interval_s=0.01, self_describing_kv_events=False)
     spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=4096)
     assert spec.block_bytes == 4 * 4096
     assert spec.num_slots == (1 << 20) // (4 * 4096)

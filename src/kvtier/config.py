@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Keys vLLM's OffloadingConnector (or its spec factory) reads itself; accepted and ignored here.
+# Keys vLLM 0.33's OffloadingConnector, its spec factory or its own offloading specs read from
+# kv_connector_extra_config; accepted and ignored here, so one config dict serves both.
 VLLM_CONNECTOR_KEYS = frozenset(
     {
         "spec_name",
@@ -17,6 +18,13 @@ VLLM_CONNECTOR_KEYS = frozenset(
         "blocks_per_chunk",
         "kv_bytes_per_rank",
         "num_cpu_blocks",
+        "sync_load_budget_bytes",
+        "enable_telemetry",
+        "canonical_layout",
+        "tier_poll_interval_s",
+        "backpressure",
+        "store_threshold",
+        "max_tracker_size",
     }
 )
 
