@@ -113,18 +113,11 @@ class PrimaryTier:
             ref[s] = 1
         return slots, evicted
 
-    def mark_ready(self, key: bytes) -> int:
-        """A WRITING key's bytes are in place: release the writer's reference, admit the key."""
-        s = self.key_slot[key]
-        self.state[s] = READY
-        self.policy.insert(key)
-        self.ref[s] -= 1
-        if self.ref[s] == 0:
-            self.evictable += 1
-        return s
-
     def mark_ready_many(self, keys: Sequence[bytes]) -> None:
-        """``mark_ready`` for each key, in order (one policy call for the batch)."""
+        """WRITING keys whose bytes are in place: release each writer's reference, admit them.
+
+        One policy call for the batch, in order.
+        """
         key_slot, state, ref = self.key_slot, self.state, self.ref
         released = 0
         for key in keys:
@@ -136,6 +129,41 @@ class PrimaryTier:
                 released += 1
         self.evictable += released
         self.policy.insert_many(keys)
+
+    def pin_many(self, keys: Sequence[bytes]) -> list[int]:
+        """Pin READY keys (one reference each); their slots, in order.
+
+        Raises KeyError, with nothing pinned, when a key is not READY.
+        """
+        get = self.key_slot.get
+        state, ref = self.state, self.ref
+        slots: list[int] = []
+        newly_pinned = 0
+        for key in keys:
+            s = get(key)
+            if s is None or state[s] != READY:
+                self.unpin_many(keys[: len(slots)])
+                raise KeyError(f"block {key!r} is not ready in the primary tier")
+            if ref[s] == 0:
+                newly_pinned += 1
+            ref[s] += 1
+            slots.append(s)
+        self.evictable -= newly_pinned  # READY slots that just became referenced
+        return slots
+
+    def unpin_many(self, keys: Sequence[bytes]) -> None:
+        """Drop one reference from each key's slot (unknown or unreferenced keys are skipped)."""
+        get = self.key_slot.get
+        state, ref = self.state, self.ref
+        released = 0
+        for key in keys:
+            s = get(key)
+            if s is None or ref[s] == 0:
+                continue
+            ref[s] -= 1
+            if ref[s] == 0 and state[s] == READY:
+                released += 1
+        self.evictable += released
 
     def release(self, key: bytes) -> int:
         """Drop a WRITING key whose write failed; its slot becomes free."""

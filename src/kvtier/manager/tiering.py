@@ -248,38 +248,17 @@ class TieringManager(OffloadingManager):
     # -- loads -----------------------------------------------------------------------------
     def prepare_load(self, keys: Sequence[bytes], ctx: ReqContext) -> LoadStoreSpec:
         primary = self.primary
-        get = primary.key_slot.get
-        state, ref = primary.state, primary.ref
-        slots: list[int] = []
-        newly_pinned = 0
-        for key in keys:
-            s = get(key)
-            if s is None or state[s] != READY:
-                self.complete_load(keys[: len(slots)], ctx)
-                raise KeyError(f"prepare_load: block {key!r} is not ready in the primary tier")
-            if ref[s] == 0:
-                newly_pinned += 1
-            ref[s] += 1
-            slots.append(s)
-        primary.evictable -= newly_pinned  # READY slots that just became referenced
+        try:
+            slots = primary.pin_many(keys)
+        except KeyError as e:
+            raise KeyError(f"prepare_load: {e.args[0]}") from None
         primary.policy.access_many(keys)
         self.counters["loads_prepared_blocks"] += len(keys)
         self.counters["primary_hit_blocks"] += len(keys)
         return LoadStoreSpec(np.fromiter(slots, dtype=np.int64, count=len(slots)))
 
     def complete_load(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
-        primary = self.primary
-        get = primary.key_slot.get
-        state, ref = primary.state, primary.ref
-        released = 0
-        for key in keys:
-            s = get(key)
-            if s is None or ref[s] == 0:
-                continue
-            ref[s] -= 1
-            if ref[s] == 0 and state[s] == READY:
-                released += 1
-        primary.evictable += released
+        self.primary.unpin_many(keys)
 
     def touch(self, keys: Sequence[bytes], ctx: ReqContext) -> None:
         self.primary.policy.access_many(keys)
@@ -440,8 +419,8 @@ class TieringManager(OffloadingManager):
             if key in failed:
                 primary.release(key)
             else:
-                primary.mark_ready(key)
                 loaded.append(key)
+        primary.mark_ready_many(loaded)
         c = self.counters
         c["promoted_blocks"] += len(loaded)
         c["promotion_failures"] += len(failed)
