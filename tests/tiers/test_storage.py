@@ -213,24 +213,9 @@ def test_lookup_answers_leading_run_at_once(tmp_path: Path, namespace: str) -> N
         tier.shutdown()
 
 
-def test_second_process_on_same_directory_gets_its_own_lane(tmp_path: Path, namespace: str) -> None:
-    a = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
-    b = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
-    try:
-        assert a.lane_dir != b.lane_dir and b.lane_dir.endswith(".1")
-    finally:
-        a.shutdown()
-        b.shutdown()
-    c = StorageTier(tier_ctx(namespace), path=str(tmp_path), capacity_bytes=4 << 20)
-    try:
-        assert c.lane_dir == a.lane_dir  # the lock went with the process that held it
-    finally:
-        c.shutdown()
-
-
 # -- capacity ----------------------------------------------------------------------------------
 def test_capacity_holds_under_five_times_the_workload(tmp_path: Path, namespace: str) -> None:
-    capacity = 20 * (BB + 4096) + 5 * 4096  # 20 slots, 4 intent files and NAMESPACE
+    capacity = StorageTier.capacity_for(20, BB, 1 << 20)  # 20 slots, their logs, metadata
     spec = make_spec(tmp_path, namespace, capacity_bytes=capacity, n_read_threads=2,
                      n_write_threads=2, slab_bytes=1 << 20)
     m = spec.get_manager()
@@ -266,7 +251,7 @@ def test_restart_with_smaller_capacity_shrinks_to_fit(tmp_path: Path, namespace:
     store_blocks(m, keys)
     settle(m)
     m.shutdown()
-    capacity = 10 * (BB + 4096) + 3 * 4096
+    capacity = StorageTier.capacity_for(10, BB, 1 << 20)
     m = make_spec(tmp_path, namespace, capacity_bytes=capacity, slab_bytes=1 << 20,
                   n_read_threads=1, n_write_threads=1).get_manager()
     try:
@@ -282,7 +267,7 @@ def test_restart_with_smaller_capacity_shrinks_to_fit(tmp_path: Path, namespace:
 
 def test_touch_protects_a_block_from_eviction(tmp_path: Path, namespace: str) -> None:
     ctx = tier_ctx(namespace, slots=4)
-    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=4 * (BB + 4096) + 3 * 4096,
+    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(4, BB),
                        n_read_threads=1, n_write_threads=1)
     try:
         keys = [make_key(i) for i in range(6)]
@@ -302,7 +287,7 @@ def test_recency_of_a_load_survives_a_restart(tmp_path: Path, namespace: str) ->
     ctx = tier_ctx(namespace, slots=4)
 
     def open_tier() -> StorageTier:
-        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=4 * (BB + 4096) + 3 * 4096,
+        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(4, BB),
                            n_read_threads=1, n_write_threads=1)
 
     keys = [make_key(i) for i in range(6)]
@@ -347,7 +332,7 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
     bb = 8192
     path = tmp_path_factory.mktemp("inv")
     ctx = tier_ctx("inv", slots=8, bb=bb)
-    capacity = 5 * (bb + 4096) + 3 * 4096  # 5 blocks with 2 threads' metadata
+    capacity = StorageTier.capacity_for(5, bb, 1 << 20)  # 5 blocks and their metadata
     keys = [make_key(i, "inv") for i in range(12)]
 
     def open_tier() -> StorageTier:
@@ -419,7 +404,7 @@ def test_concurrent_loads_and_stores_under_eviction(tmp_path: Path) -> None:
     """Many overlapping jobs while evicting: a load in flight keeps its slot; bytes always exact."""
     bb = 8192
     ctx = tier_ctx("stress", slots=64, bb=bb)
-    cap = 6 * (bb + 4096) + 5 * 4096  # 6 blocks: every store job evicts most of the tier
+    cap = StorageTier.capacity_for(6, bb, 1 << 20)  # 6 blocks: every store job evicts most of it
     tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=cap,
                        n_read_threads=2, n_write_threads=2, slab_bytes=1 << 20)
     rng = np.random.default_rng(7)

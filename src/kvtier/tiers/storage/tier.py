@@ -1,29 +1,29 @@
-"""The ``storage`` tier (and vLLM's ``fs`` alias): blocks in slab files on a local or shared file system.
+"""The ``storage`` tier (and vLLM's ``fs`` alias): blocks in slab files, shared by every engine
+that uses the same directory and namespace.
 
-The scheduler thread owns the decisions: ``lookup`` answers from the in-memory index, and
-``submit_store`` picks (and, at capacity, evicts for) the slot of every new block, so capacity is
-enforced before any byte is written. The I/O threads do the copying: a job's blocks are cut into
-chunks spread over the threads, loads before stores, each block moving with one ``preadv`` or
-``pwritev`` straight between its primary slot and its file slot. A stored block enters the index
-only after its record is written; a loaded block counts only after its checksum verifies.
+The scheduler thread owns the decisions: ``lookup`` answers from the in-memory index (this
+engine's blocks and those the other engines' logs announced), and ``submit_store`` picks (and,
+at capacity, evicts for) the slot of every new block in a region this engine owns, so capacity
+is enforced before any byte is written. The I/O threads (``io``) do the copying, one
+``preadv``/``pwritev`` per block; the sync thread (``fleet``) follows the other engines and
+shares the capacity with them. ``layout`` says what is on disk and why it stays bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
-import threading
+import secrets
 import time
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from kvtier.config import ConfigError, require_int, require_str
+from kvtier.config import ConfigError, optional_float, require_int, require_str
 from kvtier.tiers.base import (
     Completions,
     Health,
@@ -32,40 +32,39 @@ from kvtier.tiers.base import (
     TierEvent,
     TierJobResult,
 )
-from kvtier.tiers.storage.slab import (
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.fleet import Fleet, NoLocks
+from kvtier.tiers.storage.index import BlockIndex
+from kvtier.tiers.storage.io import IOPool
+from kvtier.tiers.storage.layout import (
     ALIGN,
-    MAX_KEY_BYTES,
-    LaneBusyError,
-    SlabStore,
-    aligned_buffer,
-    probe_direct_io,
+    Geometry,
+    LocksUnsupported,
+    fs_type,
+    is_network_fs,
+    read_pool,
+    slot_size_for,
+    try_lock,
+    write_namespace_file,
+    write_pool,
 )
+from kvtier.tiers.storage.maintain import (
+    adopt_single_engine_layout,
+    is_single_engine_layout,
+    resize,
+    slab_files,
+)
+from kvtier.tiers.storage.shared import Shared
+from kvtier.tiers.storage.slab import MAX_KEY_BYTES, SlabStore, probe_direct_io
 
 log = logging.getLogger("kvtier.tiers.storage")
 
-_MAX_LANES = 64
-_CHUNK_MAX = 32  # blocks per I/O task
-
-
-@dataclass
-class _JobState:
-    job_id: int
-    pending: int
-    failed: set[bytes] = field(default_factory=set)
-    moved: int = 0
-    t0: float = field(default_factory=time.perf_counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Task:
-    kind: str  # "load", "store", "open" or "regrow"
-    job: _JobState | None
-    items: list[tuple[bytes, int, int]]  # (key, primary slot, file slot)
+_JOIN_WAIT_S = 5.0  # how long to wait for an engine that is adopting or resizing the directory
 
 
 class StorageTier(SecondaryTier):
-    """Blocks as checksummed records in slab files under ``path`` (bounded by ``capacity_bytes``)."""
+    """Blocks as checksummed records in slab files under ``path`` (bounded by ``capacity_bytes``),
+    shared with every engine that uses the same ``path`` and namespace."""
 
     #: after the file system filled up, how often (seconds) to look for room to grow back
     REGROW_CHECK_S = 5.0
@@ -73,12 +72,14 @@ class StorageTier(SecondaryTier):
     medium = "STORAGE"
     PARAMS: ClassVar[Mapping[str, str] | None] = {
         "path": "directory for the tier's files (created if missing)",
-        "capacity_bytes": "bytes the tier may occupy on its file system, files and metadata",
+        "capacity_bytes": "bytes the namespace directory may occupy, files and metadata, "
+                          "all engines together",
         "n_read_threads": "I/O threads that serve loads first",
         "n_write_threads": "I/O threads that serve stores first",
         "direct_io": '"auto", true or false',
         "fsync": '"none", "batch" or "always"',
-        "slab_bytes": "size of one slab file",
+        "slab_bytes": "most bytes of one region's slab file",
+        "sync_seconds": "how often to read what other engines stored, and rebalance with them",
     }
     ALIASES: ClassVar[Mapping[str, str]] = {"root_dir": "path"}
     DEFAULTS: Mapping[str, Any] = {
@@ -87,6 +88,7 @@ class StorageTier(SecondaryTier):
         "direct_io": "auto",
         "fsync": "none",
         "slab_bytes": 1 << 30,
+        "sync_seconds": 1.0,
     }
     capacity_required = True
 
@@ -117,7 +119,19 @@ class StorageTier(SecondaryTier):
             out, "slab_bytes", default=cls.DEFAULTS["slab_bytes"], minimum=1 << 20,
             label=f"{label}.slab_bytes",
         )
+        sync = optional_float(out, "sync_seconds", cls.DEFAULTS["sync_seconds"],
+                              label=f"{label}.sync_seconds")
+        assert sync is not None
+        if sync > 3600:
+            raise ConfigError(f"{label}.sync_seconds", "a number > 0 and at most 3600", sync)
+        out["sync_seconds"] = sync
         return out
+
+    @staticmethod
+    def capacity_for(blocks: int, block_bytes: int, slab_bytes: int = 1 << 30) -> int:
+        """The smallest ``capacity_bytes`` that holds ``blocks`` blocks of ``block_bytes`` (with
+        every record header, region log and metadata file counted)."""
+        return Geometry.capacity_for(blocks, block_bytes, slab_bytes)
 
     def __init__(
         self,
@@ -129,581 +143,388 @@ class StorageTier(SecondaryTier):
         direct_io: str | bool = "auto",
         fsync: str = "none",
         slab_bytes: int = 1 << 30,
+        sync_seconds: float = 1.0,
     ) -> None:
         super().__init__(
             ctx, path=path, capacity_bytes=capacity_bytes, n_read_threads=n_read_threads,
             n_write_threads=n_write_threads, direct_io=direct_io, fsync=fsync, slab_bytes=slab_bytes,
+            sync_seconds=sync_seconds,
         )
         self.root = os.path.abspath(path)
+        self.directory = os.path.join(self.root, ctx.namespace_fp.hex())
         self.capacity_bytes = self._resolve_capacity(capacity_bytes)
         self.n_read_threads = n_read_threads
         self.n_write_threads = n_write_threads
         self.direct_io_setting = direct_io
         self.fsync = fsync
         self.slab_bytes = slab_bytes
-        block_bytes = ctx.block_bytes
-        if direct_io is True and block_bytes % ALIGN:
+        self.sync_seconds = float(sync_seconds)
+        if direct_io is True and ctx.block_bytes % ALIGN:
             raise ConfigError(
                 f"{ctx.name}.direct_io",
-                f"false or \"auto\": blocks of {block_bytes} bytes are not a multiple of {ALIGN}",
+                f"false or \"auto\": blocks of {ctx.block_bytes} bytes are not a multiple of {ALIGN}",
                 direct_io,
             )
-        self._primary = ctx.primary
-        self._lock = threading.Lock()
-        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, LRU first
-        self._writing: dict[bytes, int] = {}
-        self._pins: dict[int, int] = {}
-        self._doomed: set[int] = set()  # invalidated slots still pinned by readers
-        self._free: list[int] = []
-        self._hwm = 0
-        self._max_slots = 0
-        self._cap_slots = 0  # what capacity_bytes allows; _max_slots is lower after ENOSPC
-        self._regrowing = False
-        self._next_regrow = 0.0
-        self._seq = 1
-        self._events: list[TierEvent] = []
-        self._stats: dict[str, float] = {
-            "hits": 0, "misses": 0, "lookup_hits": 0, "bytes_read": 0, "bytes_written": 0,
-            "load_failures": 0, "store_failures": 0, "corrupt": 0, "evictions": 0, "recency_refreshes": 0,
-            "start_verified": 0, "start_invalidated": 0, "index_rebuild_seconds": 0.0,
-        }
+        self.engine_id = secrets.randbits(64) | 1
         self._read_health = Health(f"{self.name} (reads)")
         self._write_health = Health(f"{self.name} (writes)")
-        self._store: SlabStore | None = None
+        self._sh: Shared | None = None
+        self._fleet: Fleet | None = None
+        self._lock_fd = -1
         self._open_error: str | None = None
         self._opening = False
-        self.lane_dir = ""
-        self.direct = False
-        self._done = Completions()
+        self._regrowing = False
+        self._next_regrow = 0.0
         self._in_flight = 0
-        self._cond = threading.Condition(threading.Lock())
-        self._load_q: deque[_Task] = deque()
-        self._store_q: deque[_Task] = deque()
-        self._stop = False
         self._closed = False
+        self.direct = False
+        self._base_stats: dict[str, float] = {
+            "hits": 0, "misses": 0, "lookup_hits": 0, "bytes_read": 0, "bytes_written": 0,
+            "load_failures": 0, "store_failures": 0, "corrupt": 0, "evictions": 0,
+            "recency_refreshes": 0, "start_verified": 0, "start_invalidated": 0,
+            "index_rebuild_seconds": 0.0, "stale_misses": 0, "remote_hits": 0, "claims": 0,
+            "releases": 0, "adopted_blocks": 0, "log_rewrites": 0, "sync_passes": 0,
+            "sync_failures": 0, "regions_rebuilt": 0,
+        }
+        self._done = Completions()
+        self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
+                          {"open": self._run_open, "regrow": self._run_regrow})
+        self._io.refresh_window = lambda: self.refresh_window
         try:
             self._open()
         except OSError as e:
-            self._open_error = str(e)
-            self._read_health.record_failure(e)
-            self._write_health.record_failure(e)
-        n = n_read_threads + n_write_threads
-        self._threads = [
-            threading.Thread(
-                target=self._worker, args=(i, i < n_read_threads),
-                name=f"kvtier-{self.name}-io{i}", daemon=True,
-            )
-            for i in range(n)
-        ]
-        for t in self._threads:
-            t.start()
+            self._open_failed(e)
 
     # -- start -----------------------------------------------------------------------------
     def _resolve_capacity(self, capacity_bytes: int | None) -> int:
         assert capacity_bytes is not None
         return capacity_bytes
 
-    def _lane_capacity(self, lane: str) -> int:
-        """The capacity for the lane just taken (``fs`` without capacity_bytes measures it here)."""
+    def _capacity_alone(self) -> int:
+        """The capacity to set up the directory with (``fs`` without capacity_bytes measures)."""
         return self.capacity_bytes
 
+    def _open_failed(self, e: OSError) -> None:
+        self._open_error = str(e)
+        self._read_health.record_failure(e)
+        self._write_health.record_failure(e)
+
     def _open(self) -> None:
-        """Take a lane, rebuild the index from the records on disk (raises OSError)."""
+        """Join the namespace directory: membership lock, geometry (adopting or resizing it when
+        alone), this engine's presence file, then a first sync pass (raises OSError)."""
         t0 = time.perf_counter()
         ctx = self.ctx
-        os.makedirs(self.root, exist_ok=True)
-        base = os.path.join(self.root, ctx.namespace_fp.hex())
-        n_threads = self.n_read_threads + self.n_write_threads
+        directory = self.directory
+        os.makedirs(directory, exist_ok=True)
+        lock_fd = os.open(os.path.join(directory, "lock"), os.O_CREAT | os.O_RDWR, 0o644)
         store: SlabStore | None = None
-        lane = base
-        for i in range(_MAX_LANES):
-            lane = base if i == 0 else f"{base}.{i}"
-            try:
-                store = SlabStore(
-                    lane, namespace=ctx.namespace, namespace_fp=ctx.namespace_fp,
-                    block_bytes=ctx.block_bytes, slab_bytes=self.slab_bytes, direct=False,
-                    fsync=self.fsync, n_threads=n_threads,
-                )
-                break
-            except LaneBusyError:
-                continue
-        if store is None:
-            raise OSError(errno.EBUSY, f"all {_MAX_LANES} lanes of this namespace are in use", base)
-        if lane != base:
-            log.warning("tier %s: %s is in use by another process; using %s", self.name, base, lane)
+        fleet: Fleet | None = None
         try:
+            nolocks: NoLocks | None = None
+            try:
+                alone = try_lock(lock_fd)
+            except LocksUnsupported as e:
+                nolocks = NoLocks(directory, self.engine_id, max(30.0, 10 * self.sync_seconds))
+                alone = nolocks.try_become_writer() and read_pool(directory) is None
+                log.warning(
+                    "tier %s: %s (%s on %s): one engine writes the directory, the others only "
+                    "read it; this engine %s", self.name, e.strerror, fs_type(directory) or "?",
+                    directory, "writes" if nolocks.writer else "reads")
+            if not alone and nolocks is None:
+                self._join_shared(lock_fd)
+            kind = fs_type(directory)
             direct = self.direct_io_setting
             if direct == "auto":
-                direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(lane)
-            store.direct = bool(direct)
-            self.capacity_bytes = self._lane_capacity(lane)
-            budget = self.capacity_bytes - store.meta_bytes()
-            max_slots = max(0, budget // store.slot_size)
-            if max_slots == 0:
-                log.warning(
-                    "tier %s: capacity_bytes=%d holds no block of %d bytes (plus metadata)",
-                    self.name, self.capacity_bytes, ctx.block_bytes,
-                )
-            # Slots named by intent files were being written when the last run ended.
-            suspects = store.read_intents()
-            found: dict[bytes, tuple[int, int]] = {}
-            stale: list[int] = []
-            invalid = 0
-            checked = 0
-            zeros = aligned_buffer(ALIGN)
-            try:
-                for rec in store.scan(max_slots):
-                    if rec.slot in suspects:
-                        checked += 1
-                        if not store.verify_slot(rec.slot):
-                            store.invalidate(rec.slot, zeros)
-                            invalid += 1
-                            continue
-                    prev = found.get(rec.key)
-                    if prev is None or prev[1] < rec.seq:
-                        if prev is not None:
-                            stale.append(prev[0])
-                        found[rec.key] = (rec.slot, rec.seq)
-                    else:
-                        stale.append(rec.slot)
-                for s in stale:
-                    store.invalidate(s, zeros)
-            finally:
-                with contextlib.suppress(BufferError):
-                    zeros.close()
-            store.truncate_to(max_slots)
-            store.limit_slots = max_slots
-            store.clear_intents()
+                direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(directory)
+            write_namespace_file(directory, ctx.namespace, ctx.namespace_fp.hex(), ctx.block_bytes,
+                                 slot_size_for(ctx.block_bytes))
+            adopted: dict[str, float] = {}
+            if alone:
+                self._maintain(bool(direct), adopted)
+                if nolocks is None:
+                    self._join_shared(lock_fd)
+            geo = read_pool(directory)
+            if geo is None:
+                raise OSError(errno.EAGAIN, "the directory is being set up by another engine",
+                              directory)
+            if geo.capacity_bytes != self.capacity_bytes and not getattr(self, "_auto_capacity", False):
+                log.warning("tier %s: capacity_bytes %d differs from the %d the engines on %s "
+                            "share; using %d (all engines must stop to change it)", self.name,
+                            self.capacity_bytes, geo.capacity_bytes, directory, geo.capacity_bytes)
+            self.capacity_bytes = geo.capacity_bytes
+            if geo.total_slots == 0:
+                log.warning("tier %s: capacity_bytes=%d holds no block of %d bytes (plus metadata)",
+                            self.name, self.capacity_bytes, ctx.block_bytes)
+            store = SlabStore(directory, geo, namespace_fp=ctx.namespace_fp, direct=bool(direct),
+                              fsync=self.fsync)
+            sh = Shared(
+                name=self.name, directory=directory, geo=geo, store=store,
+                index=BlockIndex(geo, self.engine_id), engine_id=self.engine_id, fsync=self.fsync,
+                network_fs=is_network_fs(kind), primary=ctx.primary,
+                read_health=self._read_health, write_health=self._write_health,
+                stats=dict(self._base_stats),
+            )
+            sh.count(**adopted)
+            fleet = Fleet(sh, sync_seconds=self.sync_seconds, nolocks=nolocks)
+            fleet.join()
+            fleet.sync(first=True)
         except BaseException:
-            store.close()
+            if fleet is not None:
+                fleet.leave()
+            if store is not None:
+                store.close()
+            os.close(lock_fd)
             raise
-        used = {slot for slot, _ in found.values()}
-        hwm = 0
-        for f, _p in store.slab_files():
-            size = os.path.getsize(_p)
-            n = -(-size // store.slot_size)
-            hwm = max(hwm, min(f * store.slots_per_file + n, max_slots))
-        entries = sorted(found.items(), key=lambda kv: kv[1][1])
-        with self._lock:
-            self._store = store
-            self.lane_dir = lane
-            self.direct = store.direct
-            self._max_slots = max_slots
-            self._cap_slots = max_slots
-            self._hwm = hwm
-            self._free = [s for s in range(hwm - 1, -1, -1) if s not in used]
-            self._index = OrderedDict((k, slot) for k, (slot, _seq) in entries)
-            self._seq = 1 + max((seq for _slot, seq in found.values()), default=0)
-            self._stats["start_invalidated"] += invalid
-            self._stats["start_verified"] += checked
-            self._stats["index_rebuild_seconds"] = time.perf_counter() - t0
-            self._open_error = None
+        sh.stats["index_rebuild_seconds"] = time.perf_counter() - t0
+        self._read_health.record_success()  # before the tier shows as open
+        self._write_health.record_success()
+        self._lock_fd = lock_fd
+        self.direct = store.direct
+        self._sh = sh
+        self._fleet = fleet
+        self._io.sh = sh
+        self._open_error = None
+        fleet.start()
+        with sh.index.lock:
+            blocks = len(sh.index.own) + len(sh.index.remote)
+            owned = len(sh.index.regions)
         log.info(
-            "tier %s: %s, %d blocks found in %.3fs (%d torn records removed), capacity %d bytes "
-            "(%d slots of %d bytes), %s I/O, fsync=%s",
-            self.name, lane, len(entries), time.perf_counter() - t0, invalid, self.capacity_bytes,
-            max_slots, store.slot_size, "direct" if store.direct else "buffered", self.fsync,
+            "tier %s: %s (%s), %d blocks found in %.3fs; capacity %d bytes in %d regions of %d "
+            "slots of %d bytes, %d held here, %d engines; %s I/O, fsync=%s, sync every %.2fs",
+            self.name, directory, kind or "?", blocks, time.perf_counter() - t0,
+            self.capacity_bytes, geo.regions, geo.slots_per_region, geo.slot_size, owned,
+            len(fleet.live), "direct" if store.direct else "buffered", self.fsync,
+            self.sync_seconds,
         )
+
+    def _join_shared(self, lock_fd: int) -> None:
+        """Hold the membership lock shared, waiting briefly for an engine that holds it alone."""
+        deadline = time.monotonic() + _JOIN_WAIT_S
+        while True:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            if try_lock(lock_fd, shared=True):
+                return
+            if time.monotonic() > deadline:
+                raise OSError(errno.EBUSY, "another engine holds the directory alone (an engine "
+                              "of an earlier kvtier version, or one adopting or resizing it)",
+                              self.directory)
+            time.sleep(0.02)
+
+    def _maintain(self, direct: bool, adopted: dict[str, float]) -> None:
+        """Alone on the directory: adopt the single-engine layout, or fit a new capacity."""
+        ctx = self.ctx
+        directory = self.directory
+        lanes = sorted(
+            os.path.join(self.root, n) for n in os.listdir(self.root)
+            if n.startswith(ctx.namespace_fp.hex() + ".") and n.rsplit(".", 1)[-1].isdigit()
+        )
+        capacity = self._capacity_alone()
+        old = read_pool(directory)
+        if old is None:
+            legacy = is_single_engine_layout(directory, lanes)
+            spr = self.slab_bytes // slot_size_for(ctx.block_bytes) if legacy else None
+            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
+            if legacy:
+                res = adopt_single_engine_layout(directory, lanes, geo, namespace_fp=ctx.namespace_fp,
+                                                 direct=direct, fsync=self.fsync)
+                adopted.update(start_verified=res.verified, start_invalidated=res.torn)
+            write_pool(directory, geo)
+        else:
+            spr = old.slots_per_region if slab_files(directory) else None
+            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
+            if geo != old:
+                resize(directory, old, geo)
+                write_pool(directory, geo)
+        for name in os.listdir(directory):
+            if name.endswith(".new") or name.startswith(".direct-probe"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> int | None:
-        if self._store is None:
+        sh = self._sh
+        if sh is None:
             return 0
         health = self._read_health
         if not health.up and not health.should_probe():
             return 0  # reads are failing: answer 0 until the next probe is due
         n = 0
-        index = self._index
-        with self._lock:
+        index = sh.index
+        with index.lock:
+            own, remote = index.own, index.remote
             for key in keys:
-                if key not in index:
+                k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
+                if k not in own and k not in remote:
                     break
                 n += 1
-            self._stats["lookup_hits"] += n
-            if n < len(keys):
-                self._stats["misses"] += 1
+        sh.count(lookup_hits=n, misses=1 if n < len(keys) else 0)
         return n
 
     def touch(self, keys: Sequence[bytes]) -> None:
-        index = self._index
-        with self._lock:
+        sh = self._sh
+        if sh is None:
+            return
+        index = sh.index
+        with index.lock:
+            own, remote = index.own, index.remote
             for key in keys:
-                if key in index:
-                    index.move_to_end(key)
+                k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
+                if k in own:
+                    own.move_to_end(k)
+                else:
+                    s = remote.get(k)
+                    v = index.slots.get(s) if s is not None else None
+                    if s is not None and v is not None:
+                        index.remote_hits[(s, k)] = v[1]
 
     # -- jobs ------------------------------------------------------------------------------
     def _request_open(self) -> None:
-        with self._cond:
-            if self._opening or self._stop:
-                return
-            self._opening = True
-            self._load_q.appendleft(_Task("open", None, []))
-            self._cond.notify()
+        if self._opening or self._closed:
+            return
+        self._opening = True
+        self._io.housekeep("open", first=True)
 
     def _fail_now(self, job_id: int, keys: Sequence[bytes], stat: str) -> None:
         self._in_flight += 1
-        with self._lock:
-            self._stats[stat] += len(keys)
+        self._base_stats[stat] += len(keys)
         self._done.put(TierJobResult(job_id, frozenset(keys)))
 
     def submit_load(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
-        if self._store is None:
+        sh = self._sh
+        if sh is None:
             self._fail_now(job_id, keys, "load_failures")
             return
         failed: set[bytes] = set()
-        work: list[tuple[bytes, int, int]] = []
-        index = self._index
-        pins = self._pins
-        with self._lock:
+        work: list[tuple[bytes, int, int, bool]] = []
+        index = sh.index
+        with index.lock:
+            own, remote, pins = index.own, index.remote, index.pins
             for key, ps in zip(keys, slots):
-                s = index.get(key)
-                if s is None:
-                    failed.add(key)
-                    continue
+                k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
+                s = own.get(k)
+                if s is not None:
+                    own.move_to_end(k)
+                    is_remote = False
+                else:
+                    s = remote.get(k)
+                    if s is None:
+                        failed.add(key)
+                        continue
+                    is_remote = True
                 pins[s] = pins.get(s, 0) + 1
-                index.move_to_end(key)
-                work.append((key, int(ps), s))
-            self._stats["load_failures"] += len(failed)
-        self._enqueue("load", job_id, work, failed)
+                work.append((key, int(ps), s, is_remote))
+        if failed:
+            sh.count(load_failures=len(failed))
+        self._in_flight += 1
+        self._io.enqueue("load", job_id, work, failed)
 
     def submit_store(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
-        if self._store is None:
+        sh = self._sh
+        if sh is None:
             self._fail_now(job_id, keys, "store_failures")
             return
         failed: set[bytes] = set()
-        work: list[tuple[bytes, int, int]] = []
+        work: list[tuple[bytes, int, int, bool]] = []
         evicted: list[bytes] = []
-        index = self._index
-        writing = self._writing
-        with self._lock:
+        index = sh.index
+        spr = sh.geo.slots_per_region
+        with index.lock:
+            own, remote, writing = index.own, index.remote, index.writing
             for key, ps in zip(keys, slots):
-                if key in index:
-                    index.move_to_end(key)
+                k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
+                if k in own:
+                    own.move_to_end(k)
                     continue
-                if key in writing:
-                    continue
-                s = self._alloc_slot_locked(evicted) if len(key) <= MAX_KEY_BYTES else None
-                if s is None:
+                if k in remote or k in writing:
+                    continue  # another engine stored it already, or a store is in flight
+                got = index.alloc(evicted) if len(key) <= MAX_KEY_BYTES else None
+                if got is None:
                     failed.add(key)
                     continue
-                writing[key] = s
-                work.append((key, int(ps), s))
-            self._stats["store_failures"] += len(failed)
-            self._stats["evictions"] += len(evicted)
-            if evicted:
-                self._events.append(TierEvent(evicted, removed=True))
-        self._enqueue("store", job_id, work, failed)
-
-    def _alloc_slot_locked(self, evicted: list[bytes]) -> int | None:
-        """A file slot for a new record: a free one, a new one, or the LRU block's (evicted)."""
-        free = self._free
-        while free:
-            s = free.pop()
-            if s < self._max_slots:
-                return s
-        if self._hwm < self._max_slots:
-            self._hwm += 1
-            return self._hwm - 1
-        index = self._index
-        pins = self._pins
-        for _ in range(len(index)):
-            key, s = next(iter(index.items()))
-            if pins.get(s):
-                index.move_to_end(key)
-                continue
-            del index[key]
-            evicted.append(key)
-            if s < self._max_slots:
-                return s
-        return None
-
-    def _enqueue(
-        self, kind: str, job_id: int, work: list[tuple[bytes, int, int]], failed: set[bytes]
-    ) -> None:
+                s, old = got
+                writing[k] = s
+                index.regions[s // spr].writing += 1
+                work.append((key, int(ps), s, old))
+            for k in evicted:
+                index._event(k, True)
+        if failed or evicted:
+            sh.count(store_failures=len(failed), evictions=len(evicted))
         self._in_flight += 1
-        if not work:
-            self._done.put(TierJobResult(job_id, frozenset(failed)))
-            return
-        n_threads = self.n_read_threads if kind == "load" else self.n_write_threads
-        per = min(_CHUNK_MAX, max(1, -(-len(work) // n_threads)))
-        chunks = [work[i : i + per] for i in range(0, len(work), per)]
-        job = _JobState(job_id, len(chunks), failed)
-        q = self._load_q if kind == "load" else self._store_q
-        with self._cond:
-            for c in chunks:
-                q.append(_Task(kind, job, c))
-            self._cond.notify(len(chunks))
+        self._io.enqueue("store", job_id, work, failed)
 
-    # -- I/O threads -----------------------------------------------------------------------
-    def _worker(self, idx: int, load_first: bool) -> None:
-        hdr = aligned_buffer(ALIGN)
-        zeros = aligned_buffer(ALIGN)
-        cond = self._cond
-        try:
-            while True:
-                with cond:
-                    while not (self._stop or self._load_q or self._store_q):
-                        cond.wait()
-                    if self._stop:
-                        return
-                    first, second = (
-                        (self._load_q, self._store_q) if load_first else (self._store_q, self._load_q)
-                    )
-                    task = first.popleft() if first else second.popleft()
-                try:
-                    if task.kind == "load":
-                        self._run_load(task, hdr, zeros)
-                    elif task.kind == "store":
-                        self._run_store(task, idx, hdr)
-                    elif task.kind == "regrow":
-                        self._run_regrow()
-                    else:
-                        self._run_open()
-                except Exception as e:  # never let an I/O thread die
-                    log.exception("tier %s: I/O task failed", self.name)
-                    if task.job is not None:
-                        self._finish_chunk(task.job, {k for k, _, _ in task.items}, 0)
-                    self._read_health.record_failure(e)
-        finally:
-            with contextlib.suppress(BufferError):
-                hdr.close()
-                zeros.close()
-
+    # -- housekeeping on I/O threads ---------------------------------------------------------
     def _run_open(self) -> None:
         try:
-            if self._store is None:
+            if self._sh is None and not self._closed:
                 self._open()
-                self._read_health.record_success()
-                self._write_health.record_success()
         except OSError as e:
-            self._open_error = str(e)
-            self._read_health.record_failure(e)
-            self._write_health.record_failure(e)
+            self._open_failed(e)
         finally:
             self._opening = False
-
-    def _run_load(self, task: _Task, hdr: Any, zeros: Any) -> None:
-        store = self._store
-        assert store is not None and task.job is not None
-        primary = self._primary
-        failed: set[bytes] = set()
-        bad: list[tuple[bytes, int]] = []
-        moved = 0
-        ok = 0
-        io_error: OSError | None = None
-        for key, ps, s in task.items:
-            try:
-                reason = store.read_record(s, key, memoryview(primary[ps]), hdr)
-            except OSError as e:
-                io_error = e
-                failed.add(key)
-                continue
-            if reason is None:
-                moved += store.block_bytes
-                ok += 1
-                self._refresh_recency(store, key, s, hdr)
-            else:
-                failed.add(key)
-                bad.append((key, s))
-                log.warning("tier %s: block in slot %d is invalid (%s); removed", self.name, s, reason)
-        removed: list[bytes] = []
-        if bad:
-            with self._lock:
-                for key, s in bad:
-                    if self._index.get(key) == s:
-                        del self._index[key]
-                        removed.append(key)
-                    self._doomed.add(s)
-                self._stats["corrupt"] += len(removed)
-                if removed:
-                    self._events.append(TierEvent(removed, removed=True))
-            for _key, s in bad:
-                try:
-                    store.invalidate(s, zeros)
-                except OSError as e:
-                    io_error = e
-        with self._lock:
-            pins = self._pins
-            for _key, _ps, s in task.items:
-                c = pins[s] - 1
-                if c:
-                    pins[s] = c
-                else:
-                    del pins[s]
-                    if s in self._doomed:
-                        self._doomed.discard(s)
-                        if s < self._max_slots:
-                            self._free.append(s)
-            self._stats["hits"] += ok
-            self._stats["bytes_read"] += moved
-            self._stats["load_failures"] += len(failed)
-        if io_error is not None:
-            self._read_health.record_failure(io_error)
-        elif ok:
-            self._read_health.record_success()
-        self._finish_chunk(task.job, failed, moved)
-
-    @property
-    def refresh_window(self) -> int:
-        """A loaded block whose sequence is this far behind the newest gets a new one."""
-        return max(1, self._max_slots // 2)
-
-    def _refresh_recency(self, store: Any, key: bytes, slot: int, hdr: Any) -> None:
-        """Persist a hit's recency, for blocks in the older half of the write sequence.
-
-        The index is rebuilt at start in sequence order. A loaded block whose sequence is at
-        least ``refresh_window`` behind the newest gets a new sequence (one header page), so a
-        restart keeps blocks in use among the recent ones; young blocks cost no extra write.
-        Runs while the slot is pinned.
-        """
-        stored = store.stored_seq(key, hdr)
-        with self._lock:
-            if stored + self.refresh_window > self._seq:
-                return
-            seq = self._seq
-            self._seq += 1
-        try:
-            store.rewrite_seq(slot, key, seq, hdr)
-        except OSError as e:  # only recency is lost; the block itself was served
-            log.debug("tier %s: could not refresh the recency of slot %d: %s", self.name, slot, e)
-            return
-        with self._lock:
-            self._stats["recency_refreshes"] += 1
-
-    def _run_store(self, task: _Task, idx: int, hdr: Any) -> None:
-        store = self._store
-        assert store is not None and task.job is not None
-        primary = self._primary
-        items = task.items
-        done: list[tuple[bytes, int]] = []
-        failed_items: list[tuple[bytes, int]] = []
-        err: OSError | None = None
-        with self._lock:
-            seq0 = self._seq
-            self._seq += len(items)
-        try:
-            store.write_intent(idx, [s for _, _, s in items], hdr)
-        except OSError as e:
-            err = e
-            failed_items = [(k, s) for k, _, s in items]
-            items = []
-        files: set[int] = set()
-        for i, (key, ps, s) in enumerate(items):
-            try:
-                files.add(store.write_record(s, key, memoryview(primary[ps]), seq0 + i, hdr))
-                done.append((key, s))
-            except OSError as e:
-                err = e
-                failed_items.append((key, s))
-        if done and self.fsync == "batch":
-            try:
-                store.sync_files(files)
-            except OSError as e:
-                err = e
-                failed_items.extend(done)
-                done = []
-        if err is not None and err.errno == errno.ENOSPC:
-            self._shrink_to_fit([s for _, s in failed_items])
-        with self._lock:
-            writing = self._writing
-            stored: list[bytes] = []
-            for key, s in done:
-                writing.pop(key, None)
-                self._index[key] = s
-                stored.append(key)
-            for key, s in failed_items:
-                writing.pop(key, None)
-                if s < self._max_slots:
-                    self._free.append(s)
-            if stored:
-                self._events.append(TierEvent(stored, removed=False))
-            self._stats["bytes_written"] += len(done) * store.block_bytes
-            self._stats["store_failures"] += len(failed_items)
-        if err is not None:
-            self._write_health.record_failure(err)
-        elif done:
-            self._write_health.record_success()
-        self._finish_chunk(task.job, {k for k, _ in failed_items}, len(done) * store.block_bytes)
-
-    def _shrink_to_fit(self, slots: list[int]) -> None:
-        """The file system is full: from now on, stay below the first slot that found no space.
-
-        Blocks already written above it stay readable until evicted; their slots are not reused.
-        """
-        if not slots:
-            return
-        new_max = min(slots)
-        with self._lock:
-            if new_max < self._max_slots:
-                store = self._store
-                log.warning(
-                    "tier %s: file system full; keeping to %d blocks (%d bytes) from now on",
-                    self.name, new_max, new_max * (store.slot_size if store else 0),
-                )
-                self._max_slots = new_max
-                if store is not None:
-                    store.limit_slots = new_max
 
     def _run_regrow(self) -> None:
         """After ENOSPC: give back as many slots as the file system has room for again."""
         try:
-            store = self._store
-            if store is None:
+            sh = self._sh
+            if sh is None:
                 return
             try:
-                st = os.statvfs(self.lane_dir)
+                st = os.statvfs(self.directory)
             except OSError:
                 return
-            room = (st.f_bavail * st.f_frsize) // store.slot_size - 1  # keep one slot spare
-            with self._lock:
-                old = self._max_slots
-                new = min(self._cap_slots, old + max(0, room))
-                if new <= old:
-                    return
-                self._max_slots = new
-                store.limit_slots = new
-                # Slots at or past the old limit that hold nothing were dropped, not freed: hand
-                # them out again (never one that is in use, doomed, or already on the free list).
-                taken = (set(self._index.values()) | set(self._writing.values())
-                         | self._doomed | set(self._free))
-                self._free.extend(s for s in range(min(self._hwm, new) - 1, old - 1, -1)
-                                  if s not in taken)
-            log.warning("tier %s: the file system has room again; growing back to %d blocks",
-                        self.name, new)
+            room = (st.f_bavail * st.f_frsize) // sh.geo.slot_size - 1  # keep one slot spare
+            index = sh.index
+            grown = 0
+            with index.lock:
+                taken = (set(index.own.values()) | set(index.writing.values()) | index.doomed)
+                for reg in index.regions.values():
+                    if room <= 0:
+                        break
+                    old = reg.limit
+                    new = min(reg.slots, old + room)
+                    if new <= old:
+                        continue
+                    room -= new - old
+                    grown += new - old
+                    base = sh.geo.base(reg.region)
+                    have = set(reg.free)
+                    reg.free.extend(s for s in range(base + min(reg.fresh, new) - 1, base + old - 1, -1)
+                                    if s not in taken and s not in have)
+                    reg.limit = new
+                    sh.store.limits[reg.region] = new
+                total = index.usable_slots()
+            if grown:
+                log.warning("tier %s: the file system has room again; growing back to %d blocks",
+                            self.name, total)
         finally:
             self._regrowing = False
 
-    def _finish_chunk(self, job: _JobState, failed: set[bytes], moved: int) -> None:
-        with job.lock:
-            job.failed |= failed
-            job.moved += moved
-            job.pending -= 1
-            last = job.pending == 0
-        if last:
-            self._done.put(
-                TierJobResult(job.job_id, frozenset(job.failed), job.moved, time.perf_counter() - job.t0)
-            )
-
     # -- results and housekeeping ----------------------------------------------------------
     def poll(self) -> list[TierJobResult]:
-        if self._store is None and not self._opening and self._read_health.should_probe():
-            self._request_open()  # the directory could not be opened: try again, off this thread
-        if self._max_slots < self._cap_slots and not self._regrowing:
+        sh = self._sh
+        if sh is None:
+            if not self._opening and self._read_health.should_probe():
+                self._request_open()  # the directory could not be opened: retry off this thread
+        elif not self._regrowing:
+            index = sh.index
+            short = any(r.limit < r.slots for r in index.regions.values())
             now = time.monotonic()
-            if now >= self._next_regrow:  # the disk filled up once: look for room again, off-thread
+            if short and now >= self._next_regrow:  # the disk filled up: look for room again
                 self._next_regrow = now + self.REGROW_CHECK_S
                 self._regrowing = True
-                with self._cond:
-                    self._store_q.append(_Task("regrow", None, []))
-                    self._cond.notify()
+                self._io.housekeep("regrow")
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
 
     def take_events(self) -> list[TierEvent]:
-        with self._lock:
-            ev, self._events = self._events, []
-        return ev
+        sh = self._sh
+        if sh is None:
+            return []
+        with sh.index.lock:
+            ev, sh.index.events = sh.index.events, []
+        return [TierEvent(keys, removed=removed) for keys, removed in ev]
 
     def has_pending_work(self) -> bool:
         return self._in_flight > 0
@@ -711,69 +532,115 @@ class StorageTier(SecondaryTier):
     @property
     def available(self) -> bool:
         """False while the directory cannot be opened or writes fail (until a probe is due)."""
-        if self._store is None:
+        if self._sh is None:
             return False
         health = self._write_health
         return health.up or health.should_probe()
 
+    @property
+    def refresh_window(self) -> int:
+        """A loaded block whose sequence is this far behind the newest gets a new one."""
+        sh = self._sh
+        if sh is None:
+            return 1
+        with sh.index.lock:
+            return max(1, sh.index.usable_slots() // 2)
+
+    def sync_now(self) -> None:
+        """Run a sync pass now, on the calling thread (for tools, tests and benchmarks)."""
+        if self._fleet is not None:
+            self._fleet.sync()
+
     def record_location(self, key: bytes) -> tuple[str, int] | None:
         """Where ``key``'s record lies: (slab file path, byte offset), or None (for tools and tests)."""
-        store = self._store
-        with self._lock:
-            slot = self._index.get(key)
-        if store is None or slot is None:
+        sh = self._sh
+        if sh is None:
             return None
-        f, off = store.locate(slot)
-        return store.slab_path(f), off
+        with sh.index.lock:
+            slot = sh.index.where(ilog.index_key(key))
+        if slot is None:
+            return None
+        region, off = sh.store.locate(slot)
+        return sh.store.slab_path(region), off
 
     def usage_bytes(self) -> int:
-        """Bytes on the medium that count against capacity: slots handed out plus metadata."""
-        store = self._store
-        if store is None:
-            return 0
-        return max(self._hwm * store.slot_size, store.allocated_bytes()) + store.meta_bytes()
+        """Bytes the namespace directory occupies (all engines), as the last sync pass measured."""
+        fleet = self._fleet
+        return fleet.usage if fleet is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            st: dict[str, Any] = dict(self._stats)
-            st["blocks"] = len(self._index)
-            st["writing_blocks"] = len(self._writing)
-        st["usage_bytes"] = self.usage_bytes()
+        sh = self._sh
+        fleet = self._fleet
+        if sh is None or fleet is None:
+            st: dict[str, Any] = dict(self._base_stats)
+            st.update(blocks=0, usage_bytes=0, capacity_bytes=self.capacity_bytes,
+                      path=self.directory, direct_io=False, fsync=self.fsync, max_blocks=0)
+            if self._open_error:
+                st["error"] = self._open_error
+            st["available"] = False
+            return st
+        with sh.stats_lock:
+            st = dict(sh.stats)
+        for k in ("load_failures", "store_failures"):
+            st[k] += self._base_stats[k]
+        index = sh.index
+        with index.lock:
+            own_n = len(index.own)
+            remote_only = sum(1 for k in index.remote if k not in index.own)
+            st["writing_blocks"] = len(index.writing)
+            st["max_blocks"] = index.usable_slots()
+            st["regions_owned"] = len(index.regions)
+            st["next_seq"] = sh.seq
+        st["blocks"] = own_n + remote_only
+        st["own_blocks"] = own_n
+        st["remote_blocks"] = remote_only
+        st["usage_bytes"] = fleet.usage
         st["capacity_bytes"] = self.capacity_bytes
-        st["path"] = self.lane_dir
+        st["path"] = self.directory
         st["direct_io"] = self.direct
         st["fsync"] = self.fsync
-        st["max_blocks"] = self._max_slots
-        st["next_seq"] = self._seq
-        if self._open_error:
-            st["error"] = self._open_error
+        st["regions"] = sh.geo.regions
+        st["engines"] = len(fleet.live)
+        st["engine_id"] = f"{self.engine_id:016x}"
+        st["sync_seconds"] = self.sync_seconds
+        st["mode"] = ("shared" if fleet.nolocks is None
+                      else "writer" if fleet.nolocks.writer else "reader")
+        st["available"] = self.available
         return st
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with self._cond:
-            self._stop = True
-            self._load_q.clear()
-            self._store_q.clear()
-            self._cond.notify_all()
-        for t in self._threads:
-            t.join(timeout=10)
-        if self._store is not None:
-            if not any(t.is_alive() for t in self._threads):
-                try:
-                    self._store.clear_intents()  # every write has ended: nothing to re-verify
-                except OSError as e:
-                    log.warning("tier %s: could not clear intent files: %s", self.name, e)
-            self._store.close()
+        fleet, sh = self._fleet, self._sh
+        if fleet is not None:
+            fleet.stop()
+        self._io.shutdown()
+        if sh is not None:
+            with sh.index.lock:
+                regs = list(sh.index.regions.values())
+            for reg in regs:
+                with reg.log.lock:
+                    with contextlib.suppress(OSError):
+                        if self.fsync != "none" or sh.network_fs:
+                            reg.log.flush()
+                    reg.log.close()
+        if fleet is not None:
+            fleet.leave()
+        if sh is not None:
+            sh.store.close()  # the regions' locks go with their descriptors
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 class FsTier(StorageTier):
     """vLLM's ``fs`` tier configuration (``root_dir``, ``n_read_threads``, ``n_write_threads``).
 
-    ``capacity_bytes`` is optional: by default 90% of the file system's free space at start.
-    vLLM's ``enable_kv_events`` and ``locality`` are accepted and ignored (events are always on).
+    ``capacity_bytes`` is optional: by default 90% of the file system's free space, plus what the
+    directory already holds, measured by the engine that sets the directory up. vLLM's
+    ``enable_kv_events`` and ``locality`` are accepted and ignored (events are always on).
     """
 
     PARAMS: ClassVar[Mapping[str, str] | None] = {
@@ -798,15 +665,17 @@ class FsTier(StorageTier):
         self._auto_capacity = capacity_bytes is None
         return capacity_bytes if capacity_bytes is not None else self._free_space_share(self.root, 0)
 
-    def _lane_capacity(self, lane: str) -> int:
+    def _capacity_alone(self) -> int:
         if not self._auto_capacity:
             return self.capacity_bytes
-        held = 0  # what this tier already holds there is space it may keep using
-        for name in os.listdir(lane):
-            with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(lane, name))
-                held += max(st.st_size, st.st_blocks * 512)
-        return self._free_space_share(lane, held)
+        held = 0  # what the directory already holds is space it may keep using
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.directory):
+                with contextlib.suppress(OSError):
+                    st = os.stat(os.path.join(self.directory, name))
+                    held += max(st.st_size, st.st_blocks * 512)
+        self.capacity_bytes = self._free_space_share(self.directory, held)
+        return self.capacity_bytes
 
     def _free_space_share(self, path: str, held: int) -> int:
         """90% of the free space of ``path``'s file system, plus ``held`` bytes already used."""
@@ -824,3 +693,5 @@ class FsTier(StorageTier):
             self.name, probe, f" (including {held} bytes it holds)" if held else "", cap,
         )
         return cap
+
+

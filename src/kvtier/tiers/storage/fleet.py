@@ -1,0 +1,436 @@
+"""Sharing one namespace directory with the other engines: the sync pass.
+
+Every ``sync_seconds`` (and once, synchronously, when the tier opens) the sync thread:
+
+1. lists the directory and probes every other engine's ``engine-<id>`` lock: a lock it can take
+   belongs to an engine that exited or was killed (its file is removed);
+2. reads every region log it does not own from where it stopped, and applies it: blocks other
+   engines stored become loadable here, overwritten and dropped ones stop being offered;
+3. rebalances capacity. With ``n`` live engines and ``R`` regions every engine may hold
+   ``ceil(R / n)`` regions: it claims regions nobody holds (never used, released, or left by an
+   engine that is gone, whose blocks it adopts; all of them while no other engine is short),
+   and while another live engine holds fewer than ``R // n`` and nothing is free, an engine
+   holding more releases its coldest region (the one whose most recently used block is the
+   oldest) each pass, so the split converges to ``R // n`` or ``ceil(R / n)`` each. A released
+   region's blocks stay readable; whoever claims it next evicts them first;
+4. logs the loads it served from other engines' regions (HIT entries), so that their owners
+   keep those blocks among their recent ones, and flushes its logs on network file systems.
+
+Where the file system has no locks, one engine writes (the one that created ``writer``) and the
+others only read; see ``NoLocks``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections import Counter
+
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.layout import (
+    LocksUnsupported,
+    engine_name,
+    parse_engine_name,
+    try_lock,
+    unlock,
+)
+from kvtier.tiers.storage.shared import Shared
+
+log = logging.getLogger("kvtier.tiers.storage")
+
+HITS_PER_PASS = 4096
+
+
+class NoLocks:
+    """Single-writer mode for file systems without locks (NFS mounted ``nolock``, Lustre
+    without ``-o flock``): the engine that creates ``writer`` (O_EXCL) writes; the others read.
+
+    The writer rewrites a heartbeat in ``writer`` every pass; a reader that sees it unchanged
+    for ``takeover_seconds`` presumes the writer dead, renames the file away (only one reader
+    can) and becomes the writer. A writer that exits removes the file.
+    """
+
+    def __init__(self, directory: str, engine_id: int, takeover_seconds: float) -> None:
+        self.path = os.path.join(directory, "writer")
+        self.engine_id = engine_id
+        self.takeover_seconds = takeover_seconds
+        self.writer = False
+        self.beat = 0
+        self._seen = b""
+        self._seen_at = time.monotonic()
+
+    def try_become_writer(self) -> bool:
+        """Create ``writer`` if nobody has; True when this engine is the writer now."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        self.writer = True
+        self.heartbeat()
+        return True
+
+    def heartbeat(self) -> None:
+        """The writer's proof of life."""
+        self.beat += 1
+        with open(self.path, "w") as f:
+            f.write(f"{self.engine_id:016x} {os.getpid()} {self.beat}\n")
+
+    def check(self) -> bool:
+        """A reader's look at the writer; True when it just became the writer."""
+        try:
+            with open(self.path, "rb") as f:
+                seen = f.read(128)
+        except FileNotFoundError:
+            return self.try_become_writer()
+        now = time.monotonic()
+        if seen != self._seen:
+            self._seen, self._seen_at = seen, now
+            return False
+        if now - self._seen_at < self.takeover_seconds:
+            return False
+        try:
+            os.rename(self.path, f"{self.path}.stale-{self.engine_id:016x}")
+        except FileNotFoundError:
+            return False  # another reader took over first
+        log.warning("storage directory %s: the writer (%s) stopped its heartbeat %.0f s ago; "
+                    "taking over", os.path.dirname(self.path), seen.decode(errors="replace").strip(),
+                    now - self._seen_at)
+        with contextlib.suppress(OSError):
+            os.unlink(f"{self.path}.stale-{self.engine_id:016x}")
+        return self.try_become_writer()
+
+    def leave(self) -> None:
+        """The writer exits: let a reader take over at once."""
+        if self.writer:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.writer = False
+
+
+class Fleet:
+    """The sync pass and its thread (see the module docstring)."""
+
+    def __init__(self, sh: Shared, *, sync_seconds: float, nolocks: NoLocks | None) -> None:
+        self.sh = sh
+        self.sync_seconds = sync_seconds
+        self.nolocks = nolocks
+        self.tails: dict[int, ilog.LogTail] = {}
+        self.live: set[int] = {sh.engine_id}
+        self.engine_fd = -1
+        self.passes = 0
+        self.last_pass = 0.0
+        self.usage = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    # -- presence --------------------------------------------------------------------------
+    def join(self) -> None:
+        """Create and lock this engine's presence file."""
+        path = os.path.join(self.sh.directory, engine_name(self.sh.engine_id))
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            if self.nolocks is None and not try_lock(fd):
+                raise OSError(errno.EBUSY, "engine id in use", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.engine_fd = fd
+
+    def leave(self) -> None:
+        """Remove the presence file (this engine's regions become free to claim)."""
+        if self.engine_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.sh.directory, engine_name(self.sh.engine_id)))
+            with contextlib.suppress(OSError):
+                os.close(self.engine_fd)
+            self.engine_fd = -1
+        if self.nolocks is not None:
+            self.nolocks.leave()
+
+    def _probe(self, names: list[str]) -> set[int]:
+        """Ids of the live engines; presence files of dead ones are removed."""
+        me = self.sh.engine_id
+        live = {me}
+        if self.nolocks is not None:
+            return live
+        for name in names:
+            eid = parse_engine_name(name)
+            if eid is None or eid == me:
+                continue
+            path = os.path.join(self.sh.directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                if try_lock(fd):
+                    with contextlib.suppress(OSError):  # gone: nobody else will need its file
+                        os.unlink(path)
+                else:
+                    live.add(eid)
+            finally:
+                os.close(fd)
+        return live
+
+    # -- the pass --------------------------------------------------------------------------
+    def sync(self, *, first: bool = False) -> None:
+        """One sync pass (see the module docstring); raises OSError."""
+        sh = self.sh
+        names = os.listdir(sh.directory)
+        self.live = self._probe(names)
+        with sh.index.lock:
+            mine = set(sh.index.regions)
+        for r in range(sh.geo.regions):
+            if r not in mine:
+                self.tail(r, quiet=first)
+        self._finish_releases()
+        if self.nolocks is not None:
+            self._nolocks_pass()
+        else:
+            self._rebalance()
+        self._log_hits()
+        if sh.network_fs:
+            self._flush_logs()
+        self.passes += 1
+        if first or sh.network_fs is False or self.passes % 10 == 0:
+            self.usage = self._measure(names)
+        self.last_pass = time.monotonic()
+        sh.count(sync_passes=1)
+
+    def tail(self, region: int, *, quiet: bool = False) -> bool:
+        """Read ``region``'s log on from where it stopped; False when it has no readable log."""
+        sh = self.sh
+        t = self.tails.get(region)
+        if t is None:
+            t = self.tails[region] = ilog.LogTail(sh.log_path(region))
+        res = t.read()
+        if res is None:
+            return False
+        reset, entries = res
+        if reset or entries:
+            with sh.index.lock:
+                if region in sh.index.regions:
+                    return True
+                if reset:
+                    sh.index.reset_region(region)
+                sh.index.apply(region, entries, quiet=quiet)
+        return t.ino != -1
+
+    def _nolocks_pass(self) -> None:
+        nl = self.nolocks
+        assert nl is not None
+        if nl.writer:
+            nl.heartbeat()
+        elif not nl.check():
+            return
+        for r in range(self.sh.geo.regions):
+            if r not in self.sh.index.regions:
+                self.claim(r)
+
+    def _rebalance(self) -> None:
+        sh = self.sh
+        me = sh.engine_id
+        live = self.live
+        n_regions = sh.geo.regions
+        with sh.index.lock:
+            mine = set(sh.index.regions)
+            owners = dict(sh.index.owners)
+        held: Counter[int] = Counter()
+        claimable: list[tuple[int, int]] = []  # (0: has blocks, 1: empty; region)
+        for r in range(n_regions):
+            if r in mine:
+                held[me] += 1
+                continue
+            o = owners.get(r)
+            if o is None or o.released or o.engine not in live:
+                claimable.append((0 if o is not None else 1, r))
+            else:
+                held[o.engine] += 1
+        hi = -(-n_regions // len(live))
+        lo = n_regions // len(live)
+        short = any(held[e] < lo for e in live if e != me)
+        want = max(0, hi - held[me]) if short else len(claimable)
+        claimable.sort()
+        for _kind, r in claimable:
+            if want <= 0:
+                break
+            if self.claim(r):
+                held[me] += 1
+                want -= 1
+        if short and held[me] > lo and not claimable:  # some engine has less than its share
+            for r in self._coldest(max(1, held[me] - hi)):
+                self.release(r)
+
+    def _coldest(self, n: int) -> list[int]:
+        """Up to ``n`` owned regions whose most recently used block is the oldest."""
+        index = self.sh.index
+        spr = self.sh.geo.slots_per_region
+        with index.lock:
+            last: dict[int, int] = {}
+            for pos, s in enumerate(index.own.values()):
+                last[s // spr] = pos
+            cands = [r for r, reg in index.regions.items() if not reg.releasing]
+        cands.sort(key=lambda r: last.get(r, -1))
+        return cands[:n]
+
+    # -- claims and releases ---------------------------------------------------------------
+    def claim(self, region: int) -> bool:
+        """Take ``region`` over if its lock is free: read its log to the end, adopt its blocks,
+        rewrite its log under this engine's name. False when another engine holds it."""
+        sh = self.sh
+        store = sh.store
+        try:
+            fd = store.fd(region, create=True)
+        except OSError as e:
+            log.warning("tier %s: cannot open region %d: %s", sh.name, region, e)
+            return False
+        if self.nolocks is None:
+            try:
+                if not try_lock(fd):
+                    return False
+            except LocksUnsupported:
+                return False
+        try:
+            has_log = self.tail(region)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sh.log_path(region) + ".new")
+            allocated = store.allocated_slots(region)
+            if not has_log and allocated:
+                self._rebuild_from_headers(region, allocated)
+            with sh.index.lock:
+                entries = sh.index.snapshot(region)
+            writer = ilog.LogWriter.create(sh.log_path(region), region, sh.geo.log_size(region),
+                                           entries, sync=sh.sync_logs)
+            with sh.index.lock:
+                adopted = sh.index.claim(region, writer, allocated)
+                store.limits[region] = sh.geo.slots_in(region)
+                base = sh.geo.base(region)
+                for s in range(base, base + sh.geo.slots_in(region)):
+                    v = sh.index.slots.get(s)
+                    if v is not None and v[1] >= sh.seq:
+                        sh.seq = v[1] + 1
+        except OSError as e:
+            if self.nolocks is None:
+                unlock(fd)
+            log.warning("tier %s: could not take region %d over: %s", sh.name, region, e)
+            return False
+        self.tails.pop(region, None)
+        sh.count(claims=1, adopted_blocks=adopted)
+        return True
+
+    def _rebuild_from_headers(self, region: int, allocated: int) -> None:
+        """A region with records but no readable log: index it from its record headers."""
+        sh = self.sh
+        found: dict[bytes, tuple[int, int]] = {}
+        for rec in sh.store.scan(region, allocated):
+            ik = ilog.index_key(rec.key)
+            prev = found.get(ik)
+            if prev is None or prev[1] < rec.seq:
+                found[ik] = (rec.slot, rec.seq)
+        with sh.index.lock:
+            for ik, (slot, seq) in found.items():
+                sh.index.slots[slot] = (ik, seq)
+        log.warning("tier %s: region %d had no readable log; %d records found in its headers",
+                    sh.name, region, len(found))
+        sh.count(regions_rebuilt=1)
+
+    def release(self, region: int) -> None:
+        """Start giving ``region`` up; it goes once its writes in flight have ended."""
+        with self.sh.index.lock:
+            reg = self.sh.index.regions.get(region)
+            if reg is None:
+                return
+            reg.releasing = True
+        self._finish_releases()
+
+    def _finish_releases(self) -> None:
+        sh = self.sh
+        index = sh.index
+        with index.lock:
+            ready = [r for r in index.regions.values() if r.releasing and r.writing == 0]
+        for reg in ready:
+            try:
+                sh.append(reg, [(ilog.RELEASE, 0, 0, sh.engine_id, b"")], sync=True)
+            except OSError as e:
+                log.warning("tier %s: could not log the release of region %d: %s", sh.name,
+                            reg.region, e)
+            with index.lock:
+                index.release(reg.region)
+                sh.store.limits.pop(reg.region, None)
+            t = ilog.LogTail(sh.log_path(reg.region))
+            with contextlib.suppress(OSError):
+                t.ino = os.fstat(reg.log.fd).st_ino
+                t.epoch, t.offset = reg.log.epoch, reg.log.end
+            self.tails[reg.region] = t
+            reg.log.close()
+            with contextlib.suppress(OSError):
+                if self.nolocks is None:
+                    unlock(sh.store.fd(reg.region))
+            sh.count(releases=1)
+
+    # -- logs ------------------------------------------------------------------------------
+    def _log_hits(self) -> None:
+        """Report loads of other engines' blocks to their owners (in one of this engine's logs)."""
+        sh = self.sh
+        index = sh.index
+        with index.lock:
+            if not index.remote_hits:
+                return
+            reg = next((r for r in index.regions.values() if not r.releasing), None)
+            hits = list(index.remote_hits.items())[:HITS_PER_PASS]
+            index.remote_hits.clear()
+        if reg is None:
+            return
+        spr = sh.geo.slots_per_region
+        entries = [(ilog.HIT, s % spr, s // spr, seq, ik) for (s, ik), seq in hits]
+        with contextlib.suppress(OSError):
+            sh.append(reg, entries)
+
+    def _flush_logs(self) -> None:
+        with self.sh.index.lock:
+            regs = list(self.sh.index.regions.values())
+        for reg in regs:
+            with reg.log.lock, contextlib.suppress(OSError):
+                reg.log.flush()
+
+    def _measure(self, names: list[str]) -> int:
+        """Bytes the directory's files occupy (sizes or allocated blocks, whichever is more)."""
+        total = 0
+        d = self.sh.directory
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(d, name))
+                total += max(st.st_size, st.st_blocks * 512)
+        return total
+
+    # -- the thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run passes every ``sync_seconds`` on a thread of its own."""
+        self._thread = threading.Thread(target=self._run, name=f"kvtier-{self.sh.name}-sync",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.sync_seconds):
+            try:
+                self.sync()
+                if self._failing:
+                    log.warning("tier %s: sync passes work again", self.sh.name)
+                    self._failing = False
+            except Exception as e:  # keep passing: a later pass may work
+                if not self._failing:
+                    log.warning("tier %s: sync pass failed: %s", self.sh.name, e)
+                    self._failing = True
+                self.sh.count(sync_failures=1)
+
+    def stop(self) -> None:
+        """Stop the thread (the current pass ends first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

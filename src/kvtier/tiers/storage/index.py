@@ -1,0 +1,259 @@
+"""What one engine knows about a shared namespace directory, in memory.
+
+* ``slots``: every occupied slot as the region logs say (global slot -> (index key, sequence)),
+  for regions this engine owns and for all the others.
+* ``own``: blocks in regions this engine owns, least recently used first: the blocks it serves
+  and evicts. ``remote``: blocks in everybody else's regions, which it serves but never writes.
+* ``regions``: the regions this engine owns, with their free slots and writes in flight.
+* ``owners``: for every region, the engine that last claimed it and whether it let go since.
+
+Keys are held as index keys (``log.index_key``): the key itself up to 36 bytes, else a form of
+its digest. No I/O here: the tier's threads read and write files and update this under ``lock``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.layout import Geometry
+from kvtier.tiers.storage.log import Entry
+
+
+@dataclass
+class OwnedRegion:
+    """A region this engine holds the lock of."""
+
+    region: int
+    slots: int  # slots in the region
+    fresh: int  # slots below this were handed out before (their file space exists)
+    limit: int  # slots usable now (below ``slots`` after the file system filled up)
+    log: ilog.LogWriter
+    free: list[int] = field(default_factory=list)  # global slots below ``fresh``, unused
+    writing: int = 0  # store chunks in flight into this region
+    releasing: bool = False
+
+
+@dataclass
+class Owner:
+    """Who last claimed a region, from its log."""
+
+    engine: int
+    released: bool = False
+
+
+class BlockIndex:
+    """The in-memory index of one engine; every method expects ``lock`` to be held."""
+
+    def __init__(self, geo: Geometry, engine_id: int) -> None:
+        self.geo = geo
+        self.engine_id = engine_id
+        self.lock = threading.Lock()
+        self.slots: dict[int, tuple[bytes, int]] = {}
+        self.own: OrderedDict[bytes, int] = OrderedDict()
+        self.remote: dict[bytes, int] = {}
+        self.regions: dict[int, OwnedRegion] = {}
+        self.owners: dict[int, Owner] = {}
+        self.writing: dict[bytes, int] = {}  # stores in flight: index key -> slot
+        self.pins: dict[int, int] = {}
+        self.doomed: set[int] = set()  # invalid own slots still pinned by readers
+        self.full_keys: dict[bytes, bytes] = {}  # index key -> key, for long keys known here
+        self.events: list[tuple[list[bytes], bool]] = []
+        self.remote_hits: dict[tuple[int, bytes], int] = {}  # (slot, index key) -> seq, to log
+
+    # -- helpers ---------------------------------------------------------------------------
+    def region_of(self, slot: int) -> int:
+        """The region of a global slot."""
+        return slot // self.geo.slots_per_region
+
+    def has(self, k: bytes) -> bool:
+        """True when an index key is served (own or remote)."""
+        return k in self.own or k in self.remote
+
+    def where(self, k: bytes) -> int | None:
+        """The slot an index key is served from (own first)."""
+        s = self.own.get(k)
+        return s if s is not None else self.remote.get(k)
+
+    def real_key(self, k: bytes) -> bytes | None:
+        """The key an index key stands for, when known (None for unknown long keys)."""
+        if len(k) <= ilog.KEY_INLINE:
+            return k
+        return self.full_keys.get(k)
+
+    def _event(self, k: bytes, removed: bool) -> None:
+        key = self.real_key(k)
+        if key is None:
+            return
+        ev = self.events
+        if ev and ev[-1][1] is removed:
+            ev[-1][0].append(key)
+        else:
+            ev.append(([key], removed))
+
+    def _forget_remote(self, k: bytes, slot: int) -> None:
+        """Drop ``k``'s remote entry if it points at ``slot``; a removed event if now gone."""
+        if self.remote.get(k) == slot:
+            del self.remote[k]
+            if k not in self.own:
+                self._event(k, True)
+
+    # -- applying other engines' logs ------------------------------------------------------
+    def reset_region(self, region: int) -> None:
+        """Forget what ``region``'s log said (a rewritten log is read from the start next)."""
+        base = self.geo.base(region)
+        for s in range(base, base + self.geo.slots_in(region)):
+            old = self.slots.pop(s, None)
+            if old is not None:
+                self._forget_remote(old[0], s)
+        self.owners.pop(region, None)
+
+    def apply(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
+        """Apply entries read from the log of ``region`` (a region owned by another engine).
+
+        ``quiet`` (the first read at start) produces no events, as a restart does not.
+        """
+        base = self.geo.base(region)
+        nslots = self.geo.slots_in(region)
+        slots, remote, own = self.slots, self.remote, self.own
+        for e in entries:
+            kind = e.kind
+            if kind == ilog.PUT:
+                if e.slot >= nslots:
+                    continue
+                s = base + e.slot
+                old = slots.get(s)
+                if old is not None and old[0] != e.key:
+                    self._forget_remote(old[0], s)
+                slots[s] = (e.key, e.value)
+                if (old is None or old[0] != e.key) and e.key not in own:
+                    if not quiet and e.key not in remote:
+                        self._event(e.key, False)
+                    remote[e.key] = s
+            elif kind == ilog.DEL:
+                s = base + e.slot
+                old = slots.pop(s, None)
+                if old is not None:
+                    self._forget_remote(old[0], s)
+            elif kind == ilog.HIT:
+                mine = self.regions.get(e.aux)
+                if mine is not None and e.slot < mine.slots:
+                    s = self.geo.base(e.aux) + e.slot
+                    if own.get(e.key) == s:
+                        own.move_to_end(e.key)
+            elif kind == ilog.CLAIM:
+                self.owners[region] = Owner(e.value)
+            elif kind == ilog.RELEASE:
+                self.owners[region] = Owner(e.value, released=True)
+
+    # -- claiming and releasing regions ----------------------------------------------------
+    def claim(self, region: int, log: ilog.LogWriter, allocated: int) -> int:
+        """Take over ``region`` (its lock is held, its log read to the end): its blocks join
+        ``own`` at the least recently used end, in write order; returns how many."""
+        base = self.geo.base(region)
+        nslots = self.geo.slots_in(region)
+        fresh = min(allocated, nslots)
+        found: list[tuple[int, bytes, int]] = []
+        free: list[int] = []
+        for s in range(base, base + nslots):
+            v = self.slots.get(s)
+            if v is None:
+                if s - base < fresh:
+                    free.append(s)
+                continue
+            if s - base >= fresh:
+                fresh = s - base + 1
+            k, seq = v
+            if k in self.own or self.writing.get(k) is not None:
+                free.append(s)  # another copy is ours already: this slot can be reused
+                if self.remote.get(k) == s:
+                    del self.remote[k]
+                continue
+            found.append((seq, k, s))
+        found.sort(reverse=True)
+        own = self.own
+        for _seq, k, s in found:
+            if self.remote.get(k) == s:
+                del self.remote[k]
+            own[k] = s
+            own.move_to_end(k, last=False)
+        free.reverse()  # lowest slots are handed out first
+        self.regions[region] = OwnedRegion(region, nslots, fresh, nslots, log, free)
+        self.owners[region] = Owner(self.engine_id)
+        return len(found)
+
+    def release(self, region: int) -> int:
+        """Give ``region`` up (no write in flight there): its blocks move to ``remote``."""
+        r = self.regions.pop(region)
+        base = self.geo.base(region)
+        moved = 0
+        for s in range(base, base + r.slots):
+            v = self.slots.get(s)
+            if v is None:
+                continue
+            k = v[0]
+            if self.own.get(k) == s:
+                del self.own[k]
+                self.remote[k] = s
+                moved += 1
+        self.doomed.difference_update(range(base, base + r.slots))
+        self.owners[region] = Owner(self.engine_id, released=True)
+        return moved
+
+    def snapshot(self, region: int) -> list[tuple[int, int, int, int, bytes]]:
+        """Entries that describe ``region`` as the logs say now (for a rewritten log)."""
+        base = self.geo.base(region)
+        out: list[tuple[int, int, int, int, bytes]] = [(ilog.CLAIM, 0, 0, self.engine_id, b"")]
+        for i in range(self.geo.slots_in(region)):
+            v = self.slots.get(base + i)
+            if v is not None:
+                out.append((ilog.PUT, i, 0, v[1], v[0]))
+        return out
+
+    # -- allocation ------------------------------------------------------------------------
+    def alloc(self, evicted: list[bytes]) -> tuple[int, bool] | None:
+        """A slot for a new record: (slot, whether the log still names a record there).
+
+        A free slot, a new one, or the least recently used own block's (evicted into
+        ``evicted``). None when every own block is pinned or nothing is owned.
+        """
+        regions = self.regions
+        for r in regions.values():
+            if r.releasing:
+                continue
+            free = r.free
+            while free:
+                s = free.pop()
+                if s - self.geo.base(r.region) < r.limit:
+                    return s, s in self.slots
+        for r in regions.values():
+            if not r.releasing and r.fresh < r.limit:
+                r.fresh += 1
+                s = self.geo.base(r.region) + r.fresh - 1
+                return s, s in self.slots
+        own, pins = self.own, self.pins
+        spr = self.geo.slots_per_region
+        for _ in range(len(own)):
+            k, s = next(iter(own.items()))
+            reg = regions.get(s // spr)
+            if pins.get(s) or reg is None or reg.releasing or s - self.geo.base(reg.region) >= reg.limit:
+                own.move_to_end(k)
+                continue
+            del own[k]
+            if k not in self.remote:
+                evicted.append(k)
+            return s, s in self.slots
+        return None
+
+    def free_slot(self, s: int) -> None:
+        """Hand ``s`` back (a failed store, or a slot that held an invalid record)."""
+        r = self.regions.get(s // self.geo.slots_per_region)
+        if r is not None and s - self.geo.base(r.region) < r.limit:
+            r.free.append(s)
+
+    def usable_slots(self) -> int:
+        """Slots of owned regions usable now."""
+        return sum(r.limit for r in self.regions.values())

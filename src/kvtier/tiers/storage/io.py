@@ -1,0 +1,399 @@
+"""The storage tier's I/O threads: loads and stores, one ``preadv``/``pwritev`` per block.
+
+A job's blocks are cut into chunks spread over the threads, loads before stores on the read
+threads and the other way round on the write threads. A store chunk logs a DEL for every slot
+whose old record it is about to overwrite, writes the records, then logs a PUT for each record
+written: a record is named by a log only while it is whole. A load verifies every record (magic,
+header checksum, namespace, key, length, payload checksum) before the block counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.tiers.base import Completions, TierJobResult
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.shared import Shared
+from kvtier.tiers.storage.slab import ALIGN, aligned_buffer
+
+log = logging.getLogger("kvtier.tiers.storage")
+
+CHUNK_MAX = 32  # blocks per I/O task
+
+
+@dataclass
+class JobState:
+    """A job in flight: how many of its chunks are left, and what failed."""
+
+    job_id: int
+    pending: int
+    failed: set[bytes] = field(default_factory=set)
+    moved: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Task:
+    """One chunk of a job, or a housekeeping task (``job`` None)."""
+
+    kind: str  # "load", "store", or the name of a housekeeping task
+    job: JobState | None
+    items: list[tuple[bytes, int, int, bool]]  # (key, primary slot, file slot, flag)
+
+
+class IOPool:
+    """Worker threads over a load queue and a store queue."""
+
+    def __init__(self, name: str, n_read: int, n_write: int, done: Completions,
+                 housekeeping: dict[str, Callable[[], None]]) -> None:
+        self.name = name
+        self.n_read = n_read
+        self.n_write = n_write
+        self.done = done
+        self.housekeeping = housekeeping
+        self.sh: Shared | None = None
+        self.refresh_window: Callable[[], int] = lambda: 1
+        self.cond = threading.Condition(threading.Lock())
+        self.load_q: deque[Task] = deque()
+        self.store_q: deque[Task] = deque()
+        self.stop = False
+        self.threads = [
+            threading.Thread(target=self._worker, args=(i < n_read,),
+                             name=f"kvtier-{name}-io{i}", daemon=True)
+            for i in range(n_read + n_write)
+        ]
+        for t in self.threads:
+            t.start()
+
+    # -- queueing --------------------------------------------------------------------------
+    def enqueue(self, kind: str, job_id: int, work: list[tuple[bytes, int, int, bool]],
+                failed: set[bytes]) -> None:
+        """Queue a job's work in chunks (a job with no work finishes at once)."""
+        if not work:
+            self.done.put(TierJobResult(job_id, frozenset(failed)))
+            return
+        n_threads = self.n_read if kind == "load" else self.n_write
+        per = min(CHUNK_MAX, max(1, -(-len(work) // n_threads)))
+        chunks = [work[i : i + per] for i in range(0, len(work), per)]
+        job = JobState(job_id, len(chunks), failed)
+        q = self.load_q if kind == "load" else self.store_q
+        with self.cond:
+            for c in chunks:
+                q.append(Task(kind, job, c))
+            self.cond.notify(len(chunks))
+
+    def housekeep(self, kind: str, first: bool = False) -> None:
+        """Queue a housekeeping task (``first``: ahead of every load)."""
+        with self.cond:
+            if self.stop:
+                return
+            if first:
+                self.load_q.appendleft(Task(kind, None, []))
+            else:
+                self.store_q.append(Task(kind, None, []))
+            self.cond.notify()
+
+    def shutdown(self) -> bool:
+        """Stop the threads; True when all of them ended."""
+        with self.cond:
+            self.stop = True
+            self.load_q.clear()
+            self.store_q.clear()
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(timeout=10)
+        return not any(t.is_alive() for t in self.threads)
+
+    # -- threads ---------------------------------------------------------------------------
+    def _worker(self, load_first: bool) -> None:
+        hdr = aligned_buffer(ALIGN)
+        zeros = aligned_buffer(ALIGN)
+        cond = self.cond
+        try:
+            while True:
+                with cond:
+                    while not (self.stop or self.load_q or self.store_q):
+                        cond.wait()
+                    if self.stop:
+                        return
+                    first, second = (
+                        (self.load_q, self.store_q) if load_first else (self.store_q, self.load_q)
+                    )
+                    task = first.popleft() if first else second.popleft()
+                try:
+                    if task.kind == "load":
+                        self._run_load(task, hdr, zeros)
+                    elif task.kind == "store":
+                        self._run_store(task, hdr)
+                    else:
+                        self.housekeeping[task.kind]()
+                except Exception as e:  # never let an I/O thread die
+                    log.exception("tier %s: I/O task failed", self.name)
+                    if task.job is not None:
+                        self.finish_chunk(task.job, {k for k, _, _, _ in task.items}, 0)
+                    if self.sh is not None:
+                        self.sh.read_health.record_failure(e)
+        finally:
+            with contextlib.suppress(BufferError):
+                hdr.close()
+                zeros.close()
+
+    def finish_chunk(self, job: JobState, failed: set[bytes], moved: int) -> None:
+        """Count a finished chunk; the job's result goes out with its last chunk."""
+        with job.lock:
+            job.failed |= failed
+            job.moved += moved
+            job.pending -= 1
+            last = job.pending == 0
+        if last:
+            self.done.put(
+                TierJobResult(job.job_id, frozenset(job.failed), job.moved, time.perf_counter() - job.t0)
+            )
+
+    # -- loads -----------------------------------------------------------------------------
+    def _run_load(self, task: Task, hdr: Any, zeros: Any) -> None:
+        sh = self.sh
+        assert sh is not None and task.job is not None
+        store, index, primary = sh.store, sh.index, sh.primary
+        failed: set[bytes] = set()
+        bad: list[tuple[bytes, int, str]] = []  # own records that failed verification
+        stale: list[tuple[bytes, int]] = []
+        refresh: list[tuple[bytes, int]] = []
+        hits: list[tuple[bytes, int]] = []
+        moved = ok = 0
+        io_error: OSError | None = None
+        for key, ps, s, is_remote in task.items:
+            try:
+                reason = store.read_record(s, key, memoryview(primary[ps]), hdr)
+            except OSError as e:
+                io_error = e
+                failed.add(key)
+                continue
+            if reason is None:
+                moved += store.block_bytes
+                ok += 1
+                (hits if is_remote else refresh).append((key, s))
+            elif is_remote:
+                failed.add(key)
+                stale.append((key, s))
+            else:
+                failed.add(key)
+                bad.append((key, s, reason))
+        k = ilog.index_key
+        if stale:  # another engine overwrote or dropped it since its log said so: a plain miss
+            with index.lock:
+                for key, s in stale:
+                    ik = k(key)
+                    if index.slots.get(s, (b"",))[0] == ik:
+                        del index.slots[s]
+                    index._forget_remote(ik, s)
+            sh.count(stale_misses=len(stale))
+        if bad:
+            io_error = self._drop_bad(bad, zeros) or io_error
+        if hits or refresh:
+            self._note_hits(hits, refresh)
+        with index.lock:
+            pins = index.pins
+            for _key, _ps, s, _r in task.items:
+                c = pins[s] - 1
+                if c:
+                    pins[s] = c
+                else:
+                    del pins[s]
+                    if s in index.doomed:
+                        index.doomed.discard(s)
+                        index.free_slot(s)
+        sh.count(hits=ok, bytes_read=moved, load_failures=len(failed), remote_hits=len(hits))
+        if io_error is not None:
+            sh.read_health.record_failure(io_error)
+        elif ok:
+            sh.read_health.record_success()
+        self.finish_chunk(task.job, failed, moved)
+
+    def _drop_bad(self, bad: list[tuple[bytes, int, str]], zeros: Any) -> OSError | None:
+        """Own records that failed verification: out of the index and the log, header zeroed."""
+        sh = self.sh
+        assert sh is not None
+        index = sh.index
+        err: OSError | None = None
+        removed = 0
+        for key, s, reason in bad:
+            log.warning("tier %s: block in slot %d is invalid (%s); removed", sh.name, s, reason)
+            ik = ilog.index_key(key)
+            with index.lock:
+                reg = index.regions.get(index.region_of(s))
+                if index.own.get(ik) == s:
+                    del index.own[ik]
+                    if ik not in index.remote:
+                        index._event(ik, True)
+                    removed += 1
+                if reg is None:
+                    continue
+                index.doomed.add(s)
+            try:
+                sh.store.invalidate(s, zeros)
+
+                def forget(s: int = s) -> None:
+                    index.slots.pop(s, None)
+
+                sh.append(reg, [(ilog.DEL, s - sh.geo.base(reg.region), 0, 0, b"")], forget)
+            except OSError as e:
+                err = e
+        sh.count(corrupt=removed)
+        return err
+
+    def _note_hits(self, hits: list[tuple[bytes, int]], refresh: list[tuple[bytes, int]]) -> None:
+        """Loads that counted: remote ones are reported to their owner (HIT entries, logged by
+        the sync thread); own old ones get a new sequence in the log, so that the next engine
+        to take the region over keeps them among the recent ones."""
+        sh = self.sh
+        assert sh is not None
+        index = sh.index
+        window = self.refresh_window()
+        todo: list[tuple[Any, bytes, int, int]] = []
+        with index.lock:
+            for key, s in hits:
+                ik = ilog.index_key(key)
+                v = index.slots.get(s)
+                if v is not None and v[0] == ik:
+                    index.remote_hits[(s, ik)] = v[1]
+            for key, s in refresh:
+                ik = ilog.index_key(key)
+                v = index.slots.get(s)
+                reg = index.regions.get(index.region_of(s))
+                if v is None or v[0] != ik or reg is None or v[1] + window > sh.seq:
+                    continue
+                todo.append((reg, ik, s, sh.seq))
+                sh.seq += 1
+        for reg, ik, s, seq in todo:
+            def renew(ik: bytes = ik, s: int = s, seq: int = seq) -> None:
+                if index.slots.get(s, (b"",))[0] == ik:
+                    index.slots[s] = (ik, seq)
+
+            try:
+                sh.append(reg, [(ilog.PUT, s - sh.geo.base(reg.region), 0, seq, ik)], renew)
+                sh.count(recency_refreshes=1)
+            except OSError as e:  # only recency is lost; the block itself was served
+                log.debug("tier %s: could not log the recency of slot %d: %s", sh.name, s, e)
+
+    # -- stores ----------------------------------------------------------------------------
+    def _run_store(self, task: Task, hdr: Any) -> None:
+        sh = self.sh
+        assert sh is not None and task.job is not None
+        store, index, primary, geo = sh.store, sh.index, sh.primary, sh.geo
+        items = task.items
+        err: OSError | None = None
+        with index.lock:
+            seq0 = sh.seq
+            sh.seq += len(items)
+            regs = {index.region_of(s): index.regions[index.region_of(s)] for _, _, s, _ in items}
+        # 1. the old records of reused slots leave the log before they are overwritten
+        failed_items: list[tuple[bytes, int]] = []
+        ok_items: list[tuple[bytes, int, int, int]] = []  # key, primary slot, slot, seq
+        for r, reg in regs.items():
+            base = geo.base(r)
+            mine = [(k, ps, s, old, seq0 + i) for i, (k, ps, s, old) in enumerate(items)
+                    if s // geo.slots_per_region == r]
+            dels = [s for _k, _ps, s, old, _q in mine if old]
+            if dels:
+                def forget(dels: list[int] = dels) -> None:
+                    for s in dels:
+                        index.slots.pop(s, None)
+
+                try:
+                    sh.append(reg, [(ilog.DEL, s - base, 0, 0, b"") for s in dels], forget)
+                except OSError as e:
+                    err = e
+                    failed_items.extend((k, s) for k, _ps, s, _o, _q in mine)
+                    continue
+            ok_items.extend((k, ps, s, q) for k, ps, s, _o, q in mine)
+        # 2. the records
+        done: list[tuple[bytes, int, int]] = []
+        written: set[int] = set()
+        for key, ps, s, seq in ok_items:
+            try:
+                written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
+                done.append((key, s, seq))
+            except OSError as e:
+                err = e
+                failed_items.append((key, s))
+        if done and sh.fsync == "batch":
+            try:
+                store.sync_regions(written)
+            except OSError as e:
+                err = e
+                failed_items.extend((k, s) for k, s, _q in done)
+                done = []
+        if err is not None and err.errno == errno.ENOSPC:
+            self._shrink_to_fit([s for _, s in failed_items])
+        # 3. the log names them; they become loadable here
+        stored: list[tuple[bytes, int, int]] = []
+        for r, reg in regs.items():
+            mine_done = [(k, s, q) for k, s, q in done if s // geo.slots_per_region == r]
+            if not mine_done:
+                continue
+
+            def publish(mine_done: list[tuple[bytes, int, int]] = mine_done) -> None:
+                for key, s, seq in mine_done:
+                    ik = ilog.index_key(key)
+                    if len(key) > ilog.KEY_INLINE:
+                        index.full_keys[ik] = key
+                    index.slots[s] = (ik, seq)
+                    index.writing.pop(ik, None)
+                    index.own[ik] = s
+                    if ik not in index.remote:
+                        index._event(ik, False)
+
+            base = geo.base(r)
+            try:
+                sh.append(reg, [(ilog.PUT, s - base, 0, q, k) for k, s, q in mine_done], publish,
+                          sync=sh.sync_logs)
+                stored.extend(mine_done)
+            except OSError as e:
+                err = e
+                failed_items.extend((k, s) for k, s, _q in mine_done)
+        with index.lock:
+            for key, s in failed_items:
+                index.writing.pop(ilog.index_key(key), None)
+                index.free_slot(s)
+            for _k, _ps, s, _o in items:
+                index.regions[index.region_of(s)].writing -= 1
+        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items))
+        if err is not None:
+            sh.write_health.record_failure(err)
+        elif stored:
+            sh.write_health.record_success()
+        self.finish_chunk(task.job, {k for k, _ in failed_items}, len(stored) * store.block_bytes)
+
+    def _shrink_to_fit(self, slots: list[int]) -> None:
+        """The file system is full: from now on, stay within the file space already allocated.
+
+        The region that found no space keeps below that slot; the others stop growing. Slots
+        given up this way come back when the file system has room again (``regrow``).
+        """
+        sh = self.sh
+        if not slots or sh is None:
+            return
+        index, geo = sh.index, sh.geo
+        with index.lock:
+            before = index.usable_slots()
+            for s in slots:
+                reg = index.regions.get(index.region_of(s))
+                if reg is not None:
+                    reg.limit = min(reg.limit, s - geo.base(reg.region))
+            for reg in index.regions.values():
+                reg.limit = min(reg.limit, reg.fresh)
+                sh.store.limits[reg.region] = reg.limit
+            after = index.usable_slots()
+        if after < before:
+            log.warning("tier %s: file system full; keeping to %d blocks (%d bytes) from now on",
+                        sh.name, after, after * geo.slot_size)

@@ -1,0 +1,186 @@
+"""Work on a namespace directory that only an engine alone there may do (exclusive ``lock``).
+
+* ``adopt_single_engine_layout``: a directory written by the single-engine layout (slab files,
+  ``intent-NN`` files, no ``POOL``; and ``<fingerprint>.N/`` directories of second engines)
+  becomes regions with logs. Its slab files keep their slots in place; the records are found by
+  reading their headers, the slots named by intent files (writes in flight when that engine
+  ended) are verified in full and dropped when torn, and a key found twice keeps its newest copy.
+* ``resize``: a new ``capacity_bytes`` with nobody else attached: regions beyond it are removed,
+  a last region that got smaller is cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.layout import (
+    Geometry,
+    LocksUnsupported,
+    log_name,
+    parse_slab_name,
+    read_legacy_intents,
+    slab_name,
+    try_lock,
+)
+from kvtier.tiers.storage.slab import SlabStore
+
+log = logging.getLogger("kvtier.tiers.storage")
+
+
+@dataclass
+class Adopted:
+    """What adopting a single-engine-layout directory found."""
+
+    blocks: int = 0
+    verified: int = 0
+    torn: int = 0
+    dropped_files: int = 0
+
+
+def slab_files(directory: str) -> dict[int, str]:
+    """Slab files of a directory by number."""
+    out: dict[int, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            n = parse_slab_name(name)
+            if n is not None:
+                out[n] = os.path.join(directory, name)
+    return out
+
+
+def is_single_engine_layout(directory: str, lanes: list[str]) -> bool:
+    """True for a directory the single-engine layout wrote (no POOL, data or lanes present)."""
+    if os.path.exists(os.path.join(directory, "POOL")):
+        return False
+    names = os.listdir(directory)
+    return bool(lanes) or any(n.startswith(("slab-", "intent-")) for n in names)
+
+
+def adopt_single_engine_layout(directory: str, lanes: list[str], geo: Geometry, *,
+                               namespace_fp: bytes, direct: bool, fsync: str) -> Adopted:
+    """Turn a single-engine-layout directory into regions with logs (see the module docstring)."""
+    spr = geo.slots_per_region
+    res = Adopted()
+    placed = slab_files(directory)
+    suspects: dict[int, set[int]] = {}
+    for g in read_legacy_intents(directory):
+        suspects.setdefault(g // spr, set()).add(g % spr)
+    for lane in lanes:
+        _merge_lane(directory, lane, geo, placed, suspects, res)
+    for r, path in list(placed.items()):
+        if r >= geo.regions:  # beyond the capacity given now
+            os.unlink(path)
+            del placed[r]
+            res.dropped_files += 1
+    store = SlabStore(directory, geo, namespace_fp=namespace_fp, direct=direct, fsync=fsync)
+    try:
+        found: dict[bytes, tuple[int, int]] = {}
+        for r in sorted(placed):
+            store.truncate_region(r, geo.slots_in(r))
+            n = store.allocated_slots(r)
+            base = geo.base(r)
+            sus = suspects.get(r, set())
+            for rec in store.scan(r, n):
+                if rec.slot - base in sus:
+                    res.verified += 1
+                    if not store.verify_slot(rec.slot):
+                        res.torn += 1
+                        continue
+                ik = ilog.index_key(rec.key)
+                prev = found.get(ik)
+                if prev is None or prev[1] < rec.seq:
+                    found[ik] = (rec.slot, rec.seq)
+        per_region: dict[int, list[tuple[int, int, int, int, bytes]]] = {r: [] for r in placed}
+        for ik, (slot, seq) in found.items():
+            per_region[slot // spr].append((ilog.PUT, slot % spr, 0, seq, ik))
+        for r, entries in per_region.items():
+            entries.sort(key=lambda e: e[3])
+            w = ilog.LogWriter.create(os.path.join(directory, log_name(r)), r, geo.log_size(r),
+                                      entries, sync=True)
+            w.close()
+        res.blocks = len(found)
+    finally:
+        store.close()
+    for name in os.listdir(directory):
+        if name.startswith("intent-"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+    log.warning(
+        "storage directory %s: adopted from the single-engine layout: %d blocks in %d slab "
+        "files (%d records checked for torn writes, %d torn; %d files beyond the capacity removed)",
+        directory, res.blocks, len(placed), res.verified, res.torn, res.dropped_files)
+    return res
+
+
+def _merge_lane(directory: str, lane: str, geo: Geometry, placed: dict[int, str],
+                suspects: dict[int, set[int]], res: Adopted) -> None:
+    """Move a second engine's ``<fingerprint>.N`` slab files into free region numbers."""
+    spr = geo.slots_per_region
+    lock = os.path.join(lane, "lock")
+    if os.path.exists(lock):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            if not try_lock(fd):
+                log.warning("storage directory %s: %s is in use by an engine of an earlier "
+                            "kvtier version; left as it is", directory, lane)
+                return
+        except LocksUnsupported:
+            pass
+        finally:
+            os.close(fd)
+    lane_intents: dict[int, set[int]] = {}
+    for g in read_legacy_intents(lane):
+        lane_intents.setdefault(g // spr, set()).add(g % spr)
+    free = (r for r in range(geo.regions) if r not in placed)
+    for idx, path in sorted(slab_files(lane).items()):
+        r = next(free, None)
+        if r is None:
+            os.unlink(path)
+            res.dropped_files += 1
+            continue
+        dest = os.path.join(directory, slab_name(r))
+        os.rename(path, dest)
+        placed[r] = dest
+        if idx in lane_intents:
+            suspects.setdefault(r, set()).update(lane_intents[idx])
+    shutil.rmtree(lane, ignore_errors=True)
+
+
+def resize(directory: str, old: Geometry, new: Geometry) -> None:
+    """Fit the regions to ``new`` (same slots per region): drop or cut what no longer fits."""
+    dropped = 0
+    for name in os.listdir(directory):
+        r = parse_slab_name(name)
+        if r is None and name.startswith("log-"):
+            with contextlib.suppress(ValueError):
+                r = int(name[4:9])
+        if r is not None and r >= new.regions:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+                dropped += name.startswith("slab-")
+    last = new.regions - 1
+    if last >= 0 and last < old.regions and new.slots_in(last) < old.slots_in(last):
+        keep = new.slots_in(last)
+        tail = ilog.LogTail(os.path.join(directory, log_name(last)))
+        got = tail.read()
+        held: dict[int, tuple[bytes, int]] = {}
+        for e in got[1] if got else []:
+            if e.kind == ilog.PUT:
+                held[e.slot] = (e.key, e.value)
+            elif e.kind == ilog.DEL:
+                held.pop(e.slot, None)
+        entries = [(ilog.PUT, i, 0, seq, k) for i, (k, seq) in sorted(held.items()) if i < keep]
+        ilog.LogWriter.create(os.path.join(directory, log_name(last)), last, new.log_size(last),
+                              entries, sync=True).close()
+        path = os.path.join(directory, slab_name(last))
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(path) > keep * new.slot_size:
+                os.truncate(path, keep * new.slot_size)
+    log.info("storage directory %s: capacity %d -> %d bytes: %d -> %d regions (%d slab files "
+             "removed)", directory, old.capacity_bytes, new.capacity_bytes, old.regions,
+             new.regions, dropped)
