@@ -10,8 +10,10 @@ Commands (``ids`` are block numbers; block ``i`` of salt ``s`` is ``make_key(i, 
   {"op": "load", "salt": s, "ids": [...]}         drop the CPU tier, then look up, load and check
                                                   each block: {"good": [...], "wrong": [...], "miss": n}
   {"op": "present", "salt": s, "ids": [...]}      which ids the storage tier offers now
-  {"op": "churn", "salt": s, "ids": [...], "peers": {salt: [ids]}}   store own ids 8 at a time and
-                                                  after each batch load 8 peer blocks it offers
+  {"op": "churn", "salt": s, "ids": [...], "peers": {salt: [ids]}, "target_bytes": n}
+                                                  store own ids 8 at a time (until its tier wrote
+                                                  target_bytes, if given) and after each batch
+                                                  load 8 peer blocks it offers
   {"op": "sync"}                                  one sync pass now
   {"op": "stats"}                                 the storage tier's stats
   {"op": "quit"}                                  shut down and exit
@@ -86,10 +88,16 @@ def main() -> None:
             peers = [(s, i) for s, got in cmd["peers"].items() for i in got]
             good: list[object] = []
             wrong: list[object] = []
+            target = cmd.get("target_bytes", 0)
             for j in range(0, len(ids), 8):
+                if target and tier.stats()["bytes_written"] >= target:
+                    break
+                deadline = time.monotonic() + 30
+                while tier.stats()["regions_owned"] == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)  # capacity is being shared out: this engine has none yet
                 store_blocks(m, [make_key(i, cmd["salt"]) for i in ids[j : j + 8]])
                 m.on_schedule_end()
-                pick = [p for p in rng.sample(peers, min(len(peers), 24))
+                pick = [p for p in rng.sample(peers, min(len(peers), 400))
                         if tier.lookup([make_key(p[1], p[0])]) == 1][:8]
                 res = load([(p, make_key(p[1], p[0])) for p in pick])
                 good += res["good"]  # type: ignore[operator]

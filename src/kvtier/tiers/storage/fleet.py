@@ -43,6 +43,7 @@ from kvtier.tiers.storage.shared import Shared
 log = logging.getLogger("kvtier.tiers.storage")
 
 HITS_PER_PASS = 4096
+APPLY_BATCH = 2048  # log entries applied per hold of the index lock
 
 
 class NoLocks:
@@ -126,20 +127,30 @@ class Fleet:
         self.last_pass = 0.0
         self.usage = 0
         self._stop = threading.Event()
+        self._pass_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._failing = False
 
     # -- presence --------------------------------------------------------------------------
     def join(self) -> None:
-        """Create and lock this engine's presence file."""
+        """Create this engine's presence file, already locked: it is locked under a temporary
+        name and renamed into place, so no other engine ever sees it unlocked (and takes it
+        for the file of an engine that is gone)."""
         path = os.path.join(self.sh.directory, engine_name(self.sh.engine_id))
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        tmp = path + ".new"
+        fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             if self.nolocks is None and not try_lock(fd):
                 raise OSError(errno.EBUSY, "engine id in use", path)
+            os.rename(tmp, path)
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
+        if self.engine_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.engine_fd)
         self.engine_fd = fd
 
     def leave(self) -> None:
@@ -180,9 +191,17 @@ class Fleet:
 
     # -- the pass --------------------------------------------------------------------------
     def sync(self, *, first: bool = False) -> None:
-        """One sync pass (see the module docstring); raises OSError."""
+        """One sync pass (see the module docstring); raises OSError. Passes never overlap."""
+        with self._pass_lock:
+            self._sync(first)
+
+    def _sync(self, first: bool) -> None:
         sh = self.sh
         names = os.listdir(sh.directory)
+        if engine_name(sh.engine_id) not in names and self.nolocks is None:
+            log.warning("tier %s: this engine's presence file was removed; writing it again",
+                        sh.name)
+            self.join()
         self.live = self._probe(names)
         with sh.index.lock:
             mine = set(sh.index.regions)
@@ -213,13 +232,16 @@ class Fleet:
         if res is None:
             return False
         reset, entries = res
-        if reset or entries:
+        if reset:
             with sh.index.lock:
                 if region in sh.index.regions:
                     return True
-                if reset:
-                    sh.index.reset_region(region)
-                sh.index.apply(region, entries, quiet=quiet)
+                sh.index.reset_region(region)
+        for i in range(0, len(entries), APPLY_BATCH):  # the scheduler thread waits one batch at most
+            with sh.index.lock:
+                if region in sh.index.regions:
+                    return True
+                sh.index.apply(region, entries[i : i + APPLY_BATCH], quiet=quiet)
         return t.ino != -1
 
     def _nolocks_pass(self) -> None:
@@ -229,9 +251,9 @@ class Fleet:
             nl.heartbeat()
         elif not nl.check():
             return
-        for r in range(self.sh.geo.regions):
-            if r not in self.sh.index.regions:
-                self.claim(r)
+        with self.sh.index.lock:
+            free = [r for r in range(self.sh.geo.regions) if r not in self.sh.index.regions]
+        self.claim(free)
 
     def _rebalance(self) -> None:
         sh = self.sh
@@ -257,12 +279,8 @@ class Fleet:
         short = any(held[e] < lo for e in live if e != me)
         want = max(0, hi - held[me]) if short else len(claimable)
         claimable.sort()
-        for _kind, r in claimable:
-            if want <= 0:
-                break
-            if self.claim(r):
-                held[me] += 1
-                want -= 1
+        if want:
+            held[me] += self.claim([r for _kind, r in claimable], want)
         if short and held[me] > lo and not claimable:  # some engine has less than its share
             for r in self._coldest(max(1, held[me] - hi)):
                 self.release(r)
@@ -280,22 +298,48 @@ class Fleet:
         return cands[:n]
 
     # -- claims and releases ---------------------------------------------------------------
-    def claim(self, region: int) -> bool:
-        """Take ``region`` over if its lock is free: read its log to the end, adopt its blocks,
-        rewrite its log under this engine's name. False when another engine holds it."""
+    def claim(self, regions: list[int], limit: int | None = None) -> int:
+        """Take over up to ``limit`` of ``regions`` whose locks are free: read each one's log to
+        the end, rewrite it under this engine's name, then adopt all their blocks at once (in
+        write order, at the least recently used end). Returns how many were taken."""
+        sh = self.sh
+        taken: list[tuple[int, ilog.LogWriter, int]] = []
+        for region in regions:
+            if limit is not None and len(taken) >= limit:
+                break
+            got = self._take(region)
+            if got is not None:
+                taken.append(got)
+        if not taken:
+            return 0
+        with sh.index.lock:
+            adopted = sh.index.claim(taken)
+            for region, _w, _a in taken:
+                sh.store.limits[region] = sh.geo.slots_in(region)
+                for s in sh.index.occupied(region):
+                    seq = sh.index.slots[s][1]
+                    if seq >= sh.seq:
+                        sh.seq = seq + 1
+        for region, _w, _a in taken:
+            self.tails.pop(region, None)
+        sh.count(claims=len(taken), adopted_blocks=adopted)
+        return len(taken)
+
+    def _take(self, region: int) -> tuple[int, ilog.LogWriter, int] | None:
+        """Lock ``region``, read its log to the end and rewrite it under this engine's name."""
         sh = self.sh
         store = sh.store
         try:
             fd = store.fd(region, create=True)
         except OSError as e:
             log.warning("tier %s: cannot open region %d: %s", sh.name, region, e)
-            return False
+            return None
         if self.nolocks is None:
             try:
                 if not try_lock(fd):
-                    return False
+                    return None
             except LocksUnsupported:
-                return False
+                return None
         try:
             has_log = self.tail(region)
             with contextlib.suppress(FileNotFoundError):
@@ -307,22 +351,12 @@ class Fleet:
                 entries = sh.index.snapshot(region)
             writer = ilog.LogWriter.create(sh.log_path(region), region, sh.geo.log_size(region),
                                            entries, sync=sh.sync_logs)
-            with sh.index.lock:
-                adopted = sh.index.claim(region, writer, allocated)
-                store.limits[region] = sh.geo.slots_in(region)
-                base = sh.geo.base(region)
-                for s in range(base, base + sh.geo.slots_in(region)):
-                    v = sh.index.slots.get(s)
-                    if v is not None and v[1] >= sh.seq:
-                        sh.seq = v[1] + 1
         except OSError as e:
             if self.nolocks is None:
                 unlock(fd)
             log.warning("tier %s: could not take region %d over: %s", sh.name, region, e)
-            return False
-        self.tails.pop(region, None)
-        sh.count(claims=1, adopted_blocks=adopted)
-        return True
+            return None
+        return region, writer, allocated
 
     def _rebuild_from_headers(self, region: int, allocated: int) -> None:
         """A region with records but no readable log: index it from its record headers."""

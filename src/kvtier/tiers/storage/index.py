@@ -78,6 +78,11 @@ class BlockIndex:
         s = self.own.get(k)
         return s if s is not None else self.remote.get(k)
 
+    def occupied(self, region: int) -> list[int]:
+        """The slots of ``region`` the logs name a record in, in order."""
+        base = self.geo.base(region)
+        return sorted(set(range(base, base + self.geo.slots_in(region))).intersection(self.slots))
+
     def real_key(self, k: bytes) -> bytes | None:
         """The key an index key stands for, when known (None for unknown long keys)."""
         if len(k) <= ilog.KEY_INLINE:
@@ -104,11 +109,9 @@ class BlockIndex:
     # -- applying other engines' logs ------------------------------------------------------
     def reset_region(self, region: int) -> None:
         """Forget what ``region``'s log said (a rewritten log is read from the start next)."""
-        base = self.geo.base(region)
-        for s in range(base, base + self.geo.slots_in(region)):
-            old = self.slots.pop(s, None)
-            if old is not None:
-                self._forget_remote(old[0], s)
+        for s in self.occupied(region):
+            old = self.slots.pop(s)
+            self._forget_remote(old[0], s)
         self.owners.pop(region, None)
 
     def apply(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
@@ -119,82 +122,89 @@ class BlockIndex:
         base = self.geo.base(region)
         nslots = self.geo.slots_in(region)
         slots, remote, own = self.slots, self.remote, self.own
-        for e in entries:
-            kind = e.kind
-            if kind == ilog.PUT:
-                if e.slot >= nslots:
+        put, delete = ilog.PUT, ilog.DEL
+        for kind, slot, aux, value, key in entries:
+            if kind == put:
+                if slot >= nslots:
                     continue
-                s = base + e.slot
+                s = base + slot
                 old = slots.get(s)
-                if old is not None and old[0] != e.key:
+                slots[s] = (key, value)
+                if old is not None:
+                    if old[0] == key:
+                        continue  # a newer sequence for the same record
                     self._forget_remote(old[0], s)
-                slots[s] = (e.key, e.value)
-                if (old is None or old[0] != e.key) and e.key not in own:
-                    if not quiet and e.key not in remote:
-                        self._event(e.key, False)
-                    remote[e.key] = s
-            elif kind == ilog.DEL:
-                s = base + e.slot
+                if key not in own:
+                    if not quiet and key not in remote:
+                        self._event(key, False)
+                    remote[key] = s
+            elif kind == delete:
+                s = base + slot
                 old = slots.pop(s, None)
                 if old is not None:
                     self._forget_remote(old[0], s)
             elif kind == ilog.HIT:
-                mine = self.regions.get(e.aux)
-                if mine is not None and e.slot < mine.slots:
-                    s = self.geo.base(e.aux) + e.slot
-                    if own.get(e.key) == s:
-                        own.move_to_end(e.key)
+                mine = self.regions.get(aux)
+                if mine is not None and slot < mine.slots:
+                    s = self.geo.base(aux) + slot
+                    if own.get(key) == s:
+                        own.move_to_end(key)
             elif kind == ilog.CLAIM:
-                self.owners[region] = Owner(e.value)
+                self.owners[region] = Owner(value)
             elif kind == ilog.RELEASE:
-                self.owners[region] = Owner(e.value, released=True)
+                self.owners[region] = Owner(value, released=True)
 
     # -- claiming and releasing regions ----------------------------------------------------
-    def claim(self, region: int, log: ilog.LogWriter, allocated: int) -> int:
-        """Take over ``region`` (its lock is held, its log read to the end): its blocks join
-        ``own`` at the least recently used end, in write order; returns how many."""
-        base = self.geo.base(region)
-        nslots = self.geo.slots_in(region)
-        fresh = min(allocated, nslots)
+    def claim(self, claims: list[tuple[int, ilog.LogWriter, int]]) -> int:
+        """Take over regions (their locks held, their logs read to the end): (region, its new
+        log, slots whose file space exists). Their blocks join ``own`` at the least recently used
+        end, in write order; returns how many."""
         found: list[tuple[int, bytes, int]] = []
-        free: list[int] = []
-        for s in range(base, base + nslots):
-            v = self.slots.get(s)
-            if v is None:
-                if s - base < fresh:
-                    free.append(s)
+        own, remote, slots, writing = self.own, self.remote, self.slots, self.writing
+        for region, log, allocated in claims:
+            base = self.geo.base(region)
+            nslots = self.geo.slots_in(region)
+            occ = self.occupied(region)
+            fresh = max(min(allocated, nslots), occ[-1] - base + 1 if occ else 0)
+            free = set(range(base, base + fresh)).difference(occ)
+            for s in occ:
+                k, seq = slots[s]
+                if remote.get(k) == s:
+                    del remote[k]
+                if k in own or k in writing:
+                    free.add(s)  # another copy is ours already: this slot can be reused
+                    continue
+                found.append((seq, k, s))
+            free_list = sorted(free, reverse=True)  # lowest slots are handed out first
+            self.regions[region] = OwnedRegion(region, nslots, fresh, nslots, log, free_list)
+            self.owners[region] = Owner(self.engine_id)
+        found.sort()
+        seen: set[bytes] = set()
+        fresh_own: list[tuple[bytes, int]] = []
+        for _seq, k, s in reversed(found):  # a key in two claimed regions: keep its newest copy
+            if k in seen:
+                self.free_slot(s)
                 continue
-            if s - base >= fresh:
-                fresh = s - base + 1
-            k, seq = v
-            if k in self.own or self.writing.get(k) is not None:
-                free.append(s)  # another copy is ours already: this slot can be reused
-                if self.remote.get(k) == s:
-                    del self.remote[k]
-                continue
-            found.append((seq, k, s))
-        found.sort(reverse=True)
-        own = self.own
-        for _seq, k, s in found:
-            if self.remote.get(k) == s:
-                del self.remote[k]
-            own[k] = s
-            own.move_to_end(k, last=False)
-        free.reverse()  # lowest slots are handed out first
-        self.regions[region] = OwnedRegion(region, nslots, fresh, nslots, log, free)
-        self.owners[region] = Owner(self.engine_id)
-        return len(found)
+            seen.add(k)
+            fresh_own.append((k, s))
+        fresh_own.reverse()
+        if len(fresh_own) >= len(own):
+            merged = OrderedDict(fresh_own)
+            merged.update(own)
+            self.own = merged
+        else:
+            for k, s in reversed(fresh_own):
+                own[k] = s
+                own.move_to_end(k, last=False)
+        return len(fresh_own)
 
     def release(self, region: int) -> int:
         """Give ``region`` up (no write in flight there): its blocks move to ``remote``."""
         r = self.regions.pop(region)
         base = self.geo.base(region)
         moved = 0
-        for s in range(base, base + r.slots):
-            v = self.slots.get(s)
-            if v is None:
-                continue
-            k = v[0]
+        for s in self.occupied(region):
+            k = self.slots[s][0]
             if self.own.get(k) == s:
                 del self.own[k]
                 self.remote[k] = s
@@ -207,10 +217,10 @@ class BlockIndex:
         """Entries that describe ``region`` as the logs say now (for a rewritten log)."""
         base = self.geo.base(region)
         out: list[tuple[int, int, int, int, bytes]] = [(ilog.CLAIM, 0, 0, self.engine_id, b"")]
-        for i in range(self.geo.slots_in(region)):
-            v = self.slots.get(base + i)
-            if v is not None:
-                out.append((ilog.PUT, i, 0, v[1], v[0]))
+        slots = self.slots
+        for s in self.occupied(region):
+            k, seq = slots[s]
+            out.append((ilog.PUT, s - base, 0, seq, k))
         return out
 
     # -- allocation ------------------------------------------------------------------------

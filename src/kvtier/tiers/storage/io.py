@@ -344,14 +344,7 @@ class IOPool:
 
             def publish(mine_done: list[tuple[bytes, int, int]] = mine_done) -> None:
                 for key, s, seq in mine_done:
-                    ik = ilog.index_key(key)
-                    if len(key) > ilog.KEY_INLINE:
-                        index.full_keys[ik] = key
-                    index.slots[s] = (ik, seq)
-                    index.writing.pop(ik, None)
-                    index.own[ik] = s
-                    if ik not in index.remote:
-                        index._event(ik, False)
+                    index.slots[s] = (ilog.index_key(key), seq)
 
             base = geo.base(r)
             try:
@@ -361,7 +354,17 @@ class IOPool:
             except OSError as e:
                 err = e
                 failed_items.extend((k, s) for k, s, _q in mine_done)
+        stored.sort(key=lambda x: x[2])  # the job's order: the last key stored is the newest
         with index.lock:
+            own, writing, remote = index.own, index.writing, index.remote
+            for key, s, _seq in stored:  # loadable here from now on
+                ik = ilog.index_key(key)
+                if len(key) > ilog.KEY_INLINE:
+                    index.full_keys[ik] = key
+                writing.pop(ik, None)
+                own[ik] = s
+                if ik not in remote:
+                    index._event(ik, False)
             for key, s in failed_items:
                 index.writing.pop(ilog.index_key(key), None)
                 index.free_slot(s)

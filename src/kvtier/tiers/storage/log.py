@@ -32,8 +32,8 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import xxhash
 
@@ -44,7 +44,10 @@ KEY_INLINE = 36  # keys up to this long are stored as they are
 DIGEST = 255  # key length marker: the key field holds the key's xxh3-128 digest
 _BODY = struct.Struct("<BBHIIQ36s")  # 56 bytes
 _CHECK = struct.Struct("<Q")
+_FULL = struct.Struct("<BBHIIQ36sQ")
+_U64 = 0xFFFFFFFFFFFFFFFF
 _LONG_PREFIX = b"\xffkvtier-long-key:"  # 17 bytes + 16-byte digest + padding = 37 bytes
+_LONG_LEN = len(_LONG_PREFIX) + 20
 _READ_CHUNK = 1 << 20
 _FALLOC_FL_KEEP_SIZE = 1
 
@@ -93,8 +96,7 @@ def log_bytes(slots: int) -> int:
     return -(-n // 4096) * 4096
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One parsed log entry."""
 
     kind: int
@@ -107,37 +109,52 @@ class Entry:
 def pack(kind: int, slot: int = 0, aux: int = 0, value: int = 0, key: bytes = b"", *,
          epoch: int) -> bytes:
     """One 64-byte entry; ``key`` is a real key or an index key (both are accepted)."""
-    if len(key) <= KEY_INLINE:
-        klen, kbytes = len(key), key
-    elif key.startswith(_LONG_PREFIX) and len(key) == len(_LONG_PREFIX) + 20:
-        klen, kbytes = DIGEST, key[len(_LONG_PREFIX) : len(_LONG_PREFIX) + 16]
-    else:
-        klen, kbytes = DIGEST, xxhash.xxh3_128_digest(key)
-    body = _BODY.pack(kind, klen, 0, slot, aux, value & 0xFFFFFFFFFFFFFFFF, kbytes)
-    return body + _CHECK.pack(xxhash.xxh3_64_intdigest(body, seed=epoch))
+    return pack_many([(kind, slot, aux, value, key)], epoch=epoch)
+
+
+def pack_many(entries: Sequence[tuple[int, int, int, int, bytes]], *, epoch: int) -> bytes:
+    """Entries (kind, slot, aux, value, key) packed one after the other."""
+    buf = bytearray(ENTRY * len(entries))
+    mv = memoryview(buf)
+    pack_into = _BODY.pack_into
+    check_into = _CHECK.pack_into
+    digest = xxhash.xxh3_64_intdigest
+    off = 0
+    for kind, slot, aux, value, key in entries:
+        n = len(key)
+        if n <= KEY_INLINE:
+            pack_into(buf, off, kind, n, 0, slot, aux, value & _U64, key)
+        else:
+            if n == _LONG_LEN and key.startswith(_LONG_PREFIX):
+                kb = key[len(_LONG_PREFIX) : len(_LONG_PREFIX) + 16]
+            else:
+                kb = xxhash.xxh3_128_digest(key)
+            pack_into(buf, off, kind, DIGEST, 0, slot, aux, value & _U64, kb)
+        check_into(buf, off + 56, digest(mv[off : off + 56], seed=epoch))
+        off += ENTRY
+    return bytes(buf)
 
 
 def parse(data: bytes | memoryview, epoch: int) -> tuple[list[Entry], int]:
     """Entries at the start of ``data`` up to the first that does not verify; (entries, bytes)."""
     out: list[Entry] = []
     mv = memoryview(data)
-    n = len(mv) // ENTRY
+    end = len(mv) // ENTRY * ENTRY
     digest = xxhash.xxh3_64_intdigest
-    unpack = _BODY.unpack_from
-    for i in range(n):
-        off = i * ENTRY
-        body = mv[off : off + 56]
-        if body[0] == 0:
+    unpack = _FULL.unpack_from
+    append = out.append
+    long_prefix = _LONG_PREFIX
+    pad = b"\0" * 4
+    for off in range(0, end, ENTRY):
+        kind, klen, _r, slot, aux, value, kb, chk = unpack(mv, off)
+        if kind == 0 or digest(mv[off : off + 56], seed=epoch) != chk:
             return out, off
-        if digest(body, seed=epoch) != _CHECK.unpack_from(mv, off + 56)[0]:
-            return out, off
-        kind, klen, _r, slot, aux, value, kb = unpack(mv, off)
         if klen == DIGEST:
-            key = _LONG_PREFIX + kb[:16] + b"\0" * 4
+            key = long_prefix + kb[:16] + pad
         else:
-            key = bytes(kb[:klen])
-        out.append(Entry(kind, slot, aux, value, key))
-    return out, n * ENTRY
+            key = kb[:klen]
+        append(Entry(kind, slot, aux, value, key))
+    return out, end
 
 
 def read_header(fd: int) -> int | None:
@@ -179,10 +196,9 @@ class LogWriter:
         OSError; the caller decides.
         """
         epoch = secrets.randbits(63) | 1
-        body = [pack(HEADER, VERSION, region, epoch, b"", epoch=epoch)]
-        body.extend(pack(k, s, a, v, key, epoch=epoch) for k, s, a, v, key in entries)
-        reserve = len(body) > 2
-        data = b"".join(body)
+        rows = [(HEADER, VERSION, region, epoch, b""), *entries]
+        reserve = len(rows) > 2
+        data = pack_many(rows, epoch=epoch)
         if len(data) > size:
             raise OSError(errno.ENOSPC, f"log of {len(data)} bytes does not fit its {size} bytes")
         tmp = path + ".new"
@@ -210,8 +226,7 @@ class LogWriter:
         False when they do not fit (the caller rewrites the log first)."""
         if not entries:
             return True
-        epoch = self.epoch
-        data = b"".join(pack(k, s, a, v, key, epoch=epoch) for k, s, a, v, key in entries)
+        data = pack_many(entries, epoch=self.epoch)
         if self.end + len(data) > self.size:
             return False
         if not self.reserved:

@@ -59,7 +59,7 @@ from kvtier.tiers.storage.slab import MAX_KEY_BYTES, SlabStore, probe_direct_io
 
 log = logging.getLogger("kvtier.tiers.storage")
 
-_JOIN_WAIT_S = 5.0  # how long to wait for an engine that is adopting or resizing the directory
+_JOIN_WAIT_S = 2.0  # how long to wait for an engine that is adopting or resizing the directory
 
 
 class StorageTier(SecondaryTier):
@@ -173,6 +173,7 @@ class StorageTier(SecondaryTier):
         self._lock_fd = -1
         self._open_error: str | None = None
         self._opening = False
+        self._retrying = False
         self._regrowing = False
         self._next_regrow = 0.0
         self._in_flight = 0
@@ -194,6 +195,7 @@ class StorageTier(SecondaryTier):
             self._open()
         except OSError as e:
             self._open_failed(e)
+        self._retrying = True
 
     # -- start -----------------------------------------------------------------------------
     def _resolve_capacity(self, capacity_bytes: int | None) -> int:
@@ -298,8 +300,9 @@ class StorageTier(SecondaryTier):
         )
 
     def _join_shared(self, lock_fd: int) -> None:
-        """Hold the membership lock shared, waiting briefly for an engine that holds it alone."""
-        deadline = time.monotonic() + _JOIN_WAIT_S
+        """Hold the membership lock shared, waiting briefly for an engine that holds it alone
+        (at start; a retry from an I/O thread does not wait)."""
+        deadline = time.monotonic() + (_JOIN_WAIT_S if not self._retrying else 0.05)
         while True:
             with contextlib.suppress(OSError):
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
