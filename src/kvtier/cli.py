@@ -41,6 +41,16 @@ def _fraction(text: str) -> float:
     return _fractions(text)[0]
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvtier``."""
     p = argparse.ArgumentParser(prog="kvtier", description="kvtier: multi-tier KV cache offloading")
@@ -89,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-baselines", action="store_true",
                    help="skip the no-offload and CPU-only replays")
     c.add_argument("--no-reference", action="store_true", help="skip the reference LRU model")
+    f = b.add_argument_group("several engines")
+    f.add_argument("--engines", type=_positive, default=1, metavar="N",
+                   help="also split the requests round-robin across N engines, each with 1/N "
+                        "of the CPU tier, whose storage tiers share one directory (and, to "
+                        "compare, each with its own directory and 1/N of the capacity); "
+                        "reported against the one engine with all the CPU memory (default 1)")
+    f.add_argument("--sync-seconds", type=_positive_float, default=1.0, metavar="S",
+                   help="with --engines: how often, in simulated seconds, each engine's storage "
+                        "tier reads what the others stored (the tier's sync_seconds; default 1)")
     e = b.add_argument_group("engine")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="switch the engine's own prefix cache off")
@@ -225,7 +244,14 @@ def bench(args: argparse.Namespace) -> int:
             reference=not args.no_reference,
             sweep_cpu=args.sweep or [],
             sweep_tier=args.sweep_tier or [],
+            engines=args.engines,
+            sync_seconds=args.sync_seconds,
         )
+        if args.engines > 1 and not any(
+            t.get("type") in ("storage", "fs") for t in config.get("secondary_tiers") or []
+        ):
+            return _err("--engines needs a storage tier in the configuration (the engines share "
+                        "its directory)")
         report = _run(wl, plan, console, quiet=args.quiet)
     except (ConfigError, BenchError, ValueError) as e:
         return _err(str(e))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -466,6 +466,17 @@ class EngineSim:
     # -- the replay -----------------------------------------------------------------------------
     def run(self) -> RunCounters:
         """Replay every request; returns the counters."""
+        self.start()
+        try:
+            while self.advance() is not None:
+                pass
+            self.stats = self.off.stats()
+        finally:
+            self.off.shutdown()
+        return self.c
+
+    def start(self) -> None:
+        """Build the engine's KV pool and attach the offload (before ``advance``)."""
         opts = self.opts
         biggest = max(len(r.hash_ids) for r in self.wl.requests)
         units = self._pool_units()
@@ -476,14 +487,13 @@ class EngineSim:
         pool = EnginePool(units, opts, self._device())
         self.pool = pool
         self.off.attach(pool.tensors, opts)
-        try:
-            self._loop(pool)
-            self.stats = self.off.stats()
-        finally:
-            self.off.shutdown()
-        return self.c
+        self._stepper = self._steps(pool)
 
-    def _loop(self, pool: EnginePool) -> None:
+    def advance(self) -> float | None:
+        """Run one engine step; the simulated time after it, or None when the replay is done."""
+        return next(self._stepper, None)
+
+    def _steps(self, pool: EnginePool) -> Iterator[float]:
         opts = self.opts
         c = self.c
         queue = deque(self.wl.requests)
@@ -550,8 +560,9 @@ class EngineSim:
                 self.progress(done)
             if not progressed:
                 self._idle(jobs, head)
-        c.wall_s = time.perf_counter() - t_start
-        c.sim_s = sim
+            c.wall_s = time.perf_counter() - t_start
+            c.sim_s = sim
+            yield sim
 
     def _idle(self, jobs: dict[int, tuple[str, _Run]], head: _Run | None) -> None:
         """Nothing moved this step: wait for a copy, or give tier threads a moment."""

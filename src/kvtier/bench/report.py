@@ -76,6 +76,18 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             f"{r['wall_s']:.1f}",
         )
     console.print(t)
+    fleet = [r for r in report["runs"] if r.get("engines", 1) > 1]
+    one = next((r for r in report["runs"] if r["kind"] == "kvtier" and r.get("engines", 1) == 1
+                and r["name"] == (fleet[0]["name"].rsplit(" x", 1)[0] if fleet else None)), None)
+    for r in fleet:
+        console.print(
+            f"{r['engines']} engines, storage {'shared' if r.get('storage_shared') else 'private'}: "
+            f"block hit {_pct(r['block_hit_rate'])} (per engine "
+            + ", ".join(_pct(x) for x in r.get("per_engine_block_hit_rate", []))
+            + ")"
+            + (f"; one engine with the same total CPU memory: {_pct(one['block_hit_rate'])}"
+               if one else "")
+        )
     tt = Table(title="Per tier (hits in the order the engine asks: engine, CPU, secondary)")
     for col in ("config", "tier", "hit blocks", "block hit", "token hit", "read", "written",
                 "usage / capacity"):

@@ -6,6 +6,9 @@ One run replays the same workload through several configurations, each in a fres
 - ``cpu``: kvtier with its CPU primary tier only;
 - the configured tiers (default: CPU + a storage tier in a temporary directory);
 - optionally vLLM's own ``TieringOffloadingManager`` (CPU + its ``fs`` tier);
+- with ``engines`` > 1, the configured tiers in N engines that split the requests, each with
+  1/N of the CPU tier, their storage tiers sharing one directory, and again with a directory
+  each (1/N of the capacity), to compare with the one engine that has all the CPU memory;
 
 plus the reference LRU model (no engine) at the CPU tier's capacity. ``--sweep`` repeats the
 offloading configurations over CPU (and tier) capacities.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.bench.engine import EngineOptions, EngineSim, KVTierOffload, Offload, RunCounters
+from kvtier.bench.fleet import FleetSim, split
 from kvtier.bench.reference import reference_lru
 from kvtier.bench.workload import Workload
 
@@ -59,6 +63,8 @@ class Plan:
     sweep_cpu: list[float] = field(default_factory=list)  # fractions of the distinct blocks
     sweep_tier: list[float] = field(default_factory=list)
     tmpdirs: list[str] = field(default_factory=list)
+    engines: int = 1  # > 1: also split the workload across this many engines
+    sync_seconds: float = 1.0  # their storage tiers' sync period, in simulated seconds
 
 
 def parse_config_arg(text: str) -> dict[str, Any]:
@@ -101,6 +107,18 @@ def with_capacities(
             t["path"] = tempfile.mkdtemp(prefix="kvtier-bench-", dir=base)
             fresh_dirs.append(t["path"])
     return cfg
+
+
+def _has_storage(config: dict[str, Any]) -> bool:
+    return any(t.get("type") in ("storage", "fs") for t in config.get("secondary_tiers") or [])
+
+
+def _manual_sync(config: dict[str, Any]) -> dict[str, Any]:
+    """Storage tiers whose sync passes the fleet replay runs, in simulated time."""
+    for t in config.get("secondary_tiers") or []:
+        if t.get("type") in ("storage", "fs"):
+            t["sync_seconds"] = 3600
+    return config
 
 
 def cpu_only(config: dict[str, Any]) -> dict[str, Any]:
@@ -269,6 +287,46 @@ class BenchRunner:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
 
+    def _fleet(self, shared: bool) -> dict[str, Any]:
+        """The configured tiers in ``plan.engines`` engines, each with 1/N of the CPU tier;
+        their storage tiers share one directory (``shared``) or each has its own with 1/N of
+        the capacity (as the single-engine layout left a second engine)."""
+        plan = self.plan
+        n = plan.engines
+        cpu_each = max(1, plan.cpu_blocks // n)
+        bpb = plan.engine.bytes_per_block
+        dirs: list[str] = []
+        name = f"{tier_label(plan.config)} x{n} {'shared' if shared else 'private'}"
+        try:
+            if shared:
+                cfg = _manual_sync(with_capacities(plan.config, bpb, cpu_each, plan.tier_blocks,
+                                                   dirs))
+                namespace = f"bench/{uuid.uuid4().hex[:12]}"
+                offs: list[Offload] = [KVTierOffload(cfg, namespace=namespace) for _ in range(n)]
+                configs = [cfg]
+            else:
+                tb = None if plan.tier_blocks is None else max(1, plan.tier_blocks // n)
+                configs = [_manual_sync(with_capacities(plan.config, bpb, cpu_each, tb, dirs))
+                           for _ in range(n)]
+                offs = [KVTierOffload(c, namespace=f"bench/{uuid.uuid4().hex[:12]}")
+                        for c in configs]
+            cb = self.progress(name, len(self.wl.requests)) if self.progress else None
+            fleet = FleetSim(split(self.wl, n), offs, copy.copy(plan.engine),
+                             sync_s=plan.sync_seconds, progress=cb)
+            counters = fleet.run(shared=shared)
+            out = summarize(name, "kvtier", counters, fleet.stats, plan, configs[0],
+                            cpu_each * n, plan.tier_blocks)
+            out["engines"] = n
+            out["storage_shared"] = shared
+            out["per_engine_block_hit_rate"] = [
+                (c.engine_hit_blocks + sum(c.tier_hit_blocks.values())) / (c.block_refs or 1)
+                for c in fleet.per_engine
+            ]
+            return out
+        finally:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+
     def run(self) -> dict[str, Any]:
         """Every configuration of the plan; returns the report (see the README's schema)."""
         plan = self.plan
@@ -286,6 +344,9 @@ class BenchRunner:
                         tier_label(plan.config), plan.config, plan.cpu_blocks, plan.tier_blocks
                     )
                 )
+            if plan.engines > 1 and _has_storage(plan.config):
+                for shared in (True, False):
+                    runs.append(self._fleet(shared))
             if plan.vllm:
                 from kvtier.bench.vllm_backend import VLLMOffload
 
