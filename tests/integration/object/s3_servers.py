@@ -8,6 +8,7 @@ GET go through: its S3 port answers 403 for a moment before the credentials are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -201,3 +202,131 @@ class S3Server:
     def stop(self) -> None:
         """Teardown: kill the process (a test server keeps nothing worth a clean stop)."""
         self.kill()
+
+
+_SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+              b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class ThrottlingProxy:
+    """A loopback TCP proxy in front of a server that can answer every request 503 SlowDown.
+
+    The one fault here that a real server cannot be made to produce on demand: AWS throttles a
+    prefix that gets too many requests per second. Passing, it relays bytes both ways; throttling,
+    it drops the connections it relays and answers each request on a new one with a 503 SlowDown
+    (the status and error code S3 uses) and closes it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        import threading
+
+        self.upstream = upstream_port
+        self.throttling = threading.Event()
+        self.requests_refused = 0
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        """The proxy's S3 endpoint URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def throttle(self, on: bool) -> None:
+        """Start (dropping the relayed connections) or stop answering 503 SlowDown."""
+        if on:
+            self.throttling.set()
+            with self._lock:
+                conns, self._open = list(self._open), set()
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        else:
+            self.throttling.clear()
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection."""
+        self._closed = True
+        self.throttle(True)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            target = self._refuse if self.throttling.is_set() else self._relay
+            threading.Thread(target=target, args=(conn,), daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        with contextlib.closing(conn):
+            conn.settimeout(5)
+            buf = b""
+            try:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, _, body = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                while len(body) < length:
+                    chunk = conn.recv(min(65536, length - len(body)))
+                    if not chunk:
+                        break
+                    body += chunk
+                with self._lock:
+                    self.requests_refused += 1
+                conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_SLOW_DOWN)
+                             + _SLOW_DOWN)
+            except OSError:
+                return
+
+    def _relay(self, conn: socket.socket) -> None:
+        import threading
+
+        try:
+            up = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+        except OSError:
+            conn.close()
+            return
+        up.settimeout(None)
+        with self._lock:
+            self._open.update((conn, up))
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(262144):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        t = threading.Thread(target=pipe, args=(up, conn), daemon=True)
+        t.start()
+        pipe(conn, up)
+        t.join()
+        with self._lock:
+            self._open.discard(conn)
+            self._open.discard(up)
+        conn.close()
+        up.close()

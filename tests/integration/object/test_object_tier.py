@@ -14,7 +14,7 @@ import xxhash
 from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from s3_servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, make_tls_files
+from s3_servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, ThrottlingProxy, make_tls_files
 
 import kvtier
 from kvtier.format.record import namespace_fingerprint, pack_header
@@ -364,6 +364,43 @@ def test_server_killed_and_restarted(own_s3_server: S3Server, managers, namespac
     store_blocks(m, after)
     settle(m)
     assert load_and_check(m, after) == len(after)
+
+
+def test_throttling_is_a_miss_then_backs_off_and_recovers(s3_server: S3Server, managers,
+                                                          namespace: str) -> None:
+    proxy = ThrottlingProxy(s3_server.port("s3"))
+    try:
+        m = make_manager(s3_server, namespace, endpoint=proxy.endpoint, max_retries=1)
+        managers.append(m)
+        keys = [make_key(i, namespace) for i in range(8)]
+        store_blocks(m, keys[:4])
+        settle(m)
+        assert tier_stats(m)["blocks_written"] == 4
+        m.reset_cache()
+        proxy.throttle(True)
+        store_blocks(m, keys[4:])  # 503 SlowDown: counted failures, no exception
+        settle(m)
+        assert lookup_until(m, keys) == 0
+        st = tier_stats(m)
+        assert st["throttled"] >= 1 and st["available"] is False
+        assert "SlowDown" in st["last_error"]
+        refused = proxy.requests_refused
+        time.sleep(1.0)
+        m.on_schedule_end()
+        # Backing off: a probe at a growing interval, not a request per block per step.
+        assert proxy.requests_refused - refused <= 2 * 5
+        proxy.throttle(False)
+        step_until(m, lambda: tier_stats(m)["available"])
+        assert load_and_check(m, keys[:4]) == 4
+        m.reset_cache()  # the throttled blocks are stored again, as an engine would
+        store_blocks(m, keys[4:])
+        settle(m)
+        m.reset_cache()
+        assert load_and_check(m, keys) == len(keys)
+    finally:
+        for mm in managers:
+            mm.shutdown()
+        proxy.close()
 
 
 def _down_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:

@@ -291,7 +291,7 @@ class ObjectTier(SecondaryTier):
                 idx.listing_complete(*items)
             elif kind == "deleted":
                 self._deleting -= 1
-        gone = idx.sweep()
+        idx.sweep()  # entries deleted elsewhere: forgotten, nothing of ours to report
         evicted = idx.over_capacity()
         if evicted:
             removed.extend(evicted)
@@ -301,7 +301,6 @@ class ObjectTier(SecondaryTier):
         idx.trim(now)
         if removed:
             self._events.append(TierEvent(removed, removed=True))
-        del gone  # forgotten entries were deleted elsewhere: nothing of ours to report
 
     # -- scheduler side: jobs --------------------------------------------------------------
     def submit_load(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
@@ -605,7 +604,7 @@ class ObjectTier(SecondaryTier):
         if size != rec_len or mv.nbytes != rec_len:
             reason = f"object of {size} bytes where a record is {rec_len}"
         elif self.ttl is not None and time.time() - mtime >= self.ttl:
-            self._delete_paths([path], "expired")
+            self._delete_paths([path], None)
             self._gone(job, key, "expired")
             return
         else:
