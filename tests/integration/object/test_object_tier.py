@@ -14,7 +14,16 @@ import xxhash
 from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from s3_servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, ThrottlingProxy, make_tls_files
+from s3_servers import (
+    ACCESS_KEY,
+    BUCKET,
+    READER_KEY,
+    READER_SECRET,
+    SECRET_KEY,
+    S3Server,
+    ThrottlingProxy,
+    make_tls_files,
+)
 
 import kvtier
 from kvtier.format.record import namespace_fingerprint, pack_header
@@ -435,6 +444,54 @@ def test_wrong_credentials_or_missing_bucket_one_clear_line_and_down(
     assert st["available"] is False and st["blocks_written"] == 0
     text = caplog.text + repr(m.get_stats())
     assert secret not in text and SECRET_KEY not in text
+
+
+def test_read_only_credentials_pause_writes_only(s3_server: S3Server, managers, namespace: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    writer = make_manager(s3_server, namespace)
+    managers.append(writer)
+    keys = [make_key(i, namespace) for i in range(8)]
+    store_blocks(writer, keys)
+    settle(writer)
+    caplog.set_level(logging.INFO)
+    reader = make_manager(s3_server, namespace, access_key_id=READER_KEY,
+                          secret_access_key=READER_SECRET)
+    managers.append(reader)
+    wait_ready(reader)
+    assert load_and_check(reader, keys) == len(keys)  # reads work
+    mine = [make_key(100 + i, namespace) for i in range(4)]
+    store_blocks(reader, mine)  # AccessDenied: counted, no exception
+    settle(reader)
+    st = tier_stats(reader)
+    assert st["writes_available"] is False and st["available"] is True
+    assert st["store_failures"] >= 1 and st["blocks_written"] == 0
+    lines = _down_lines(caplog, "object0")
+    assert len(lines) == 1 and "writes refused" in lines[0] and "denied access" in lines[0]
+    assert not exists(s3_server, object_path(reader, mine[0]))
+
+
+def test_credentials_from_a_named_profile(s3_server: S3Server, managers, namespace: str,
+                                          tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "credentials").write_text(
+        f"[kvtier-test]\naws_access_key_id = {ACCESS_KEY}\n"
+        f"aws_secret_access_key = {SECRET_KEY}\n")
+    (tmp_path / "config").write_text("[profile kvtier-test]\nregion = us-east-1\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    params = s3_server.tier_params(threads=2, profile="kvtier-test")
+    del params["access_key_id"], params["secret_access_key"]
+    spec = kvtier.TieringOffloadingSpec(
+        {"cpu_bytes_to_use": SLOTS * BLOCK, "secondary_tiers": [params]},
+        gpu_block_size=16, bytes_per_gpu_block=BLOCK, namespace=namespace)
+    m = spec.get_manager()
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(2 * SLOTS)]
+    store_blocks(m, keys)
+    settle(m)
+    assert load_and_check(m, keys) == len(keys)
+    assert tier_stats(m)["blocks_written"] == len(keys)
 
 
 def test_tls_with_a_custom_ca(tmp_path, managers, namespace: str) -> None:

@@ -229,6 +229,17 @@ class S3Client:
             raise f from None
         return int(meta["size"]), meta["last_modified"].timestamp()
 
+    async def head_async(self, path: str) -> tuple[int, float] | None:
+        """:meth:`head` on the caller's asyncio loop (many in flight on one thread)."""
+        try:
+            meta = await obstore.head_async(self.meta, path)
+        except Exception as e:
+            f = classify(e)
+            if f.kind is Kind.NOT_FOUND:
+                return None
+            raise f from None
+        return int(meta["size"]), meta["last_modified"].timestamp()
+
     def probe(self, path: str) -> None:
         """One GET of a key that need not exist: proves the endpoint, credentials and bucket."""
         try:

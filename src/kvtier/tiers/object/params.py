@@ -24,7 +24,8 @@ PARAMS: dict[str, str] = {
     "sign_payload": "sign each upload's SHA-256 (default: only over http://)",
     "capacity_bytes": "most bytes of objects the tier keeps under its prefix (default: no bound)",
     "ttl_seconds": "objects older than this are misses and are deleted (default: never)",
-    "threads": "I/O threads (each keeps one request in flight)",
+    "threads": "I/O threads for loads and stores (each keeps one request in flight)",
+    "lookup_concurrency": "HEAD requests in flight at once for lookups (on one thread)",
     "timeout_seconds": "longest a GET or PUT may take, retries included",
     "connect_timeout_seconds": "TCP and TLS connect timeout",
     "lookup_timeout_seconds": "longest a HEAD, LIST or probe may take",
@@ -37,6 +38,7 @@ PARAMS: dict[str, str] = {
 DEFAULTS: dict[str, Any] = {
     "region": "us-east-1",
     "threads": 8,
+    "lookup_concurrency": 64,
     "timeout_seconds": 10.0,
     "connect_timeout_seconds": 2.0,
     "lookup_timeout_seconds": 2.0,
@@ -149,6 +151,7 @@ def validate(params: dict[str, Any], label: str) -> dict[str, Any]:
     _integer(out, "capacity_bytes", label, 1, 1 << 62, optional=True)
     _number(out, "ttl_seconds", label, minimum=0.0, optional=True)
     _integer(out, "threads", label, 1, 256)
+    _integer(out, "lookup_concurrency", label, 1, 1024)
     _number(out, "timeout_seconds", label, minimum=0.0)
     _number(out, "connect_timeout_seconds", label, minimum=0.0)
     _number(out, "lookup_timeout_seconds", label, minimum=0.0)

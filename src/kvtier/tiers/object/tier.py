@@ -7,16 +7,17 @@ header checksum, namespace, key, length, payload checksum) before the slot count
 How the work is spread:
 
 * ``lookup`` answers from the :class:`~kvtier.tiers.object.index.PresenceIndex` when it can. Keys
-  it does not know are asked about with one ``HEAD`` each, fanned out over the I/O threads, and
-  ``lookup`` answers None until the answers are back (the next step, usually). A request's unknown
-  keys are asked about a wave at a time: 16 at first, then as many as the run already found, so
-  a miss costs a few requests and a long hit a few rounds. "Not there" is believed for
+  it does not know are asked about with one ``HEAD`` each, up to ``lookup_concurrency`` in flight
+  at once on the tier's lookup thread (an asyncio loop), and ``lookup`` answers None until the
+  answers are back (the next step, usually). A request's unknown keys are asked about a wave at
+  a time: 16 at first, then as many as the run already found, so a miss costs a few requests
+  and a long hit a few rounds. "Not there" is believed for
   ``negative_cache_seconds``; a complete listing is as good as a ``HEAD`` for every key it did
   not show, for as long.
 * A control thread probes the bucket (one ``GET`` of a key that need not exist) at start and while
   the tier is down, and lists the prefix every ``list_interval_seconds``: what other instances
   stored becomes known without a request per key, and what they deleted is forgotten.
-* Loads and stores are one request per block on the I/O threads, loads (and lookups) first. A
+* Loads and stores are one request per block on the I/O threads, loads first. A
   store uploads the header and the primary slot as two buffers of one ``PUT`` body, without
   copying the slot; a load asks for exactly the record's bytes (a ranged ``GET``, so a wrong or
   hostile object is never read past that) and copies the verified payload once, into its slot.
@@ -30,6 +31,7 @@ How the work is spread:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -64,8 +66,8 @@ _PROBE_NAME = "kvtier-probe"  # a key under the prefix that is never written
 _DELETE_BATCH = 1000  # keys per bulk delete request
 _APPLY_BUDGET = 16384  # keys folded in per call, so one step never stalls on a big listing
 
-# Task priorities: lookups, then loads, then deletions (they make room), then uploads.
-_P_HEAD, _P_LOAD, _P_DELETE, _P_STORE = 0, 1, 2, 3
+# Task priorities: loads, then deletions (they make room), then uploads.
+_P_LOAD, _P_DELETE, _P_STORE = 1, 2, 3
 
 
 @dataclass
@@ -128,6 +130,7 @@ class ObjectTier(SecondaryTier):
         capacity_bytes: int | None = None,
         ttl_seconds: float | None = None,
         threads: int = DEFAULTS["threads"],
+        lookup_concurrency: int = DEFAULTS["lookup_concurrency"],
         timeout_seconds: float = DEFAULTS["timeout_seconds"],
         connect_timeout_seconds: float = DEFAULTS["connect_timeout_seconds"],
         lookup_timeout_seconds: float = DEFAULTS["lookup_timeout_seconds"],
@@ -197,8 +200,13 @@ class ObjectTier(SecondaryTier):
         self._tasks = queue.PriorityQueue()
         self._seq = 0
         self._seq_lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._control_loop, name=f"kvtier-{self.name}-ctl",
-                                          daemon=True)]
+        self._lookup_concurrency = int(lookup_concurrency)
+        self._loop = asyncio.new_event_loop()
+        self._threads = [
+            threading.Thread(target=self._control_loop, name=f"kvtier-{self.name}-ctl", daemon=True),
+            threading.Thread(target=self._lookup_thread, name=f"kvtier-{self.name}-lookup",
+                             daemon=True),
+        ]
         for i in range(self.threads):
             self._threads.append(threading.Thread(target=self._io_loop,
                                                   name=f"kvtier-{self.name}-io{i}", daemon=True))
@@ -250,8 +258,7 @@ class ObjectTier(SecondaryTier):
                     with self._stats_lock:
                         self._stats["lookup_queries"] += 1
                         self._stats["lookup_keys_queried"] += len(ask)
-                    for k in ask:
-                        self._put_task(_P_HEAD, _bind(self._head_one, k))
+                    self._loop.call_soon_threadsafe(self._start_heads, ask)
                 return None
         idx.touch(keys[:n])
         self._stats["lookup_hits"] += n
@@ -435,6 +442,7 @@ class ObjectTier(SecondaryTier):
         self._list_now.set()
         for _ in range(self.threads):
             self._tasks.put((99, 1 << 62, None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
         deadline = time.monotonic() + 5.0
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -550,15 +558,43 @@ class ObjectTier(SecondaryTier):
             self._done.put(TierJobResult(job.job_id, frozenset(job.failed), job.moved,
                                          time.perf_counter() - job.t0))
 
-    def _head_one(self, key: bytes) -> None:
-        client = self._ready()
-        if client is None:
+    def _lookup_thread(self) -> None:
+        """Run the lookup loop until shutdown; then cancel what is still in flight."""
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        self._head_slots = asyncio.Semaphore(self._lookup_concurrency)
+        try:
+            loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(loop)
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    def _start_heads(self, keys: list[bytes]) -> None:
+        """On the lookup loop: one HEAD task per key, bounded by ``lookup_concurrency``."""
+        for k in keys:
+            self._loop.create_task(self._head_one(k))
+
+    async def _head_one(self, key: bytes) -> None:
+        waited = 0.0
+        while not self._probed.is_set() and waited < self.lookup_timeout + 1.0:
+            await asyncio.sleep(0.01)  # the first probe is still out
+            waited += 0.01
+        client = self._client
+        if client is None or self._stop.is_set() or not self._health.up:
             self._updates.append(("unknown", [key]))
             return
         try:
-            with self._stats_lock:
-                self._stats["requests_head"] += 1
-            found = client.head(self.path(key))
+            async with self._head_slots:
+                with self._stats_lock:
+                    self._stats["requests_head"] += 1
+                found = await client.head_async(self.path(key))
+        except asyncio.CancelledError:
+            self._updates.append(("unknown", [key]))
+            raise
         except Exception as e:
             self._updates.append(("unknown", [key]))
             self._failure(classify(e))
