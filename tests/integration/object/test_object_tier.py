@@ -602,6 +602,16 @@ def test_config_errors_name_the_key(params: dict, where: str) -> None:
     assert where in str(e.value)
 
 
+def test_capacity_below_one_record_is_a_config_error(s3_server: S3Server) -> None:
+    spec = kvtier.TieringOffloadingSpec(
+        {"cpu_bytes_to_use": SLOTS * BLOCK,
+         "secondary_tiers": [s3_server.tier_params(capacity_bytes=BLOCK)]},
+        gpu_block_size=16, bytes_per_gpu_block=BLOCK, namespace="tiny")
+    with pytest.raises(kvtier.ConfigError) as e:
+        spec.get_manager()
+    assert "object0.capacity_bytes" in str(e.value)
+
+
 def test_config_errors_never_show_credentials() -> None:
     for tier in (
         {"type": "object", "bucket": BUCKET, "endpoint": "http://id:s3cret@127.0.0.1:1"},

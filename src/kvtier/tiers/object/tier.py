@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.config import ConfigError
-from kvtier.format.record import RecordError, pack_header, parse_header, verify
+from kvtier.format.record import RecordError, header_size, pack_header, parse_header, verify
 from kvtier.tiers.base import Completions, Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.object.client import (
     INSTALL_HINT,
@@ -141,6 +141,11 @@ class ObjectTier(SecondaryTier):
     ) -> None:
         super().__init__(ctx, bucket=bucket, prefix=prefix, endpoint=endpoint, region=region,
                          capacity_bytes=capacity_bytes, ttl_seconds=ttl_seconds, threads=threads)
+        smallest = header_size(32) + ctx.block_bytes
+        if capacity_bytes is not None and capacity_bytes < smallest:
+            raise ConfigError(f"{ctx.name}.capacity_bytes", f"at least one record ({smallest} bytes: "
+                              f"{ctx.block_bytes} block bytes, 56 header bytes and the key)",
+                              capacity_bytes)
         self.bucket = bucket
         self.prefix = prefix if prefix is not None else f"kvtier/{ctx.namespace_fp.hex()}/"
         self.endpoint = endpoint
