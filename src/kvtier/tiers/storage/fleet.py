@@ -232,11 +232,11 @@ class Fleet:
         if res is None:
             return False
         reset, entries = res
-        if reset:
+        if reset:  # a rewritten log: one change, so lookups never see the region half known
             with sh.index.lock:
-                if region in sh.index.regions:
-                    return True
-                sh.index.reset_region(region)
+                if region not in sh.index.regions:
+                    sh.index.replace_region(region, entries, quiet=quiet)
+            return t.ino != -1
         for i in range(0, len(entries), APPLY_BATCH):  # the scheduler thread waits one batch at most
             with sh.index.lock:
                 if region in sh.index.regions:

@@ -107,12 +107,46 @@ class BlockIndex:
                 self._event(k, True)
 
     # -- applying other engines' logs ------------------------------------------------------
-    def reset_region(self, region: int) -> None:
-        """Forget what ``region``'s log said (a rewritten log is read from the start next)."""
+    def replace_region(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
+        """``region``'s log was rewritten: make its slots what ``entries`` (the whole new log)
+        say, changing (and reporting) only what differs from before."""
+        base = self.geo.base(region)
+        nslots = self.geo.slots_in(region)
+        new: dict[int, tuple[bytes, int]] = {}
+        owner: Owner | None = None
+        hits: list[Entry] = []
+        for e in entries:
+            kind, slot, _aux, value, key = e
+            if kind == ilog.PUT and slot < nslots:
+                new[base + slot] = (key, value)
+            elif kind == ilog.DEL:
+                new.pop(base + slot, None)
+            elif kind == ilog.CLAIM:
+                owner = Owner(value)
+            elif kind == ilog.RELEASE:
+                owner = Owner(value, released=True)
+            elif kind == ilog.HIT:
+                hits.append(e)
+        slots, remote, own = self.slots, self.remote, self.own
         for s in self.occupied(region):
-            old = self.slots.pop(s)
-            self._forget_remote(old[0], s)
-        self.owners.pop(region, None)
+            old = slots[s]
+            nv = new.get(s)
+            if nv is None or nv[0] != old[0]:
+                del slots[s]
+                self._forget_remote(old[0], s)
+        for s, (key, seq) in new.items():
+            prev = slots.get(s)
+            slots[s] = (key, seq)
+            if (prev is None or prev[0] != key) and key not in own:
+                if not quiet and key not in remote:
+                    self._event(key, False)
+                remote[key] = s
+        if owner is None:
+            self.owners.pop(region, None)
+        else:
+            self.owners[region] = owner
+        if hits:
+            self.apply(region, hits)
 
     def apply(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
         """Apply entries read from the log of ``region`` (a region owned by another engine).
