@@ -9,7 +9,9 @@ the space of an engine that is gone is taken over by the others.
 
 from __future__ import annotations
 
+import itertools
 import json
+import mmap
 import os
 import random
 import select
@@ -21,10 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from helpers import load_and_check, make_key, settle, store_blocks
+from helpers import block_bytes_for, load_and_check, make_key, settle, store_blocks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvtier
+from kvtier.format.record import namespace_fingerprint
+from kvtier.tiers.base import TierContext
 from kvtier.tiers.storage import StorageTier
 
 BB = 64 << 10
@@ -364,8 +371,6 @@ def test_directory_of_the_single_engine_layout_is_adopted(tmp_path: Path) -> Non
         assert tier_of(m).lookup([key(5)]) == 0  # torn when that engine ended
         region = m.primary_blocks()
         ctx = kvtier.ReqContext("legacy")
-        import numpy as np
-
         for i in ids:
             r = 0
             while (r := m.lookup([key(i)], ctx)) is None:
@@ -420,3 +425,78 @@ def test_without_file_locks_one_engine_writes_and_the_others_read(tmp_path: Path
         assert load_and_check(b, keys) == 8
     finally:
         b.shutdown()
+
+
+_shared_op = st.one_of(
+    st.tuples(st.just("store"), st.integers(0, 1), st.lists(st.integers(0, 23), min_size=1,
+                                                          max_size=6, unique=True)),
+    st.tuples(st.just("load"), st.integers(0, 1), st.lists(st.integers(0, 23), min_size=1,
+                                                         max_size=6, unique=True)),
+    st.tuples(st.just("sync"), st.integers(0, 1), st.just([])),
+    st.tuples(st.just("restart"), st.integers(0, 1), st.just([])),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_shared_op, min_size=1, max_size=16))
+def test_two_engines_any_interleaving_never_serve_wrong_bytes(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, list[int]]]) -> None:
+    """Two engines on one small directory, stores, loads, sync passes and restarts in any order:
+    no load is ever wrong, capacity holds, and after both sync each offers what the other holds."""
+    bb = 8192
+    path = tmp_path_factory.mktemp("two")
+    cap = StorageTier.capacity_for(12, bb, 1 << 20)
+    keys = [make_key(i, "two") for i in range(24)]
+
+    def open_tier(i: int) -> StorageTier:
+        buf = mmap.mmap(-1, 8 * bb)
+        prim = np.frombuffer(buf, dtype=np.uint8).reshape(8, bb)
+        ctx = TierContext("two", namespace_fingerprint("two"), bb, prim, f"storage{i}")
+        return StorageTier(ctx, path=str(path), capacity_bytes=cap, n_read_threads=1,
+                           n_write_threads=1, slab_bytes=1 << 20, sync_seconds=3600)
+
+    tiers = [open_tier(0), open_tier(1)]
+    jid = itertools.count(1)
+
+    def job(t: StorageTier, kind: str, ks: list[bytes]) -> frozenset[bytes]:
+        j = next(jid)
+        (t.submit_store if kind == "store" else t.submit_load)(j, ks, np.arange(len(ks)))
+        deadline = time.monotonic() + 20
+        while True:
+            for res in t.poll():
+                assert res.job_id == j
+                return res.failed_keys
+            assert time.monotonic() < deadline
+            time.sleep(0.0005)
+
+    try:
+        for kind, e, idx in ops:
+            t = tiers[e]
+            ks = [keys[i] for i in idx]
+            if kind == "store":
+                for n, k in enumerate(ks):
+                    t.ctx.primary[n] = block_bytes_for(k, bb)
+                job(t, "store", ks)
+            elif kind == "load":
+                t.ctx.primary[: len(ks)] = 0
+                failed = job(t, "load", ks)
+                for n, k in enumerate(ks):
+                    if k not in failed:
+                        assert np.array_equal(t.ctx.primary[n], block_bytes_for(k, bb))
+            elif kind == "sync":
+                t.sync_now()
+            else:
+                t.shutdown()
+                tiers[e] = open_tier(e)
+            assert dir_bytes(path) <= cap
+        for t in tiers + tiers:
+            t.sync_now()
+        for a, b in ((0, 1), (1, 0)):
+            assert tiers[a]._sh is not None
+            with tiers[a]._sh.index.lock:
+                held = set(tiers[a]._sh.index.own)
+            assert all(tiers[b].lookup([k]) == 1 for k in held)
+        assert all(t.stats()["corrupt"] == 0 for t in tiers)
+    finally:
+        for t in tiers:
+            t.shutdown()
