@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import platform
+import random
 import select
 import shutil
 import statistics
@@ -304,9 +305,10 @@ def delay(directory: str, block: int, sync_seconds: float | None, samples: int) 
     b = Engine(**args)
     out = []
     try:
+        rng = random.Random(samples)
         for i in range(samples):
             b.send(op="watch", salt="d", i=i)
-            time.sleep(0.05 + (i % 7) * 0.013)  # land anywhere in B's sync period
+            time.sleep(rng.uniform(0.01, 1.0))  # land anywhere in B's sync period
             ta = a.cmd(op="store_one", salt="d", i=i)["t"]
             tb = b.read()["t"]
             out.append(max(0.0, tb - ta))

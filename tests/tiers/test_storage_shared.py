@@ -437,7 +437,7 @@ _shared_op = st.one_of(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get('KVTIER_EXAMPLES', '25')), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_shared_op, min_size=1, max_size=16))
 def test_two_engines_any_interleaving_never_serve_wrong_bytes(
         tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, list[int]]]) -> None:
@@ -500,3 +500,69 @@ def test_two_engines_any_interleaving_never_serve_wrong_bytes(
     finally:
         for t in tiers:
             t.shutdown()
+
+
+def test_long_keys_are_shared_by_digest_and_verified_in_full(tmp_path: Path) -> None:
+    cap = StorageTier.capacity_for(32, BB, 1 << 20)
+    a = manager(tmp_path, cap)
+    b = manager(tmp_path, cap)
+    try:
+        tier_of(a).sync_now()
+        tier_of(b).sync_now()
+        keys = [make_key(i, "long") * 3 + bytes([i]) for i in range(6)]  # 97 bytes each
+        store_blocks(a, keys)
+        settle(a)
+        tier_of(b).sync_now()
+        assert tier_of(b).lookup(keys) == 6
+        assert load_and_check(b, keys) == 6
+        # a different long key never matches, even where its digest form were to collide
+        other = make_key(0, "long") * 3 + b"\xff"
+        assert tier_of(b).lookup([other]) == 0
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_capacity_is_the_directorys_whoever_joins(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cap = StorageTier.capacity_for(32, BB, 1 << 20)
+    a = manager(tmp_path, cap)
+    try:
+        b = manager(tmp_path, 2 * cap)  # joins: the directory's capacity stands, and it says so
+        try:
+            assert tier_of(b).stats()["capacity_bytes"] == cap
+            assert "differs from the" in caplog.text
+        finally:
+            b.shutdown()
+    finally:
+        a.shutdown()
+    c = manager(tmp_path, 2 * cap)  # alone: a new capacity is applied
+    try:
+        st = tier_of(c).stats()
+        assert st["capacity_bytes"] == 2 * cap and st["max_blocks"] >= 64
+    finally:
+        c.shutdown()
+
+
+def test_unusable_pool_file(tmp_path: Path) -> None:
+    cap = StorageTier.capacity_for(32, BB, 1 << 20)
+    keys = [make_key(i, "pool") for i in range(8)]
+    a = manager(tmp_path, cap)
+    store_blocks(a, keys)
+    settle(a)
+    pool = Path(tier_of(a).directory) / "POOL"
+    pool.write_text("{not json")
+    b = manager(tmp_path, cap)  # not alone: cannot use the directory now; never raises
+    try:
+        st = tier_of(b).stats()
+        assert "error" in st and "POOL" in st["error"] and not st["available"]
+    finally:
+        b.shutdown()
+        a.shutdown()
+    c = manager(tmp_path, cap)  # alone: sets the directory up again, and keeps the blocks
+    try:
+        assert "error" not in tier_of(c).stats()
+        assert load_and_check(c, keys) == 8
+        assert dir_bytes(tmp_path) <= cap
+    finally:
+        c.shutdown()

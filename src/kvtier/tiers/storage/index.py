@@ -3,7 +3,8 @@
 * ``slots``: every occupied slot as the region logs say (global slot -> (index key, sequence)),
   for regions this engine owns and for all the others.
 * ``own``: blocks in regions this engine owns, least recently used first: the blocks it serves
-  and evicts. ``remote``: blocks in everybody else's regions, which it serves but never writes.
+  and evicts. ``remote``: blocks in everybody else's regions, which it serves but never writes
+  (a key may be in both: two engines stored it; ``own`` is asked first).
 * ``regions``: the regions this engine owns, with their free slots and writes in flight.
 * ``owners``: for every region, the engine that last claimed it and whether it let go since.
 
@@ -55,6 +56,7 @@ class BlockIndex:
         self.slots: dict[int, tuple[bytes, int]] = {}
         self.own: OrderedDict[bytes, int] = OrderedDict()
         self.remote: dict[bytes, int] = {}
+        self.copies: dict[bytes, set[int]] = {}  # keys with several remote copies: their slots
         self.regions: dict[int, OwnedRegion] = {}
         self.owners: dict[int, Owner] = {}
         self.writing: dict[bytes, int] = {}  # stores in flight: index key -> slot
@@ -99,12 +101,34 @@ class BlockIndex:
         else:
             ev.append(([key], removed))
 
+    def _add_remote(self, k: bytes, slot: int) -> None:
+        """Serve ``k`` from ``slot`` of another engine's region (remembering any other copy)."""
+        cur = self.remote.get(k)
+        if cur is not None and cur != slot:
+            self.copies.setdefault(k, {cur}).add(slot)
+        self.remote[k] = slot
+
+    def _drop_remote(self, k: bytes, slot: int) -> bool:
+        """``slot`` no longer holds ``k`` for the others; True when no remote copy is left."""
+        copies = self.copies.get(k)
+        if copies is not None:
+            copies.discard(slot)
+            if len(copies) <= 1:
+                del self.copies[k]
+        if self.remote.get(k) != slot:
+            return k not in self.remote
+        for other in copies or ():
+            if self.slots.get(other, (b"",))[0] == k:
+                self.remote[k] = other
+                return False
+        del self.remote[k]
+        return True
+
     def _forget_remote(self, k: bytes, slot: int) -> None:
-        """Drop ``k``'s remote entry if it points at ``slot``; a removed event if now gone."""
-        if self.remote.get(k) == slot:
-            del self.remote[k]
-            if k not in self.own:
-                self._event(k, True)
+        """``slot`` no longer holds ``k``; a removed event when the tier now has it nowhere."""
+        had = self.remote.get(k) == slot
+        if self._drop_remote(k, slot) and had and k not in self.own:
+            self._event(k, True)
 
     # -- applying other engines' logs ------------------------------------------------------
     def replace_region(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
@@ -137,10 +161,10 @@ class BlockIndex:
         for s, (key, seq) in new.items():
             prev = slots.get(s)
             slots[s] = (key, seq)
-            if (prev is None or prev[0] != key) and key not in own:
-                if not quiet and key not in remote:
+            if prev is None or prev[0] != key:
+                if not quiet and key not in remote and key not in own:
                     self._event(key, False)
-                remote[key] = s
+                self._add_remote(key, s)
         if owner is None:
             self.owners.pop(region, None)
         else:
@@ -168,10 +192,9 @@ class BlockIndex:
                     if old[0] == key:
                         continue  # a newer sequence for the same record
                     self._forget_remote(old[0], s)
-                if key not in own:
-                    if not quiet and key not in remote:
-                        self._event(key, False)
-                    remote[key] = s
+                if not quiet and key not in remote and key not in own:
+                    self._event(key, False)
+                self._add_remote(key, s)  # even when this engine holds a copy: it may evict it
             elif kind == delete:
                 s = base + slot
                 old = slots.pop(s, None)
@@ -194,7 +217,7 @@ class BlockIndex:
         log, slots whose file space exists). Their blocks join ``own`` at the least recently used
         end, in write order; returns how many."""
         found: list[tuple[int, bytes, int]] = []
-        own, remote, slots, writing = self.own, self.remote, self.slots, self.writing
+        own, slots, writing = self.own, self.slots, self.writing
         for region, log, allocated in claims:
             base = self.geo.base(region)
             nslots = self.geo.slots_in(region)
@@ -203,8 +226,7 @@ class BlockIndex:
             free = set(range(base, base + fresh)).difference(occ)
             for s in occ:
                 k, seq = slots[s]
-                if remote.get(k) == s:
-                    del remote[k]
+                self._drop_remote(k, s)  # it becomes one of this engine's own
                 if k in own or k in writing:
                     free.add(s)  # another copy is ours already: this slot can be reused
                     continue
@@ -241,7 +263,7 @@ class BlockIndex:
             k = self.slots[s][0]
             if self.own.get(k) == s:
                 del self.own[k]
-                self.remote[k] = s
+                self._add_remote(k, s)
                 moved += 1
         self.doomed.difference_update(range(base, base + r.slots))
         self.owners[region] = Owner(self.engine_id, released=True)

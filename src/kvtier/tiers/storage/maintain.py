@@ -151,8 +151,9 @@ def _merge_lane(directory: str, lane: str, geo: Geometry, placed: dict[int, str]
     shutil.rmtree(lane, ignore_errors=True)
 
 
-def resize(directory: str, old: Geometry, new: Geometry) -> None:
-    """Fit the regions to ``new`` (same slots per region): drop or cut what no longer fits."""
+def resize(directory: str, new: Geometry) -> None:
+    """Fit the regions on disk to ``new``: drop the files of regions beyond it, and cut a
+    region whose slab file holds more slots than it may now (its file and its log)."""
     dropped = 0
     for name in os.listdir(directory):
         r = parse_slab_name(name)
@@ -163,11 +164,12 @@ def resize(directory: str, old: Geometry, new: Geometry) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
                 dropped += name.startswith("slab-")
-    last = new.regions - 1
-    if last >= 0 and last < old.regions and new.slots_in(last) < old.slots_in(last):
-        keep = new.slots_in(last)
-        tail = ilog.LogTail(os.path.join(directory, log_name(last)))
-        got = tail.read()
+    for r in range(new.regions):  # a region whose file is longer than it may be now is cut
+        path = os.path.join(directory, slab_name(r))
+        keep = new.slots_in(r)
+        if not os.path.exists(path) or os.path.getsize(path) <= keep * new.slot_size:
+            continue
+        got = ilog.LogTail(os.path.join(directory, log_name(r))).read()
         held: dict[int, tuple[bytes, int]] = {}
         for e in got[1] if got else []:
             if e.kind == ilog.PUT:
@@ -175,12 +177,8 @@ def resize(directory: str, old: Geometry, new: Geometry) -> None:
             elif e.kind == ilog.DEL:
                 held.pop(e.slot, None)
         entries = [(ilog.PUT, i, 0, seq, k) for i, (k, seq) in sorted(held.items()) if i < keep]
-        ilog.LogWriter.create(os.path.join(directory, log_name(last)), last, new.log_size(last),
-                              entries, sync=True).close()
-        path = os.path.join(directory, slab_name(last))
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.getsize(path) > keep * new.slot_size:
-                os.truncate(path, keep * new.slot_size)
-    log.info("storage directory %s: capacity %d -> %d bytes: %d -> %d regions (%d slab files "
-             "removed)", directory, old.capacity_bytes, new.capacity_bytes, old.regions,
-             new.regions, dropped)
+        ilog.LogWriter.create(os.path.join(directory, log_name(r)), r, new.log_size(r), entries,
+                              sync=True).close()
+        os.truncate(path, keep * new.slot_size)
+    log.info("storage directory %s: %d regions for a capacity of %d bytes (%d slab files "
+             "removed)", directory, new.regions, new.capacity_bytes, dropped)

@@ -236,8 +236,8 @@ class StorageTier(SecondaryTier):
                 self._join_shared(lock_fd)
             kind = fs_type(directory)
             direct = self.direct_io_setting
-            if direct == "auto":
-                direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(directory)
+            if direct == "auto":  # probed beside the namespace directory, not counted in it
+                direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(self.root)
             write_namespace_file(directory, ctx.namespace, ctx.namespace_fp.hex(), ctx.block_bytes,
                                  slot_size_for(ctx.block_bytes))
             adopted: dict[str, float] = {}
@@ -245,7 +245,7 @@ class StorageTier(SecondaryTier):
                 self._maintain(bool(direct), adopted)
                 if nolocks is None:
                     self._join_shared(lock_fd)
-            geo = read_pool(directory)
+            geo = self._read_pool()
             if geo is None:
                 raise OSError(errno.EAGAIN, "the directory is being set up by another engine",
                               directory)
@@ -299,6 +299,14 @@ class StorageTier(SecondaryTier):
             self.sync_seconds,
         )
 
+    def _read_pool(self) -> Geometry | None:
+        """The directory's geometry (OSError when its POOL file cannot be used)."""
+        try:
+            return read_pool(self.directory)
+        except ValueError as e:
+            raise OSError(errno.EINVAL, f"POOL file unusable ({e}); an engine alone on the "
+                          "directory writes it again", self.directory) from None
+
     def _join_shared(self, lock_fd: int) -> None:
         """Hold the membership lock shared, waiting briefly for an engine that holds it alone
         (at start; a retry from an I/O thread does not wait)."""
@@ -323,8 +331,19 @@ class StorageTier(SecondaryTier):
             if n.startswith(ctx.namespace_fp.hex() + ".") and n.rsplit(".", 1)[-1].isdigit()
         )
         capacity = self._capacity_alone()
-        old = read_pool(directory)
-        if old is None:
+        try:
+            old = read_pool(directory)
+        except ValueError as e:
+            log.warning("tier %s: %s/POOL is unusable (%s); setting the directory up again",
+                        self.name, directory, e)
+            old = None
+        spr: int | None
+        if old is None and os.path.exists(os.path.join(directory, "POOL")):
+            spr = self.slab_bytes // slot_size_for(ctx.block_bytes) if slab_files(directory) else None
+            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
+            resize(directory, geo)
+            write_pool(directory, geo)
+        elif old is None:
             legacy = is_single_engine_layout(directory, lanes)
             spr = self.slab_bytes // slot_size_for(ctx.block_bytes) if legacy else None
             geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
@@ -337,7 +356,7 @@ class StorageTier(SecondaryTier):
             spr = old.slots_per_region if slab_files(directory) else None
             geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
             if geo != old:
-                resize(directory, old, geo)
+                resize(directory, geo)
                 write_pool(directory, geo)
         for name in os.listdir(directory):
             if name.endswith(".new") or name.startswith(".direct-probe"):
