@@ -437,7 +437,7 @@ _shared_op = st.one_of(
 )
 
 
-@settings(max_examples=int(os.environ.get('KVTIER_EXAMPLES', '25')), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_shared_op, min_size=1, max_size=16))
 def test_two_engines_any_interleaving_never_serve_wrong_bytes(
         tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int, list[int]]]) -> None:
