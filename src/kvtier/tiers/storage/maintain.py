@@ -6,7 +6,9 @@
   reading their headers, the slots named by intent files (writes in flight when that engine
   ended) are verified in full and dropped when torn, and a key found twice keeps its newest copy.
 * ``resize``: a new ``capacity_bytes`` with nobody else attached: regions beyond it are removed,
-  a last region that got smaller is cut.
+  a region that got smaller is cut.
+
+``set_up_alone`` decides which applies and writes the ``POOL`` file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from kvtier.tiers.base import TierContext
 from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.layout import (
     Geometry,
@@ -24,12 +27,54 @@ from kvtier.tiers.storage.layout import (
     log_name,
     parse_slab_name,
     read_legacy_intents,
+    read_pool,
     slab_name,
+    slot_size_for,
     try_lock,
+    write_pool,
 )
 from kvtier.tiers.storage.slab import SlabStore
 
 log = logging.getLogger("kvtier.tiers.storage")
+
+
+def set_up_alone(root: str, directory: str, ctx: TierContext, capacity: int, slab_bytes: int, *,
+                 fsync: str, direct: bool) -> dict[str, float]:
+    """Alone on ``directory``: write its geometry for ``capacity``, adopting the single-engine
+    layout or fitting the regions to a new capacity first; returns counters for the stats."""
+    counters: dict[str, float] = {}
+    fp_hex = ctx.namespace_fp.hex()
+    lanes = sorted(os.path.join(root, n) for n in os.listdir(root)
+                   if n.startswith(fp_hex + ".") and n.rsplit(".", 1)[-1].isdigit())
+    legacy_spr = slab_bytes // slot_size_for(ctx.block_bytes)  # what the earlier layout used
+    try:
+        old = read_pool(directory)
+    except ValueError as e:
+        log.warning("storage directory %s: POOL is unusable (%s); setting it up again", directory, e)
+        old = None
+    if old is None and os.path.exists(os.path.join(directory, "POOL")):
+        geo = Geometry.plan(capacity, ctx.block_bytes, slab_bytes,
+                            legacy_spr if slab_files(directory) else None)
+        resize(directory, geo)
+    elif old is None:
+        legacy = is_single_engine_layout(directory, lanes)
+        geo = Geometry.plan(capacity, ctx.block_bytes, slab_bytes, legacy_spr if legacy else None)
+        if legacy:
+            res = adopt_single_engine_layout(directory, lanes, geo, namespace_fp=ctx.namespace_fp,
+                                             direct=direct, fsync=fsync)
+            counters.update(start_verified=res.verified, start_invalidated=res.torn)
+    else:
+        geo = Geometry.plan(capacity, ctx.block_bytes, slab_bytes,
+                            old.slots_per_region if slab_files(directory) else None)
+        if geo != old:
+            resize(directory, geo)
+    if geo != old:
+        write_pool(directory, geo)
+    for name in os.listdir(directory):
+        if name.endswith(".new") or name.startswith(".direct-probe"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+    return counters
 
 
 @dataclass

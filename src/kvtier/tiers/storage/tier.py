@@ -12,8 +12,6 @@ shares the capacity with them. ``layout`` says what is on disk and why it stays 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import secrets
@@ -33,29 +31,15 @@ from kvtier.tiers.base import (
     TierJobResult,
 )
 from kvtier.tiers.storage import log as ilog
-from kvtier.tiers.storage.fleet import Fleet, NoLocks
-from kvtier.tiers.storage.index import BlockIndex
+from kvtier.tiers.storage.fleet import Fleet
 from kvtier.tiers.storage.io import IOPool
+from kvtier.tiers.storage.join import JoinSpec, join_directory
 from kvtier.tiers.storage.layout import (
     ALIGN,
     Geometry,
-    LocksUnsupported,
-    fs_type,
-    is_network_fs,
-    read_pool,
-    slot_size_for,
-    try_lock,
-    write_namespace_file,
-    write_pool,
-)
-from kvtier.tiers.storage.maintain import (
-    adopt_single_engine_layout,
-    is_single_engine_layout,
-    resize,
-    slab_files,
 )
 from kvtier.tiers.storage.shared import Shared
-from kvtier.tiers.storage.slab import MAX_KEY_BYTES, SlabStore, probe_direct_io
+from kvtier.tiers.storage.slab import MAX_KEY_BYTES
 
 log = logging.getLogger("kvtier.tiers.storage")
 
@@ -212,76 +196,24 @@ class StorageTier(SecondaryTier):
         self._write_health.record_failure(e)
 
     def _open(self) -> None:
-        """Join the namespace directory: membership lock, geometry (adopting or resizing it when
-        alone), this engine's presence file, then a first sync pass (raises OSError)."""
+        """Join the namespace directory (see ``join``); raises OSError."""
         t0 = time.perf_counter()
-        ctx = self.ctx
-        directory = self.directory
-        os.makedirs(directory, exist_ok=True)
-        lock_fd = os.open(os.path.join(directory, "lock"), os.O_CREAT | os.O_RDWR, 0o644)
-        store: SlabStore | None = None
-        fleet: Fleet | None = None
-        try:
-            nolocks: NoLocks | None = None
-            try:
-                alone = try_lock(lock_fd)
-            except LocksUnsupported as e:
-                nolocks = NoLocks(directory, self.engine_id, max(30.0, 10 * self.sync_seconds))
-                alone = nolocks.try_become_writer() and read_pool(directory) is None
-                log.warning(
-                    "tier %s: %s (%s on %s): one engine writes the directory, the others only "
-                    "read it; this engine %s", self.name, e.strerror, fs_type(directory) or "?",
-                    directory, "writes" if nolocks.writer else "reads")
-            if not alone and nolocks is None:
-                self._join_shared(lock_fd)
-            kind = fs_type(directory)
-            direct = self.direct_io_setting
-            if direct == "auto":  # probed beside the namespace directory, not counted in it
-                direct = ctx.block_bytes % ALIGN == 0 and probe_direct_io(self.root)
-            write_namespace_file(directory, ctx.namespace, ctx.namespace_fp.hex(), ctx.block_bytes,
-                                 slot_size_for(ctx.block_bytes))
-            adopted: dict[str, float] = {}
-            if alone:
-                self._maintain(bool(direct), adopted)
-                if nolocks is None:
-                    self._join_shared(lock_fd)
-            geo = self._read_pool()
-            if geo is None:
-                raise OSError(errno.EAGAIN, "the directory is being set up by another engine",
-                              directory)
-            if geo.capacity_bytes != self.capacity_bytes and not getattr(self, "_auto_capacity", False):
-                log.warning("tier %s: capacity_bytes %d differs from the %d the engines on %s "
-                            "share; using %d (all engines must stop to change it)", self.name,
-                            self.capacity_bytes, geo.capacity_bytes, directory, geo.capacity_bytes)
-            self.capacity_bytes = geo.capacity_bytes
-            if geo.total_slots == 0:
-                log.warning("tier %s: capacity_bytes=%d holds no block of %d bytes (plus metadata)",
-                            self.name, self.capacity_bytes, ctx.block_bytes)
-            store = SlabStore(directory, geo, namespace_fp=ctx.namespace_fp, direct=bool(direct),
-                              fsync=self.fsync)
-            sh = Shared(
-                name=self.name, directory=directory, geo=geo, store=store,
-                index=BlockIndex(geo, self.engine_id), engine_id=self.engine_id, fsync=self.fsync,
-                network_fs=is_network_fs(kind), primary=ctx.primary,
-                read_health=self._read_health, write_health=self._write_health,
-                stats=dict(self._base_stats),
-            )
-            sh.count(**adopted)
-            fleet = Fleet(sh, sync_seconds=self.sync_seconds, nolocks=nolocks)
-            fleet.join()
-            fleet.sync(first=True)
-        except BaseException:
-            if fleet is not None:
-                fleet.leave()
-            if store is not None:
-                store.close()
-            os.close(lock_fd)
-            raise
+        j = join_directory(JoinSpec(
+            name=self.name, root=self.root, directory=self.directory, ctx=self.ctx,
+            capacity_bytes=self.capacity_bytes, auto_capacity=getattr(self, "_auto_capacity", False),
+            capacity_alone=self._capacity_alone, slab_bytes=self.slab_bytes, fsync=self.fsync,
+            direct_io=self.direct_io_setting, sync_seconds=self.sync_seconds,
+            engine_id=self.engine_id, read_health=self._read_health,
+            write_health=self._write_health, base_stats=self._base_stats,
+            wait_s=_JOIN_WAIT_S if not self._retrying else 0.05,
+        ))
+        sh, fleet, geo = j.sh, j.fleet, j.sh.geo
         sh.stats["index_rebuild_seconds"] = time.perf_counter() - t0
         self._read_health.record_success()  # before the tier shows as open
         self._write_health.record_success()
-        self._lock_fd = lock_fd
-        self.direct = store.direct
+        self.capacity_bytes = geo.capacity_bytes
+        self._lock_fd = j.lock_fd
+        self.direct = sh.store.direct
         self._sh = sh
         self._fleet = fleet
         self._io.sh = sh
@@ -293,75 +225,11 @@ class StorageTier(SecondaryTier):
         log.info(
             "tier %s: %s (%s), %d blocks found in %.3fs; capacity %d bytes in %d regions of %d "
             "slots of %d bytes, %d held here, %d engines; %s I/O, fsync=%s, sync every %.2fs",
-            self.name, directory, kind or "?", blocks, time.perf_counter() - t0,
+            self.name, self.directory, j.fs_type or "?", blocks, time.perf_counter() - t0,
             self.capacity_bytes, geo.regions, geo.slots_per_region, geo.slot_size, owned,
-            len(fleet.live), "direct" if store.direct else "buffered", self.fsync,
+            len(fleet.live), "direct" if self.direct else "buffered", self.fsync,
             self.sync_seconds,
         )
-
-    def _read_pool(self) -> Geometry | None:
-        """The directory's geometry (OSError when its POOL file cannot be used)."""
-        try:
-            return read_pool(self.directory)
-        except ValueError as e:
-            raise OSError(errno.EINVAL, f"POOL file unusable ({e}); an engine alone on the "
-                          "directory writes it again", self.directory) from None
-
-    def _join_shared(self, lock_fd: int) -> None:
-        """Hold the membership lock shared, waiting briefly for an engine that holds it alone
-        (at start; a retry from an I/O thread does not wait)."""
-        deadline = time.monotonic() + (_JOIN_WAIT_S if not self._retrying else 0.05)
-        while True:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            if try_lock(lock_fd, shared=True):
-                return
-            if time.monotonic() > deadline:
-                raise OSError(errno.EBUSY, "another engine holds the directory alone (an engine "
-                              "of an earlier kvtier version, or one adopting or resizing it)",
-                              self.directory)
-            time.sleep(0.02)
-
-    def _maintain(self, direct: bool, adopted: dict[str, float]) -> None:
-        """Alone on the directory: adopt the single-engine layout, or fit a new capacity."""
-        ctx = self.ctx
-        directory = self.directory
-        lanes = sorted(
-            os.path.join(self.root, n) for n in os.listdir(self.root)
-            if n.startswith(ctx.namespace_fp.hex() + ".") and n.rsplit(".", 1)[-1].isdigit()
-        )
-        capacity = self._capacity_alone()
-        try:
-            old = read_pool(directory)
-        except ValueError as e:
-            log.warning("tier %s: %s/POOL is unusable (%s); setting the directory up again",
-                        self.name, directory, e)
-            old = None
-        spr: int | None
-        if old is None and os.path.exists(os.path.join(directory, "POOL")):
-            spr = self.slab_bytes // slot_size_for(ctx.block_bytes) if slab_files(directory) else None
-            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
-            resize(directory, geo)
-            write_pool(directory, geo)
-        elif old is None:
-            legacy = is_single_engine_layout(directory, lanes)
-            spr = self.slab_bytes // slot_size_for(ctx.block_bytes) if legacy else None
-            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
-            if legacy:
-                res = adopt_single_engine_layout(directory, lanes, geo, namespace_fp=ctx.namespace_fp,
-                                                 direct=direct, fsync=self.fsync)
-                adopted.update(start_verified=res.verified, start_invalidated=res.torn)
-            write_pool(directory, geo)
-        else:
-            spr = old.slots_per_region if slab_files(directory) else None
-            geo = Geometry.plan(capacity, ctx.block_bytes, self.slab_bytes, spr)
-            if geo != old:
-                resize(directory, geo)
-                write_pool(directory, geo)
-        for name in os.listdir(directory):
-            if name.endswith(".new") or name.startswith(".direct-probe"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> int | None:
