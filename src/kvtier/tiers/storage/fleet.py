@@ -347,10 +347,19 @@ class Fleet:
             allocated = store.allocated_slots(region)
             if not has_log and allocated:
                 self._rebuild_from_headers(region, allocated)
-            with sh.index.lock:
-                entries = sh.index.snapshot(region)
-            writer = ilog.LogWriter.create(sh.log_path(region), region, sh.geo.log_size(region),
-                                           entries, sync=sh.sync_logs)
+            t = self.tails.get(region)
+            claim = [(ilog.CLAIM, 0, 0, sh.engine_id, b"")]
+            size = sh.geo.log_size(region)
+            if has_log and t is not None and t.clean and t.offset + ilog.ENTRY <= size:
+                # the log ends cleanly: say who holds the region now at its end
+                writer = ilog.LogWriter.reopen(sh.log_path(region), t.epoch, t.offset, size)
+                with writer.lock:
+                    writer.append(claim, sync=sh.sync_logs)
+            else:  # no log, or one that ends in a torn entry: write it afresh
+                with sh.index.lock:
+                    entries = sh.index.snapshot(region)
+                writer = ilog.LogWriter.create(sh.log_path(region), region, size, entries,
+                                               sync=sh.sync_logs)
         except OSError as e:
             if self.nolocks is None:
                 unlock(fd)

@@ -134,6 +134,10 @@ class BlockIndex:
     def replace_region(self, region: int, entries: Iterable[Entry], *, quiet: bool = False) -> None:
         """``region``'s log was rewritten: make its slots what ``entries`` (the whole new log)
         say, changing (and reporting) only what differs from before."""
+        if not self.occupied(region):  # nothing known of it yet: plain application
+            self.owners.pop(region, None)
+            self.apply(region, entries, quiet=quiet)
+            return
         base = self.geo.base(region)
         nslots = self.geo.slots_in(region)
         new: dict[int, tuple[bytes, int]] = {}
@@ -192,9 +196,13 @@ class BlockIndex:
                     if old[0] == key:
                         continue  # a newer sequence for the same record
                     self._forget_remote(old[0], s)
-                if not quiet and key not in remote and key not in own:
-                    self._event(key, False)
-                self._add_remote(key, s)  # even when this engine holds a copy: it may evict it
+                cur = remote.get(key)
+                if cur is None:
+                    if not quiet and key not in own:
+                        self._event(key, False)
+                elif cur != s:
+                    self.copies.setdefault(key, {cur}).add(s)
+                remote[key] = s  # even when this engine holds a copy: it may evict it
             elif kind == delete:
                 s = base + slot
                 old = slots.pop(s, None)
@@ -217,7 +225,7 @@ class BlockIndex:
         log, slots whose file space exists). Their blocks join ``own`` at the least recently used
         end, in write order; returns how many."""
         found: list[tuple[int, bytes, int]] = []
-        own, slots, writing = self.own, self.slots, self.writing
+        own, slots, writing, remote, copies = self.own, self.slots, self.writing, self.remote, self.copies
         for region, log, allocated in claims:
             base = self.geo.base(region)
             nslots = self.geo.slots_in(region)
@@ -226,7 +234,10 @@ class BlockIndex:
             free = set(range(base, base + fresh)).difference(occ)
             for s in occ:
                 k, seq = slots[s]
-                self._drop_remote(k, s)  # it becomes one of this engine's own
+                if k in copies:
+                    self._drop_remote(k, s)  # it becomes one of this engine's own
+                elif remote.get(k) == s:
+                    del remote[k]
                 if k in own or k in writing:
                     free.add(s)  # another copy is ours already: this slot can be reused
                     continue

@@ -33,7 +33,6 @@ import secrets
 import struct
 import threading
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 import xxhash
 
@@ -96,14 +95,9 @@ def log_bytes(slots: int) -> int:
     return -(-n // 4096) * 4096
 
 
-class Entry(NamedTuple):
-    """One parsed log entry."""
-
-    kind: int
-    slot: int
-    aux: int
-    value: int
-    key: bytes  # the index key (see ``index_key``), empty for HEADER/CLAIM/DEL/RELEASE
+#: one parsed log entry: (kind, slot, aux, value, index key); the key is empty for
+#: HEADER/CLAIM/DEL/RELEASE (plain tuples: logs of 100k entries are parsed at start)
+Entry = tuple[int, int, int, int, bytes]
 
 
 def pack(kind: int, slot: int = 0, aux: int = 0, value: int = 0, key: bytes = b"", *,
@@ -153,7 +147,7 @@ def parse(data: bytes | memoryview, epoch: int) -> tuple[list[Entry], int]:
             key = long_prefix + kb[:16] + pad
         else:
             key = kb[:klen]
-        append(Entry(kind, slot, aux, value, key))
+        append((kind, slot, aux, value, key))
     return out, end
 
 
@@ -217,6 +211,13 @@ class LogWriter:
             raise
         return cls(path, fd, epoch, len(data), size, reserve)
 
+    @classmethod
+    def reopen(cls, path: str, epoch: int, end: int, size: int) -> LogWriter:
+        """Append to an existing log that ends cleanly at ``end`` (read to there by a
+        ``LogTail``, its writer gone): a new owner's claim needs no rewrite."""
+        fd = os.open(path, os.O_RDWR)
+        return cls(path, fd, epoch, end, size, False)
+
     def room(self, n_entries: int) -> bool:
         """True when ``n_entries`` more entries fit."""
         return self.end + n_entries * ENTRY <= self.size
@@ -259,13 +260,14 @@ class LogWriter:
 class LogTail:
     """The read side of one region's log: remembers the epoch and offset read so far."""
 
-    __slots__ = ("path", "epoch", "offset", "ino")
+    __slots__ = ("path", "epoch", "offset", "ino", "clean")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.epoch = 0
         self.offset = 0
         self.ino = -1
+        self.clean = False  # the last read ended at the end of the file (no partial entry)
 
     def read(self) -> tuple[bool, list[Entry]] | None:
         """New entries since the last call: (reset, entries); None when there is no log.
@@ -300,6 +302,7 @@ class LogTail:
                 self.offset += used
                 if used < len(data) - len(data) % ENTRY:
                     break  # an entry that does not verify yet: an append in flight
+            self.clean = self.offset == st.st_size
             return reset, out
         finally:
             os.close(fd)

@@ -216,11 +216,11 @@ def resize(directory: str, new: Geometry) -> None:
             continue
         got = ilog.LogTail(os.path.join(directory, log_name(r))).read()
         held: dict[int, tuple[bytes, int]] = {}
-        for e in got[1] if got else []:
-            if e.kind == ilog.PUT:
-                held[e.slot] = (e.key, e.value)
-            elif e.kind == ilog.DEL:
-                held.pop(e.slot, None)
+        for kind, slot, _aux, value, key in got[1] if got else []:
+            if kind == ilog.PUT:
+                held[slot] = (key, value)
+            elif kind == ilog.DEL:
+                held.pop(slot, None)
         entries = [(ilog.PUT, i, 0, seq, k) for i, (k, seq) in sorted(held.items()) if i < keep]
         ilog.LogWriter.create(os.path.join(directory, log_name(r)), r, new.log_size(r), entries,
                               sync=True).close()
