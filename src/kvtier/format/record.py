@@ -59,6 +59,11 @@ def namespace_fingerprint(namespace: str) -> bytes:
     return xxhash.xxh3_128_digest(namespace.encode("utf-8"))
 
 
+def namespace_key(namespace: str, block_bytes: int) -> str:
+    """What persistent tiers fingerprint: an engine's namespace and its block size in bytes."""
+    return f"{namespace}\x00block_bytes={block_bytes}"
+
+
 def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
     """xxh3-64 of a payload (any buffer, no copy)."""
     return xxhash.xxh3_64_intdigest(payload)
