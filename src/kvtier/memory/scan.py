@@ -6,9 +6,12 @@ id>``), maps it for its lifetime and unlinks it at shutdown; workers map it by n
 is *live* while some process maps it or holds it open (``/proc/PID/maps``, ``/proc/PID/fd``; the
 descriptor is open from the moment the segment is created, so there is no window in which a new
 region looks unused), and *stale* when nobody does: its engine died before shutting down.
-Processes whose /proc entries this user cannot read make a region's state *unknown*, never
-stale. Processes of another PID namespace that share this ``/dev/shm`` (containers started with
-``--ipc=host``) are invisible here: run the command where the engines run.
+Without the privilege to read every process (CAP_SYS_PTRACE, which root normally has), a process
+whose /proc entries cannot be read and that could open the region (same user, or root) makes
+its state *unknown*, never stale. With that privilege, a process that still cannot be read is
+outside this user namespace (a supervisor of the container, say) and is not counted. Processes of
+another PID namespace that share this ``/dev/shm`` (containers started with ``--ipc=host``) are
+invisible here: run the command where the engines run.
 """
 
 from __future__ import annotations
@@ -43,14 +46,28 @@ def _proc_pids() -> list[int]:
         return []
 
 
+_CAP_SYS_PTRACE = 19
+
+
+def _can_read_all() -> bool:
+    """True when this process may read every process's maps and descriptors it can see."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _users(paths: set[str]) -> tuple[dict[str, set[int]], list[int]]:
-    """Which processes map or hold open each path, and the uids of processes not readable."""
+    """Which processes map or hold open each path, and the uids of processes that could use them
+    but cannot be read (see the module docstring)."""
     found: dict[str, set[int]] = {p: set() for p in paths}
     hidden_uids: list[int] = []
-    me = os.getpid()
+    privileged = _can_read_all()
     for pid in _proc_pids():
-        if pid == me:
-            continue
         base = f"/proc/{pid}"
         readable = True
         try:
@@ -75,7 +92,7 @@ def _users(paths: set[str]) -> tuple[dict[str, set[int]], list[int]]:
             readable = False
         except OSError:
             pass
-        if not readable:
+        if not readable and not privileged:
             with contextlib.suppress(OSError):
                 hidden_uids.append(os.stat(base).st_uid)
     return found, hidden_uids
