@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import load_and_check, make_key, settle, store_blocks
+from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
 from ops_helpers import BB, SLOT, kv, patch, read, storage_manager, tree_digest
 
 import kvtier
@@ -292,6 +296,89 @@ def test_fsck_progress_and_text_output(tmp_path: Path, capsys) -> None:
     rc, text, err = kv(capsys, "fsck", str(root))
     assert rc == 0 and "checked 4 records" in text and ": 0 bad" in text
     assert "Traceback" not in err
+
+
+_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvtier
+from helpers import make_key, store_blocks
+bb = 256 << 10
+cfg = {"cpu_bytes_to_use": 16 * bb, "secondary_tiers": [{"type": "storage", "path": sys.argv[2],
+       "capacity_bytes": 40 * (bb + 4096) + 5 * 4096, "n_read_threads": 2, "n_write_threads": 2,
+       "slab_bytes": 4 << 20}]}
+m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=bb,
+                                 namespace="ops/crash").get_manager()
+i = 0
+while True:
+    store_blocks(m, [make_key(j, "crash") for j in range(i, i + 8)])
+    m.on_schedule_end()
+    i += 8
+    print(i, flush=True)
+"""
+
+
+def test_after_a_crash_fsck_repair_leaves_nothing_for_the_engine_to_erase(tmp_path: Path,
+                                                                          capsys) -> None:
+    """An engine killed while writing (several slab files, slots being reused): fsck checks the
+    lane as the engine's own start would, and after --repair the engine finds nothing to erase
+    and serves every block it finds intact; compaction keeps that true."""
+    big = 256 << 10
+    root = tmp_path / "tier"
+    tests = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, tests, str(root)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        n = 0
+        while n < 120:
+            n = int(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    rc, ins, _ = kv(capsys, "inspect", str(root), "--json", "--shm-prefix", "kvtier-opstest-x-")
+    (lane,) = ins["namespaces"]
+    assert lane["in_use"] is False and lane["slab_files"] == 3
+    rc, r, _ = kv(capsys, "fsck", str(root), "--json", "--repair")
+    assert rc in (0, 1) and r["repaired"] == r["records_bad"]
+    rc, r, _ = kv(capsys, "fsck", str(root), "--json")
+    assert rc == 0 and r["records_bad"] == 0
+
+    def check() -> int:
+        spec = kvtier.TieringOffloadingSpec(
+            {"cpu_bytes_to_use": 8 * big, "secondary_tiers": [
+                {"type": "storage", "path": str(root), "capacity_bytes": 40 * (big + 4096) + 5 * 4096,
+                 "n_read_threads": 2, "n_write_threads": 2, "slab_bytes": 4 << 20}]},
+            gpu_block_size=16, bytes_per_gpu_block=big, namespace="ops/crash")
+        m = spec.get_manager()
+        try:
+            st = m.get_stats()["tiers"]["storage0"]
+            assert st["start_invalidated"] == 0
+            held = st["blocks"]
+            region = m.primary_blocks()
+            good = 0
+            for j in range(n + 16):
+                k = make_key(j, "crash")
+                if lookup_until(m, [k]) != 1:
+                    continue
+                ctx = kvtier.ReqContext("check")
+                slot = int(m.prepare_load([k], ctx).block_ids[0])
+                good += int(np.array_equal(region[slot], block_bytes_for(k, big)))
+                m.complete_load([k], ctx)
+            assert good == held and m.get_stats()["tiers"]["storage0"]["corrupt"] == 0
+            return held
+        finally:
+            m.shutdown()
+
+    held = check()
+    assert held > 10
+    # compaction across the three slab files keeps the newest blocks, intact
+    size = 12 * (big + 4096) + 5 * 4096
+    rc, r, _ = kv(capsys, "gc", str(root), "--shrink-to", str(size), "--json")
+    assert rc == 0 and r["removed"][0]["kept_blocks"] == 12
+    rc, du, _ = kv(capsys, "du", str(root), "--json")
+    assert du["total_blocks"] == 12 and du["total_bytes"] <= size
+    assert check() == 12
 
 
 # -- gc ----------------------------------------------------------------------------------------

@@ -72,9 +72,9 @@ def _render_inspect(c: Console, r: dict[str, Any]) -> None:
         c.print("note: this server has no CLIENT NO-TOUCH (before 7.2): reading values counts as "
                 "an access")
     if r.get("regions") is not None:
-        tab = Table("region", "bytes", "state", "users (pids)", "age")
+        tab = Table("region", "size", "in memory", "state", "users (pids)", "age")
         for g in r["regions"]:
-            tab.add_row(g["name"], fmt_bytes(g["bytes"]), g["state"],
+            tab.add_row(g["name"], fmt_bytes(g["size_bytes"]), fmt_bytes(g["bytes"]), g["state"],
                         ", ".join(map(str, g["users"])) or "-", fmt_seconds(g["age_s"]))
         c.print(tab if r["regions"] else "no regions")
     if t["kind"] != "shm":
@@ -102,11 +102,18 @@ def _render_inspect(c: Console, r: dict[str, Any]) -> None:
                     extra.append(f"{n['bad_headers']} bad headers")
                 if n.get("older_copies"):
                     extra.append(f"{n['older_copies']} older copies")
+                if n.get("unfinished_writes"):
+                    extra.append(f"{n['unfinished_writes']} slots an engine was writing when it "
+                                 "stopped (verified at its next start)")
                 if extra:
                     c.print(f"  {', '.join(extra)}: run kvtier fsck")
     if r.get("engines") and t["kind"] == "redis":
+        seen: dict[tuple[str, str], int] = {}
+        for e in r["engines"]:
+            host = str(e["addr"]).rsplit(":", 1)[0]
+            seen[(e["name"], host)] = seen.get((e["name"], host), 0) + 1
         c.print("engines connected: " + ", ".join(
-            f"{e['name']} from {e['addr']} on {e['node']}" for e in r["engines"]))
+            f"{name} from {host} ({n} connections)" for (name, host), n in seen.items()))
     stale = r.get("stale") or []
     if stale:
         c.print(f"stale pieces ({len(stale)}), removed by kvtier gc --stale:")
@@ -116,8 +123,11 @@ def _render_inspect(c: Console, r: dict[str, Any]) -> None:
     else:
         c.print("stale pieces: none")
     tot = r["totals"]
-    c.print(f"total: {tot['namespaces']} namespaces, {_num(tot['blocks'])} blocks, "
-            f"{fmt_bytes(tot['bytes'])}")
+    if t["kind"] == "shm":
+        c.print(f"total: {len(r['regions'])} regions, {fmt_bytes(tot['bytes'])} in memory")
+    else:
+        c.print(f"total: {tot['namespaces']} namespaces, {_num(tot['blocks'])} blocks, "
+                f"{fmt_bytes(tot['bytes'])}")
 
 
 def _num(n: int | None) -> str:
@@ -165,6 +175,8 @@ def _render_gc(c: Console, r: dict[str, Any]) -> None:
     for x in r["removed"]:
         what = x["kind"].replace("_", " ")
         where = x.get("path") or x["id"]
+        if x.get("namespace"):
+            where = f"{x['namespace']} ({where})"
         blocks = f"{_num(x['blocks'])} blocks, " if x.get("blocks") else ""
         why = f" ({x['reason']})" if x.get("reason") else ""
         c.print(f"  {verb} {what} {where}: {blocks}{fmt_bytes(x['bytes'])}{why}")

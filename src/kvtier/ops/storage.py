@@ -140,6 +140,7 @@ class StorageOps:
                     "unknown": sum(1 for c in sv.kept if c.seq <= 0),
                     "buckets": histogram((newest - s for s in seqs), WRITE_EDGES)},
             "bad_headers": len(sv.bad), "older_copies": len(sv.older),
+            "unfinished_writes": 0 if ln.in_use else len(intent_slots(ln)),
         })
         return d
 
@@ -336,8 +337,9 @@ class StorageOps:
             size = _dir_bytes(ln.path)
             if not dry_run:
                 drop_lane(ln)
-            removed.append({"kind": kind, "id": ln.name, "path": ln.path,
-                            "blocks": len(sv.kept), "bytes": size, "reason": reason})
+            removed.append({"kind": kind, "id": ln.name, "namespace": ln.namespace,
+                            "path": ln.path, "blocks": len(sv.kept), "bytes": size,
+                            "reason": reason})
             return True
         finally:
             lock.release()
@@ -381,7 +383,8 @@ class StorageOps:
             if not plan.dry_run:
                 res = compact(ln, valid, keep)
             if res.dropped or res.bytes_after < res.bytes_before:
-                removed.append({"kind": "blocks", "id": ln.name, "path": ln.path,
+                removed.append({"kind": "blocks", "id": ln.name, "namespace": ln.namespace,
+                                "path": ln.path,
                                 "blocks": len(kept) - res.kept,
                                 "bytes": res.bytes_before - res.bytes_after,
                                 "kept_blocks": res.kept, "moved_blocks": res.moved,
