@@ -23,6 +23,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -108,6 +109,12 @@ def raw_read(paths: list[str], threads: int, chunk: int) -> float:
     return done[0] / (time.perf_counter() - t0) / 1e9
 
 
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_fsck(root: str) -> dict[str, Any]:
     """``kvtier fsck`` of the tier with the command's defaults."""
     from kvtier.ops.common import Options
@@ -150,13 +157,22 @@ def main() -> int:
         slabs = sorted(os.path.join(lane, f) for f in os.listdir(lane) if f.startswith("slab-"))
         runs = []
         for rep in range(args.repeat):
-            raw = {f"{t}x{c >> 20 or c >> 10}{'M' if c >= 1 << 20 else 'K'}": raw_read(slabs, t, c)
-                   for t, c in configs}
+            raw = {}
+            raw_cpu = 0.0
+            for t, c in configs:
+                c0 = cpu_seconds()
+                raw[f"{t}x{c >> 20 or c >> 10}{'M' if c >= 1 << 20 else 'K'}"] = raw_read(slabs, t, c)
+                raw_cpu = max(raw_cpu, cpu_seconds() - c0)
             best = max(raw.values())
+            c0 = cpu_seconds()
             r = run_fsck(root)
+            fsck_cpu = cpu_seconds() - c0
             gbs = r["read_bytes_per_s"] / 1e9
+            gib = r["bytes_read"] / GiB
             runs.append({"raw": raw, "raw_best": best, "fsck": gbs, "ratio": gbs / best,
-                         "records": r["records_checked"], "bytes": r["bytes_read"]})
+                         "records": r["records_checked"], "bytes": r["bytes_read"],
+                         "fsck_cpu_s_per_gib": fsck_cpu / gib, "raw_cpu_s_per_gib": raw_cpu / gib,
+                         "loadavg": os.getloadavg()[0]})
             _progress(f"{size}: run {rep + 1}: raw best {best:.2f} GB/s, fsck {gbs:.2f} GB/s, "
                       f"ratio {gbs / best:.2f}")
         medians = {k: statistics.median(x["raw"][k] for x in runs) for k in runs[0]["raw"]}
@@ -171,15 +187,20 @@ def main() -> int:
             "median_ratio": fsck_med / medians[base_cfg],
             "min_ratio": min(x["ratio"] for x in runs),
             "max_ratio": max(x["ratio"] for x in runs),
+            "fsck_cpu_s_per_gib": statistics.median(x["fsck_cpu_s_per_gib"] for x in runs),
+            "raw_cpu_s_per_gib": statistics.median(x["raw_cpu_s_per_gib"] for x in runs),
+            "loadavg": statistics.median(x["loadavg"] for x in runs),
         }
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(f"{'block':>9} {'raw (best config)':>22} {'fsck GB/s':>10} {'fsck/raw':>9} "
-          f"{'per-run':>12}")
+          f"{'per-run':>12} {'CPU s/GiB fsck, raw':>20} {'load':>5}")
     for size, s in results["sizes"].items():
         raw = f"{s['median_raw_best']:.2f} ({s['baseline']})"
+        cpu = f"{s['fsck_cpu_s_per_gib']:.2f}, {s['raw_cpu_s_per_gib']:.2f}"
         print(f"{int(size) >> 10:>7}Ki {raw:>22} {s['median_fsck']:>10.2f} "
-              f"{s['median_ratio']:>9.2f} {s['min_ratio']:>5.2f}-{s['max_ratio']:.2f}")
+              f"{s['median_ratio']:>9.2f} {s['min_ratio']:>5.2f}-{s['max_ratio']:.2f} "
+              f"{cpu:>20} {s['loadavg']:>5.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -170,7 +170,7 @@ def add_parsers(sub: Any) -> None:
                            help="erase bad records and remove stray files (never a record an "
                                 "engine is writing)")
             p.add_argument("--threads", type=int, default=None, metavar="N",
-                           help="reader threads for a storage tier (default: 2 per core, 4-16)")
+                           help="reader threads for a storage tier (default 16)")
         if name == "gc":
             p.add_argument("--drop", action="store_true",
                            help="remove the namespaces --namespace names, entirely")

@@ -381,7 +381,9 @@ class StorageOps:
             if not res.dropped and res.bytes_after >= res.bytes_before:
                 return  # nothing to drop, nothing to reclaim
             if not plan.dry_run:
-                res = compact(ln, valid, keep)
+                with self.opts.progress.task(f"compacting {ln.name[:12]}",
+                                             res.moved * ln.slot_size) as advance:
+                    res = compact(ln, valid, keep, progress=advance)
             if res.dropped or res.bytes_after < res.bytes_before:
                 removed.append({"kind": "blocks", "id": ln.name, "namespace": ln.namespace,
                                 "path": ln.path,

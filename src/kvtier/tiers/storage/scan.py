@@ -528,7 +528,7 @@ def read_slots(
         finally:
             mv.release()
 
-    depth = 2 * max(1, workers)
+    depth = 8 * max(1, workers)  # tasks queued ahead: a slow read never idles the others
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers),
                                 thread_name_prefix="kvtier-scan") as pool:
