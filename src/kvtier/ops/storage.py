@@ -1,7 +1,7 @@
 """Operator commands on a storage tier's directory: every namespace lane under a tier ``path``.
 
 Reads never take a lane's lock, so they run beside engines. Changes follow
-:mod:`kvtier.tiers.storage.maintain`: a lane an engine holds only ever has bad records erased
+:mod:`kvtier.tiers.storage.repair`: a lane an engine holds only ever has bad records erased
 (never one an engine is writing); everything else (removing files, dropping a lane, compacting it)
 takes the lane's lock first and skips lanes an engine holds.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from kvtier.ops.common import GcPlan, Options, gc_result, schema
 from kvtier.ops.shm import remove_stale, stale_regions
 from kvtier.ops.units import WRITE_EDGES, UsageError, fmt_bytes, histogram
-from kvtier.tiers.storage.maintain import compact, drop_lane, erase_record, remove_files
+from kvtier.tiers.storage.repair import compact, drop_lane, erase_record, remove_files
 from kvtier.tiers.storage.scan import (
     PROBE_FILE,
     Lane,
@@ -276,11 +276,10 @@ class StorageOps:
             s: dict[str, Any] = {"path": p, "reason": "directory in a namespace directory"
                                  if os.path.isdir(p) and not os.path.islink(p)
                                  else "not part of the tier's layout", "removed": False}
-            if repair and locked and not os.path.isdir(p):
-                s["removed"] = bool(remove_files([p]))
+            if repair and not os.path.isdir(p):
+                s["removed"] = bool(remove_files([p]))  # no engine reads files it did not make
             elif repair:
-                s["note"] = "left alone: an engine holds this namespace" if not locked else \
-                    "directories are never removed"
+                s["note"] = "directories are never removed"
             strays.append(s)
         return checked, read, out, strays
 

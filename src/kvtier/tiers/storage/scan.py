@@ -5,9 +5,11 @@ a namespace, ``<fingerprint>.N`` for the N+1-th running at once), laid out as
 :mod:`kvtier.tiers.storage.slab` describes. This module finds those directories, reads their
 geometry (``NAMESPACE``, else a record header), says which processes hold their ``lock``, and
 reads and checks every slot with the record format's own checks. It never writes:
-:mod:`kvtier.tiers.storage.maintain` holds the operations that change files. The operator commands
+:mod:`kvtier.tiers.storage.repair` holds the operations that change files. The operator commands
 (``kvtier inspect|fsck|gc|du``) use these two modules only, so a change of the on-disk layout is
-made here, next to the tier, and nowhere else.
+made here, next to the tier, and nowhere else. This reads the layout of one engine per
+namespace directory (``<fingerprint>[.N]/`` with ``intent-NN`` files); a new layout of the tier
+changes these two modules and nothing in ``kvtier.ops``.
 
 What a slot is, as a reader sees it:
 
@@ -27,23 +29,25 @@ import fcntl
 import mmap
 import os
 import re
+import struct
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import xxhash
 
 from kvtier.format.record import FIXED_HEADER_SIZE, RecordError, parse_header
-from kvtier.tiers.storage.slab import (
+from kvtier.tiers.storage.slab import (  # the formats SlabStore writes: intents, sequences
+    _INTENT_HEAD,
+    _INTENT_MAGIC,
+    _INTENT_MAX,
+    _SEQ,
     ALIGN,
     MAX_KEY_BYTES,
     O_DIRECT,
     SLOT_HEADER,
-    read_intent_files,
+    _seq_check,
     round_up,
-    slot_seq,
 )
 
 LANE_NAME = re.compile(r"^([0-9a-f]{32})(?:\.([1-9][0-9]*))?$")
@@ -142,6 +146,36 @@ class SlotCheck:
     reason: str | None = None
     namespace_fp: bytes | None = None  # the fingerprint a header names, when it is another one
     digest: int = 0  # bad slots: xxh3-64 of the bytes read, to tell whether they change later
+
+
+# -- what SlabStore writes besides records ------------------------------------------------------
+def slot_seq(header: bytes | bytearray | memoryview, key: bytes) -> int:
+    """The write sequence kept at the end of a slot's header page (0 when its check fails)."""
+    seq, chk = _SEQ.unpack_from(header, SLOT_HEADER - _SEQ.size)
+    return int(seq) if _seq_check(seq, key) == chk else 0
+
+
+def pack_intent(slots: list[int]) -> bytes:
+    """An intent file's bytes naming ``slots`` (at most ``INTENT_CAPACITY``), as an engine
+    writes them before it writes those slots."""
+    body = _INTENT_HEAD.pack(_INTENT_MAGIC, len(slots)) + struct.pack(f"<{len(slots)}Q", *slots)
+    return body + xxhash.xxh3_64_digest(body)
+
+
+INTENT_CAPACITY = _INTENT_MAX
+
+
+def parse_intent(data: bytes) -> list[int]:
+    """The slots an intent file's bytes name; none when it is empty, torn or not an intent."""
+    if len(data) < _INTENT_HEAD.size + 8:
+        return []
+    magic, count = _INTENT_HEAD.unpack_from(data)
+    end = _INTENT_HEAD.size + 8 * count
+    if magic != _INTENT_MAGIC or count > _INTENT_MAX or len(data) < end + 8:
+        return []
+    if xxhash.xxh3_64_digest(data[:end]) != data[end : end + 8]:
+        return []
+    return list(struct.unpack_from(f"<{count}Q", data, _INTENT_HEAD.size))
 
 
 # -- finding lanes ---------------------------------------------------------------------------
@@ -343,10 +377,19 @@ class LaneLock:
 
 def intent_slots(lane: Lane) -> set[int]:
     """Slots an engine of this lane said it is writing (or was, when it crashed)."""
+    slots: set[int] = set()
     try:
-        return read_intent_files(lane.path)
+        names = os.listdir(lane.path)
     except OSError:
-        return set()
+        return slots
+    for name in names:
+        if INTENT_NAME.match(name):
+            try:
+                with open(os.path.join(lane.path, name), "rb") as fh:
+                    slots.update(parse_intent(fh.read(SLOT_HEADER)))
+            except OSError:
+                continue
+    return slots
 
 
 # -- reading slots ---------------------------------------------------------------------------
@@ -381,7 +424,7 @@ def check_slot(lane: Lane, mv: memoryview, avail: int, slot: int, path: str, off
     seq = slot_seq(head, h.key)
     if payload:
         body = mv[SLOT_HEADER : SLOT_HEADER + h.payload_len]
-        ok = xxhash.xxh3_64_intdigest(body) == h.payload_checksum
+        ok = xxhash.xxh3_64_intdigest(body) == h.payload_checksum  # without the GIL
         body.release()
         if not ok:
             return bad("payload checksum mismatch", h.key)
@@ -528,25 +571,60 @@ def read_slots(
         finally:
             mv.release()
 
-    depth = 8 * max(1, workers)  # tasks queued ahead: a slow read never idles the others
+    # Each thread takes the next task itself, as a plain parallel reader does; results are
+    # handed back in order. At most ``window`` tasks run ahead of the caller, so memory stays
+    # bounded, and a slow read never idles the other threads.
+    n = len(tasks)
+    window = 8 * max(1, workers)
+    lock = threading.Lock()
+    have_result = threading.Condition(lock)
+    have_room = threading.Condition(lock)
+    results: dict[int, tuple[list[SlotCheck], int] | BaseException] = {}
+    state = {"next": 0, "consumed": 0, "stop": False}
+
+    def worker() -> None:
+        while True:
+            with lock:
+                while not state["stop"] and state["next"] < n \
+                        and state["next"] - state["consumed"] >= window:
+                    have_room.wait()
+                if state["stop"] or state["next"] >= n:
+                    return
+                i = state["next"]
+                state["next"] = i + 1
+            res: tuple[list[SlotCheck], int] | BaseException
+            try:
+                res = run(tasks[i])
+            except BaseException as e:  # handed to the caller, raised there
+                res = e
+            with lock:
+                results[i] = res
+                have_result.notify()
+
+    threads = [threading.Thread(target=worker, name=f"kvtier-scan-{k}", daemon=True)
+               for k in range(max(1, min(workers, n)))]
+    for t in threads:
+        t.start()
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers),
-                                thread_name_prefix="kvtier-scan") as pool:
-            futures: deque[Future[tuple[list[SlotCheck], int]]] = deque()
-            it = iter(tasks)
-            for t in it:
-                futures.append(pool.submit(run, t))
-                if len(futures) >= depth:
-                    break
-            while futures:
-                checks, nbytes = futures.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    futures.append(pool.submit(run, nxt))
-                if progress is not None:
-                    progress(nbytes, len(checks))
-                yield from checks
+        for i in range(n):
+            with lock:
+                while i not in results:
+                    have_result.wait()
+                res = results.pop(i)
+                state["consumed"] = i + 1
+                have_room.notify()
+            if isinstance(res, BaseException):
+                raise res
+            checks, nbytes = res
+            if progress is not None:
+                progress(nbytes, len(checks))
+            yield from checks
     finally:
+        with lock:
+            state["stop"] = True
+            have_room.notify_all()
+        for t in threads:
+            t.join()
         files.close()
 
 

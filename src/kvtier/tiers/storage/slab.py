@@ -92,46 +92,6 @@ def _seq_check(seq: int, key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(seq.to_bytes(8, "little") + key)
 
 
-def slot_seq(header: bytes | bytearray | memoryview | mmap.mmap, key: bytes) -> int:
-    """The write sequence kept in a slot's header page (0 when its check fails)."""
-    seq, chk = _SEQ.unpack_from(header, SLOT_HEADER - _SEQ.size)
-    return int(seq) if _seq_check(seq, key) == chk else 0
-
-
-def pack_intent(slots: list[int]) -> bytes:
-    """The bytes of an intent file naming ``slots`` (at most ``SlabStore.intent_capacity()``)."""
-    body = _INTENT_HEAD.pack(_INTENT_MAGIC, len(slots)) + struct.pack(f"<{len(slots)}Q", *slots)
-    return body + xxhash.xxh3_64_digest(body)
-
-
-def parse_intent(data: bytes) -> list[int]:
-    """The slots an intent file's bytes name; none when it is empty, torn or not an intent."""
-    if len(data) < _INTENT_HEAD.size + 8:
-        return []
-    magic, count = _INTENT_HEAD.unpack_from(data)
-    end = _INTENT_HEAD.size + 8 * count
-    if magic != _INTENT_MAGIC or count > _INTENT_MAX or len(data) < end + 8:
-        return []  # torn or empty: its records had not been started
-    if xxhash.xxh3_64_digest(data[:end]) != data[end : end + 8]:
-        return []
-    return list(struct.unpack_from(f"<{count}Q", data, _INTENT_HEAD.size))
-
-
-def read_intent_files(directory: str) -> set[int]:
-    """Slots named by any ``intent-*`` file of a lane directory (unreadable files name none)."""
-    slots: set[int] = set()
-    for name in os.listdir(directory):
-        if not name.startswith("intent-"):
-            continue
-        try:
-            with open(os.path.join(directory, name), "rb") as fh:
-                data = fh.read(SLOT_HEADER)
-        except OSError:
-            continue
-        slots.update(parse_intent(data))
-    return slots
-
-
 @dataclass(frozen=True)
 class ScannedRecord:
     """A record found at start: where, which key, and how recently it was written."""
@@ -334,7 +294,8 @@ class SlabStore:
 
     def stored_seq(self, key: bytes, hdr: mmap.mmap) -> int:
         """The write sequence in the header just read into ``hdr`` (0 when its check fails)."""
-        return slot_seq(hdr, key)
+        seq, chk = _SEQ.unpack_from(hdr, SLOT_HEADER - _SEQ.size)
+        return int(seq) if _seq_check(seq, key) == chk else 0
 
     def rewrite_seq(self, slot: int, key: bytes, seq: int, hdr: mmap.mmap) -> None:
         """Give the record in ``slot`` (its header in ``hdr``) a new sequence: one header write.
@@ -364,7 +325,8 @@ class SlabStore:
 
     def write_intent(self, thread: int, slots: list[int], buf: mmap.mmap) -> None:
         """Record that thread ``thread`` is about to write ``slots`` (at most intent_capacity)."""
-        data = pack_intent(slots)
+        body = _INTENT_HEAD.pack(_INTENT_MAGIC, len(slots)) + struct.pack(f"<{len(slots)}Q", *slots)
+        data = body + xxhash.xxh3_64_digest(body)
         fd = self._intent_fds[thread]
         os.pwrite(fd, data, 0)
         if self.fsync != "none":
@@ -372,7 +334,25 @@ class SlabStore:
 
     def read_intents(self) -> set[int]:
         """Slots named by any intent file (including those of a previous, larger thread count)."""
-        return read_intent_files(self.directory)
+        slots: set[int] = set()
+        for name in os.listdir(self.directory):
+            if not name.startswith("intent-"):
+                continue
+            try:
+                with open(os.path.join(self.directory, name), "rb") as fh:
+                    data = fh.read(SLOT_HEADER)
+            except OSError:
+                continue
+            if len(data) < _INTENT_HEAD.size + 8:
+                continue
+            magic, count = _INTENT_HEAD.unpack_from(data)
+            end = _INTENT_HEAD.size + 8 * count
+            if magic != _INTENT_MAGIC or count > _INTENT_MAX or len(data) < end + 8:
+                continue  # torn or empty: its records had not been started
+            if xxhash.xxh3_64_digest(data[:end]) != data[end : end + 8]:
+                continue
+            slots.update(struct.unpack_from(f"<{count}Q", data, _INTENT_HEAD.size))
+        return slots
 
     def clear_intents(self) -> None:
         """Empty every intent file; remove those of threads this run does not have."""
@@ -469,7 +449,10 @@ class SlabStore:
             or h.payload_len != self.block_bytes
         ):
             return None
-        return ScannedRecord(slot, h.key, slot_seq(mv, h.key))
+        seq, chk = _SEQ.unpack_from(mv, SLOT_HEADER - _SEQ.size)
+        if _seq_check(seq, h.key) != chk:
+            seq = 0
+        return ScannedRecord(slot, h.key, seq)
 
     def verify_slot(self, slot: int) -> bool:
         """Read a whole record and check its header and payload checksum."""

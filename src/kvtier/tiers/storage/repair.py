@@ -24,8 +24,8 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvtier.tiers.storage.scan import Lane, SlotCheck, recheck
-from kvtier.tiers.storage.slab import ALIGN, SLOT_HEADER, SlabStore, pack_intent
+from kvtier.tiers.storage.scan import INTENT_CAPACITY, Lane, SlotCheck, pack_intent, recheck
+from kvtier.tiers.storage.slab import ALIGN, SLOT_HEADER
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def compact(
                 os.pwrite(fd(c.file), zeros, c.offset)
         for f in list(fds.values()):
             os.fdatasync(f)
-        cap = SlabStore.intent_capacity()
+        cap = INTENT_CAPACITY
         moved = 0
         for b0 in range(0, len(sources), cap):
             batch = list(zip(sources[b0 : b0 + cap], holes[b0 : b0 + cap]))
