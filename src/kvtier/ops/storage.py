@@ -245,14 +245,16 @@ class StorageOps:
                 records.append(c)
             elif c.status == "bad":
                 suspects.append(c)
-        online = ln.in_use and not locked
+        # Unless this command holds the lane, an engine may be writing it (one on another host
+        # of a network file system shows in no /proc/locks): bad slots are read again to be sure.
+        online = not locked
         confirmed = self._confirm(ln, suspects) if online else suspects
         # a record being rewritten while it was read is no longer bad: count it as checked
         checked = len(records) + len(suspects)
         # Older copies of a key are what an engine drops at its next start; one that holds the
         # lane never reads them (its index names the newest), and it makes them itself for an
         # instant when a key evicted from one slot is stored again before that slot is rewritten.
-        _kept, older = newest_copies(records) if not online else ([], [])
+        _kept, older = newest_copies(records) if locked or not ln.in_use else ([], [])
         findings: list[tuple[SlotCheck, str]] = [(c, c.reason or "bad record") for c in confirmed]
         for old, kept in older:
             findings.append((old, f"older copy of the record in {os.path.basename(kept.file)} "
@@ -271,7 +273,7 @@ class StorageOps:
             out.append(entry)
         strays: list[dict[str, Any]] = []
         for p in ln.stray:
-            if online and os.path.basename(p) == PROBE_FILE:
+            if ln.in_use and os.path.basename(p) == PROBE_FILE:
                 continue  # an engine is starting: its probe file comes and goes
             s: dict[str, Any] = {"path": p, "reason": "directory in a namespace directory"
                                  if os.path.isdir(p) and not os.path.islink(p)

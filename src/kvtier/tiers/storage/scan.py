@@ -284,8 +284,9 @@ def lock_holders(lock_path: str) -> tuple[list[int], bool]:
     """(pids holding ``flock`` on the file, whether anybody holds it).
 
     Read from ``/proc/locks``, which takes no lock itself. A holder in another PID namespace
-    shows as pid 0. Where ``/proc/locks`` cannot be read, a non-blocking shared lock is tried and
-    released at once (no pids then).
+    shows as pid 0; one on another host of a network file system does not show at all (whatever
+    changes a lane takes its lock first, which such a holder does stop). Where ``/proc/locks``
+    cannot be read, a non-blocking shared lock is tried and released at once (no pids then).
     """
     try:
         st = os.stat(lock_path)
@@ -303,7 +304,8 @@ def lock_holders(lock_path: str) -> tuple[list[int], bool]:
         parts = line.split()
         if "->" in parts:  # a waiter, not a holder
             continue
-        if len(parts) < 6 or parts[1] != "FLOCK" or parts[5] != dev:
+        # FLOCK here; POSIX where flock is emulated with POSIX locks (NFS); OFDLCK likewise
+        if len(parts) < 6 or parts[1] not in ("FLOCK", "POSIX", "OFDLCK") or parts[5] != dev:
             continue
         with contextlib.suppress(ValueError):
             pid = int(parts[4])
