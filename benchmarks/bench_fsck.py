@@ -9,9 +9,11 @@ times:
 * fsck: ``kvtier fsck`` of the tier (the command's own code, default options: chunked O_DIRECT
   reads on several threads, every record's header and xxh3-64 payload checksum verified).
 
+Each round runs fsck and every raw reader once, in an order rotated from round to round (the
+disk's speed drifts within minutes; whatever runs late in a round must not always be the same).
 The baseline is the raw configuration with the highest median: the disk's raw read throughput as
-the best of these readers gets it. The ratio is fsck's median over that baseline; each run's fsck
-over the raw runs just before it (the disk's speed drifts within minutes) gives the range. Usage::
+the best of these readers gets it. The ratio is fsck's median over that baseline; each round's
+fsck over that round's best raw reader gives the range. Usage::
 
     python benchmarks/bench_fsck.py --dir /work/bench-ops --sizes 262144,2097152 --gib 2
 """
@@ -156,24 +158,32 @@ def main() -> int:
         lane = write_tier(root, size, int(args.gib * GiB))
         slabs = sorted(os.path.join(lane, f) for f in os.listdir(lane) if f.startswith("slab-"))
         runs = []
+        names = [f"{t}x{c >> 20 or c >> 10}{'M' if c >= 1 << 20 else 'K'}" for t, c in configs]
+        steps = ["fsck", *range(len(configs))]
         for rep in range(args.repeat):
-            raw = {}
+            # each round runs fsck and every raw reader once, in an order rotated every round, so
+            # that none always runs first or last (this disk's speed drifts within a round)
+            order = steps[rep % len(steps):] + steps[: rep % len(steps)]
+            raw: dict[str, float] = {}
             raw_cpu = 0.0
-            for t, c in configs:
+            for step in order:
                 c0 = cpu_seconds()
-                raw[f"{t}x{c >> 20 or c >> 10}{'M' if c >= 1 << 20 else 'K'}"] = raw_read(slabs, t, c)
-                raw_cpu = max(raw_cpu, cpu_seconds() - c0)
+                if step == "fsck":
+                    r = run_fsck(root)
+                    fsck_cpu = cpu_seconds() - c0
+                else:
+                    t, c = configs[int(step)]
+                    raw[names[int(step)]] = raw_read(slabs, t, c)
+                    raw_cpu = max(raw_cpu, cpu_seconds() - c0)
             best = max(raw.values())
-            c0 = cpu_seconds()
-            r = run_fsck(root)
-            fsck_cpu = cpu_seconds() - c0
             gbs = r["read_bytes_per_s"] / 1e9
             gib = r["bytes_read"] / GiB
-            runs.append({"raw": raw, "raw_best": best, "fsck": gbs, "ratio": gbs / best,
+            runs.append({"order": [s if s == "fsck" else names[int(s)] for s in order],
+                         "raw": raw, "raw_best": best, "fsck": gbs, "ratio": gbs / best,
                          "records": r["records_checked"], "bytes": r["bytes_read"],
                          "fsck_cpu_s_per_gib": fsck_cpu / gib, "raw_cpu_s_per_gib": raw_cpu / gib,
                          "loadavg": os.getloadavg()[0]})
-            _progress(f"{size}: run {rep + 1}: raw best {best:.2f} GB/s, fsck {gbs:.2f} GB/s, "
+            _progress(f"{size}: round {rep + 1}: raw best {best:.2f} GB/s, fsck {gbs:.2f} GB/s, "
                       f"ratio {gbs / best:.2f}")
         medians = {k: statistics.median(x["raw"][k] for x in runs) for k in runs[0]["raw"]}
         base_cfg = max(medians, key=lambda k: medians[k])
