@@ -1,0 +1,224 @@
+"""Glue to redis-py: the client(s), routing keys to servers, and batched exchanges.
+
+redis-py owns the connections: their setup, authentication, TLS, database selection and, in
+cluster mode, the slot table. :class:`Servers` adds the one thing the tier does with them: send a
+batch of commands to each server in one write and read all the replies, with error replies
+returned in their place instead of raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import AskError, MovedError, ResponseError
+
+try:  # redis-py's own RESP serializers: hiredis for small commands, the Python one for big values
+    from redis._parsers import Encoder as _Encoder
+    from redis.connection import PythonRespSerializer as _PySerializer
+
+    _ZERO_COPY: Any = _PySerializer(6000, _Encoder("utf-8", "strict", False).encode)
+except ImportError:  # pragma: no cover - older redis-py: let each connection pack
+    _ZERO_COPY = None
+try:
+    from redis.connection import HiredisRespSerializer as _HiSerializer
+
+    _FAST: Any = _HiSerializer()
+    _FAST.pack(b"PING")
+except Exception:  # pragma: no cover - no hiredis: the Python serializer packs everything
+    _FAST = _ZERO_COPY
+
+
+log = logging.getLogger("kvtier.tiers.network")
+
+_JOIN_LIMIT = 64 * 1024  # small protocol pieces are joined up to this size before a send
+
+
+def pack(commands: Sequence[Sequence[Any]], *, zero_copy: bool) -> list[Any]:
+    """Pack commands with redis-py's serializers, joining small pieces into few sends."""
+    packer = _ZERO_COPY if zero_copy and _ZERO_COPY is not None else _FAST
+    out: list[Any] = []
+    pieces: list[bytes] = []
+    size = 0
+    for cmd in commands:
+        for chunk in packer.pack(*cmd):
+            n = len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+            if isinstance(chunk, memoryview) or n > _JOIN_LIMIT:
+                if pieces:
+                    out.append(b"".join(pieces))
+                    pieces, size = [], 0
+                out.append(chunk)
+                continue
+            pieces.append(chunk)
+            size += n
+            if size > _JOIN_LIMIT:
+                out.append(b"".join(pieces))
+                pieces, size = [], 0
+    if pieces:
+        out.append(b"".join(pieces))
+    return out
+
+
+class Servers:
+    """The redis-py client(s) and the one thing we do with them: batched exchanges per server."""
+
+    def __init__(self, url: str, cluster: bool, kwargs: dict[str, Any]) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.kwargs = kwargs
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._refresh = False
+        self._ready = threading.Event()
+        self._wait = float(kwargs.get("socket_connect_timeout") or 2.0)
+        if not cluster:  # building a standalone client does no I/O
+            pool = redis.ConnectionPool.from_url(url, **kwargs)
+            self._client = redis.Redis(connection_pool=pool)
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        """True once a client exists."""
+        return self._client is not None
+
+    def connect(self) -> None:
+        """Build the client (cluster: read the slot table) and check the server answers."""
+        with self._lock:
+            if self._client is None:
+                self._client = redis.RedisCluster.from_url(self.url, **self.kwargs)
+                self._ready.set()
+        self.ping()
+
+    def ping(self) -> None:
+        """One PING to every server (raises on failure)."""
+        client = self._client
+        if client is None:
+            raise redis.ConnectionError("not connected")
+        if self.cluster:
+            if self._refresh:
+                self._refresh = False
+                client.nodes_manager.initialize()
+            for node in client.get_primaries():
+                client.get_redis_connection(node).ping()
+        else:
+            client.ping()
+
+    def warm(self, n: int) -> None:
+        """Open ``n`` connections to every server now, so that no job waits for a handshake."""
+        client = self._client
+        if client is None:
+            return
+        if self.cluster:
+            pools = [client.get_redis_connection(node).connection_pool
+                     for node in client.get_primaries()]
+        else:
+            pools = [client.connection_pool]
+        for pool in pools:
+            conns: list[Any] = []
+            try:
+                for _ in range(n):
+                    conns.append(pool.get_connection())
+            finally:
+                for conn in conns:
+                    pool.release(conn)
+
+    def route(self, rkeys: Sequence[bytes]) -> list[tuple[Any, list[int]]]:
+        """Group key indices by the server that holds them: [(connection pool, indices)]."""
+        client = self._client
+        if client is None and self._ready.wait(self._wait):
+            client = self._client
+        if client is None:
+            raise redis.ConnectionError("not connected to the cluster yet")
+        if not self.cluster:
+            return [(client.connection_pool, list(range(len(rkeys))))]
+        if self._refresh:
+            with self._lock:
+                if self._refresh:
+                    self._refresh = False
+                    client.nodes_manager.initialize()
+        nm = client.nodes_manager
+        keyslot = client.keyslot
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        slot_node: dict[int, Any] = {}
+        for i, k in enumerate(rkeys):
+            slot = keyslot(k)
+            node = slot_node.get(slot)
+            if node is None:
+                node = slot_node[slot] = nm.get_node_from_slot(slot)
+            g = groups.get(node.name)
+            if g is None:
+                pool = client.get_redis_connection(node).connection_pool
+                g = groups[node.name] = (pool, [])
+            g[1].append(i)
+        return list(groups.values())
+
+    def per_key(self, command: bytes, rkeys: Sequence[bytes],
+                timeout: float | None = None) -> tuple[list[tuple[Any, list[int]]], list[list[Any]]]:
+        """``command key`` for every key, one pipeline per server: (groups, replies per group)."""
+        groups = self.route(rkeys)
+        batches = [
+            (pool, pack([(command, rkeys[i]) for i in idx], zero_copy=False), len(idx))
+            for pool, idx in groups
+        ]
+        return groups, self.exchange(batches, timeout)
+
+    def exchange(self, batches: Sequence[tuple[Any, list[Any], int]],
+                 timeout: float | None = None) -> list[list[Any]]:
+        """Send every batch (pool, packed pieces, reply count) first, then read the replies.
+
+        Error replies come back as exception objects in their place. A connection error is
+        retried once on fresh connections (the commands used here are idempotent). ``timeout``
+        bounds each wait for reply bytes (default: the socket timeout).
+        """
+        try:
+            return self._exchange_once(batches, timeout)
+        except redis.ConnectionError:
+            if self.cluster:
+                self._refresh = True
+            return self._exchange_once(batches, timeout)
+
+    def _exchange_once(self, batches: Sequence[tuple[Any, list[Any], int]],
+                       timeout: float | None) -> list[list[Any]]:
+        kw = {} if timeout is None else {"timeout": timeout}
+        conns: list[tuple[Any, Any]] = []
+        clean = False
+        try:
+            for pool, pieces, _n in batches:
+                conn = pool.get_connection()
+                conns.append((pool, conn))
+                conn.send_packed_command(pieces, check_health=False)
+            out: list[list[Any]] = []
+            for (_pool, conn), (_p, _pieces, n) in zip(conns, batches):
+                replies: list[Any] = []
+                for _ in range(n):
+                    try:
+                        replies.append(conn.read_response(**kw))
+                    except ResponseError as e:
+                        if isinstance(e, (MovedError, AskError)):
+                            self._refresh = True
+                        replies.append(e)
+                out.append(replies)
+            clean = True
+            return out
+        finally:
+            for pool, conn in conns:
+                if not clean:
+                    conn.disconnect()  # replies may be left unread: never reuse it
+                pool.release(conn)
+
+    def close(self) -> None:
+        """Close every connection."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            if self.cluster:
+                client.close()
+            else:
+                client.connection_pool.disconnect()
+                client.close()
+        except Exception:  # closing a broken client must not raise
+            log.debug("closing the redis client failed", exc_info=True)
