@@ -114,6 +114,35 @@ def parse_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     )
 
 
+def peek_lengths(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """(header_len, key_len, payload_len) from a record's first bytes, NOT verified.
+
+    For a reader that must know how many bytes to take before it can verify anything (a
+    stream); ``parse_header`` on the whole header checks them. Raises RecordError when ``buf``
+    is shorter than the fixed header or does not start with the magic.
+    """
+    mv = memoryview(buf)
+    if mv.nbytes < FIXED_HEADER_SIZE:
+        raise RecordError("truncated header")
+    magic, _version, _flags, hlen, klen, plen, _ns, _pchk = _FIXED.unpack(mv[:_FIXED_SIZE])
+    if magic != MAGIC:
+        raise RecordError("bad magic")
+    return hlen, klen, plen
+
+
+def check_header(
+    header: RecordHeader, *, namespace_fp: bytes, key: bytes, payload_len: int
+) -> str | None:
+    """The checks of ``verify`` that need no payload: namespace, key, payload length."""
+    if header.namespace_fp != namespace_fp:
+        return "namespace mismatch"
+    if header.key != key:
+        return "key mismatch"
+    if header.payload_len != payload_len:
+        return "length mismatch"
+    return None
+
+
 def verify(
     header: RecordHeader,
     payload: bytes | bytearray | memoryview,
@@ -126,11 +155,10 @@ def verify(
 
     Returns None when the record is valid, else the reason it is not.
     """
-    if header.namespace_fp != namespace_fp:
-        return "namespace mismatch"
-    if header.key != key:
-        return "key mismatch"
-    if header.payload_len != payload_len or memoryview(payload).nbytes != payload_len:
+    reason = check_header(header, namespace_fp=namespace_fp, key=key, payload_len=payload_len)
+    if reason is not None:
+        return reason
+    if memoryview(payload).nbytes != payload_len:
         return "length mismatch"
     if payload_checksum(payload) != header.payload_checksum:
         return "payload checksum mismatch"

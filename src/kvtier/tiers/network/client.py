@@ -3,18 +3,22 @@
 redis-py owns the connections: their setup, authentication, TLS, database selection and, in
 cluster mode, the slot table. :class:`Servers` adds the one thing the tier does with them: send a
 batch of commands to each server in one write and read all the replies, with error replies
-returned in their place instead of raised.
+returned in their place instead of raised. Small commands (EXISTS, DEL, TOUCH, PING) go through
+redis-py's own reply parser (:meth:`Servers.exchange`); GET and SET of block records go through
+the bulk path on the same connections' sockets (:meth:`Servers.bulk_exchange`, :mod:`.wire`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
 from redis.exceptions import AskError, MovedError, ResponseError
+
+from kvtier.tiers.network.wire import Wire
 
 try:  # redis-py's own RESP serializers: hiredis for small commands, the Python one for big values
     from redis._parsers import Encoder as _Encoder
@@ -35,6 +39,17 @@ except Exception:  # pragma: no cover - no hiredis: the Python serializer packs 
 log = logging.getLogger("kvtier.tiers.network")
 
 _JOIN_LIMIT = 64 * 1024  # small protocol pieces are joined up to this size before a send
+R = TypeVar("R")
+# One server's part of a bulk exchange: (connection pool, request pieces, reply reader).
+BulkBatch = tuple[Any, Sequence[bytes | memoryview], Callable[[Wire], R]]
+
+
+def _socket_of(conn: Any) -> Any:
+    """The connected socket of a redis-py connection (ssl.SSLSocket for TLS)."""
+    sock = getattr(conn, "_sock", None)
+    if sock is None:
+        raise redis.ConnectionError("the connection has no socket")
+    return sock
 
 
 def pack(commands: Sequence[Sequence[Any]], *, zero_copy: bool) -> list[Any]:
@@ -74,6 +89,7 @@ class Servers:
         self._refresh = False
         self._ready = threading.Event()
         self._wait = float(kwargs.get("socket_connect_timeout") or 2.0)
+        self._local = threading.local()  # each thread's Wire objects (their buffers)
         if not cluster:  # building a standalone client does no I/O
             pool = redis.ConnectionPool.from_url(url, **kwargs)
             self._client = redis.Redis(connection_pool=pool)
@@ -204,6 +220,68 @@ class Servers:
             clean = True
             return out
         finally:
+            for pool, conn in conns:
+                if not clean:
+                    conn.disconnect()  # replies may be left unread: never reuse it
+                pool.release(conn)
+
+    def request_refresh(self) -> None:
+        """Re-read the cluster's slot table before the next routing (after MOVED or ASK)."""
+        if self.cluster:
+            self._refresh = True
+
+    def pool_for(self, host: str, port: int) -> Any:
+        """The connection pool of the cluster node at host:port (None: not a known node)."""
+        client = self._client
+        if not self.cluster or client is None:
+            return None
+        node = client.get_node(host=host, port=port)
+        if node is None:
+            return None
+        return client.get_redis_connection(node).connection_pool
+
+    def bulk_exchange(self, batches: Sequence[BulkBatch[R]]) -> list[R]:
+        """Send each batch's pieces on a connection of its pool, then run its reader.
+
+        Every request goes out before any reply is read, so the servers work in parallel. The
+        readers consume exactly the replies to their requests; what each returns is returned in
+        order. A connection error or a broken reply stream closes the connections involved
+        (never reused with bytes left unread) and the whole exchange is tried once more on
+        fresh connections (GET and SET are idempotent); a timeout is not retried.
+        """
+        try:
+            return self._bulk_once(batches)
+        except (redis.ConnectionError, ConnectionError):
+            if self.cluster:
+                self._refresh = True
+            return self._bulk_once(batches)
+
+    def _wires(self, n: int) -> list[Wire]:
+        wires: list[Wire] | None = getattr(self._local, "wires", None)
+        if wires is None:
+            wires = self._local.wires = []
+        while len(wires) < n:
+            wires.append(Wire())
+        return wires
+
+    def _bulk_once(self, batches: Sequence[BulkBatch[R]]) -> list[R]:
+        conns: list[tuple[Any, Any]] = []
+        wires = self._wires(len(batches))
+        clean = False
+        try:
+            for (pool, pieces, _reader), wire in zip(batches, wires):
+                conn = pool.get_connection()
+                conns.append((pool, conn))
+                wire.attach(_socket_of(conn))
+                wire.send(pieces)
+            out = [reader(wire) for (_pool, _pieces, reader), wire in zip(batches, wires)]
+            clean = True
+            return out
+        except TimeoutError as e:  # the socket's own timeout: say it as redis-py would
+            raise redis.TimeoutError(f"Timeout reading from the server: {e}") from e
+        finally:
+            for wire in wires[:len(conns)]:
+                wire.detach()
             for pool, conn in conns:
                 if not clean:
                     conn.disconnect()  # replies may be left unread: never reuse it

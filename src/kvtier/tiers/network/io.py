@@ -15,22 +15,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from redis.exceptions import AskError, MovedError, OutOfMemoryError, ReadOnlyError
 
-from kvtier.format.record import (
-    RecordError,
-    header_size,
-    pack_header,
-    parse_header,
-    payload_checksum,
-    verify,
-)
+from kvtier.format.record import header_size, pack_header, payload_checksum
 from kvtier.tiers.base import Completions, Health, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers, pack
 from kvtier.tiers.network.presence import ABSENT, PRESENT, UNKNOWN
 from kvtier.tiers.network.stats import Counters
+from kvtier.tiers.network.wire import (
+    ASKING,
+    BAD,
+    HIT,
+    MISS,
+    Wire,
+    get_command,
+    read_record,
+    read_status,
+    set_head,
+    set_tail,
+)
 
 log = logging.getLogger("kvtier.tiers.network")
 
@@ -51,20 +56,7 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ThreadState:
-    """What one I/O thread keeps between batches: the buffer records are built in."""
-
-    def __init__(self) -> None:
-        self.buf = np.empty(0, dtype=np.uint8)
-
-    def buffer(self, n: int) -> np.ndarray:
-        """A scratch buffer of at least ``n`` bytes (grown, never shrunk)."""
-        if self.buf.nbytes < n:
-            self.buf = np.empty(max(n, 2 * self.buf.nbytes), dtype=np.uint8)
-        return self.buf
-
-
-Task = Callable[[ThreadState], None]
+Task = Callable[[], None]
 
 
 class Transfers:
@@ -127,13 +119,12 @@ class Transfers:
 
     def io_loop(self, tasks: queue.PriorityQueue[tuple[int, int, Task | None]]) -> None:
         """An I/O thread: run tasks until a None task arrives."""
-        state = ThreadState()
         while True:
             _prio, _seq, fn = tasks.get()
             if fn is None:
                 return
             try:
-                fn(state)
+                fn()
             except Exception:  # a bug must not kill the thread; the job already failed
                 log.exception("tier %s: unexpected error in an I/O task", self.name)
 
@@ -183,58 +174,116 @@ class Transfers:
             self.done.put(TierJobResult(job.job_id, frozenset(job.failed), job.moved,
                                         time.perf_counter() - job.t0))
 
-    def load_batch(self, state: ThreadState, job: Job, keys: list[bytes],
-                   slots: np.ndarray) -> None:
-        """GET ``keys``; verify each record and copy its payload into its slot."""
+    def _exchange(self, rkeys: list[bytes], request: Callable[[list[int], bool], list[Any]],
+                  reader: Callable[[list[int], bool], Callable[[Wire], list[Any]]],
+                  ) -> dict[int, Any]:
+        """Run a bulk command for every key, following cluster redirections once.
+
+        ``request(idx, asking)`` builds the pieces for keys ``idx`` on one connection (with
+        ``ASKING`` before each command when ``asking``), ``reader(idx, asking)`` the function
+        that reads their replies. Returns key index -> reply. A key answered ``MOVED`` is sent
+        again after the slot table is refreshed, one answered ``ASK`` to the node it names; a
+        second redirection is its reply.
+        """
+        servers = self.servers
+        groups = [(pool, idx, False) for pool, idx in servers.route(rkeys)]
+        out: dict[int, Any] = {}
+        for attempt in range(2):
+            replies = servers.bulk_exchange([
+                (pool, request(idx, asking), reader(idx, asking)) for pool, idx, asking in groups
+            ])
+            moved: list[int] = []
+            ask: dict[tuple[str, int], list[int]] = {}
+            for (_pool, idx, _asking), rep in zip(groups, replies):
+                for i, r in zip(idx, rep):
+                    out[i] = r
+                    target = _redirect(r) if attempt == 0 else None
+                    if target is None:
+                        continue
+                    if target[0] == "MOVED":
+                        moved.append(i)
+                    else:
+                        ask.setdefault((target[1], target[2]), []).append(i)
+            if not moved and not ask:
+                break
+            self.stats.add(redirects=len(moved) + sum(len(v) for v in ask.values()))
+            groups = []
+            if moved:
+                servers.request_refresh()
+                sub = [rkeys[i] for i in moved]
+                groups += [(pool, [moved[j] for j in idx], False)
+                           for pool, idx in servers.route(sub)]
+            for (host, port), idx in ask.items():
+                pool = servers.pool_for(host, port)
+                if pool is not None:
+                    groups.append((pool, idx, True))
+            if not groups:
+                break
+        return out
+
+    def load_batch(self, job: Job, keys: list[bytes], slots: np.ndarray) -> None:
+        """GET ``keys`` straight into their slots; only verified records count as loaded."""
         if self.stop.is_set():
             self.finish_part(job, keys, 0)
             return
         prefix = self.prefix
         rkeys = [prefix + k for k in keys]
+        primary = self.primary
+        bb, fp = self.bb, self.fp
+        dests = [memoryview(primary[int(s)]) for s in slots]  # type: ignore[arg-type]
+        hint = 4 + len(b"$%d" % (header_size(len(keys[0])) + bb)) + header_size(len(keys[0]))
+
+        def request(idx: list[int], asking: bool) -> list[Any]:
+            if asking:
+                return [b"".join([ASKING + get_command(rkeys[i]) for i in idx])]
+            return [b"".join([get_command(rkeys[i]) for i in idx])]
+
+        def reader(idx: list[int], asking: bool) -> Callable[[Wire], list[Any]]:
+            def read(wire: Wire) -> list[tuple[str, str | None]]:
+                wire.hint = hint  # the next reply's length line and record header, no more
+                out = []
+                for i in idx:
+                    if asking:
+                        read_status(wire)  # +OK (an error here shows in the GET's reply)
+                    out.append(read_record(wire, keys[i], dests[i], namespace_fp=fp,
+                                           block_bytes=bb))
+                return out
+            return read
+
         try:
-            groups, replies = self.servers.per_key(b"GET", rkeys)
+            replies = self._exchange(rkeys, request, reader)
         except Exception as e:
             self.health.record_failure(e)
             self.stats.add(load_failures=len(keys))
             self.finish_part(job, keys, 0)
             return
         self.health.record_success()
-        primary = self.primary
-        bb, fp = self.bb, self.fp
         failed: list[bytes] = []
         gone: list[bytes] = []
         bad: list[bytes] = []
         good: list[bytes] = []
-        moved = 0
-        for (_pool, idx), rep in zip(groups, replies):
-            for i, value in zip(idx, rep):
-                key = keys[i]
-                if value is None:
-                    gone.append(key)
-                    continue
-                if isinstance(value, Exception):
-                    if isinstance(value, (MovedError, AskError)):
-                        failed.append(key)
-                    else:
-                        bad.append(key)  # e.g. WRONGTYPE: not one of our records
-                    continue
-                mv = memoryview(value)
-                try:
-                    header = parse_header(mv)
-                    payload = mv[header.header_len:]
-                    reason = verify(header, payload, namespace_fp=fp, key=key, payload_len=bb)
-                except RecordError as e:
-                    reason = str(e)
-                if reason is not None:
-                    log.debug("tier %s: record of %s rejected: %s", self.name, key.hex(), reason)
-                    bad.append(key)
-                    continue
-                primary[int(slots[i])] = np.frombuffer(payload, dtype=np.uint8)
-                moved += bb
+        refused: str | None = None
+        for i, key in enumerate(keys):
+            status, detail = replies[i]
+            if status == HIT:
                 good.append(key)
+            elif status == MISS:
+                gone.append(key)
+            elif status == BAD:
+                log.debug("tier %s: record of %s rejected: %s", self.name, key.hex(), detail)
+                bad.append(key)
+            elif detail is not None and detail.startswith("WRONGTYPE"):
+                bad.append(key)  # not a string: not one of our records
+            else:
+                failed.append(key)
+                refused = detail
+        if refused is not None:
+            log.warning("tier %s: the server refused %d GET(s): %s", self.name, len(failed),
+                        refused)
         if bad:
             self.delete([prefix + k for k in bad])
             log.warning("tier %s: %d corrupt record(s) deleted", self.name, len(bad))
+        moved = bb * len(good)
         self.stats.add(round_trips=1, hits=len(good), bytes_read=moved,
                        load_failures=len(failed) + len(gone) + len(bad),
                        evicted_at_load=len(gone), corrupt=len(bad))
@@ -252,67 +301,70 @@ class Transfers:
         except Exception as e:
             log.warning("tier %s: could not delete corrupt records: %s", self.name, e)
 
-    def store_batch(self, state: ThreadState, job: Job, keys: list[bytes],
+    def store_batch(self, job: Job, keys: list[bytes],
                     slots: np.ndarray) -> None:
-        """SET a record for each of ``keys`` built from its slot."""
+        """SET a record for each of ``keys``: its header, then its slot's bytes, uncopied.
+
+        The manager leaves a store job's slots unchanged until the job is polled, so the
+        checksum taken here describes exactly the bytes the socket sends.
+        """
         if self.stop.is_set():
             self.finish_part(job, keys, 0)
             return
         primary = self.primary
-        bb, fp, prefix = self.bb, self.fp, self.prefix
-        hlens = [header_size(len(k)) for k in keys]
-        total = sum(hlens) + bb * len(keys)
-        buf = state.buffer(total)
-        whole = memoryview(buf)  # type: ignore[arg-type]
-        ttl = None if self.ttl_ms is None else (b"PX", self.ttl_ms)
-        rkeys: list[bytes] = []
-        values: list[memoryview] = []
-        off = 0
-        for key, slot, hlen in zip(keys, slots, hlens):
-            start = off + hlen
-            body = buf[start:start + bb]
-            body[:] = primary[int(slot)]  # the one copy: a snapshot the checksum describes
-            view = memoryview(body)  # type: ignore[arg-type]
+        bb, fp, prefix, ttl = self.bb, self.fp, self.prefix, self.ttl_ms
+        rkeys = [prefix + k for k in keys]
+        views = [memoryview(primary[int(s)]) for s in slots]  # type: ignore[arg-type]
+        heads: list[bytes] = []
+        sizes: list[int] = []  # record bytes
+        for key, rkey, view in zip(keys, rkeys, views):
             header = pack_header(fp, key, view, checksum=payload_checksum(view))
-            buf[off:start] = np.frombuffer(header, dtype=np.uint8)
-            values.append(whole[off:start + bb])
-            rkeys.append(prefix + key)
-            off = start + bb
+            heads.append(set_head(rkey, len(header) + bb, ttl) + header)
+            sizes.append(len(header) + bb)
+        tail = set_tail(ttl)
+
+        def request(idx: list[int], asking: bool) -> list[Any]:
+            pieces: list[bytes | memoryview] = []
+            ask = ASKING if asking else b""
+            for n, i in enumerate(idx):
+                pieces.append((tail if n else b"") + ask + heads[i])
+                pieces.append(views[i])
+            pieces.append(tail)
+            return pieces
+
+        def reader(idx: list[int], asking: bool) -> Callable[[Wire], list[Any]]:
+            def read(wire: Wire) -> list[str | None]:
+                out = []
+                for _ in idx:
+                    if asking:
+                        read_status(wire)
+                    out.append(read_status(wire))
+                return out
+            return read
+
         try:
-            groups = self.servers.route(rkeys)
-            batches = []
-            for pool, idx in groups:
-                cmds = [
-                    (b"SET", rkeys[i], values[i]) if ttl is None
-                    else (b"SET", rkeys[i], values[i], *ttl)
-                    for i in idx
-                ]
-                batches.append((pool, pack(cmds, zero_copy=True), len(idx)))
-            replies = self.servers.exchange(batches)
+            replies = self._exchange(rkeys, request, reader)
         except Exception as e:
             self.health.record_failure(e)
             self.stats.add(store_failures=len(keys))
             self.finish_part(job, keys, 0)
             return
-        finally:
-            del values, whole
         self.health.record_success()
         failed: list[bytes] = []
         stored: list[bytes] = []
         written = 0
-        full: Exception | None = None
-        for (_pool, idx), rep in zip(groups, replies):
-            for i, r in zip(idx, rep):
-                if isinstance(r, Exception):
-                    failed.append(keys[i])
-                    if isinstance(r, (OutOfMemoryError, ReadOnlyError)) or str(r).startswith(
-                            "OOM"):
-                        full = r
-                    elif not isinstance(r, (MovedError, AskError)):
-                        log.debug("tier %s: SET failed: %s", self.name, r)
-                else:
-                    stored.append(keys[i])
-                    written += hlens[i] + bb
+        full: str | None = None
+        for i, key in enumerate(keys):
+            err = replies[i]
+            if err is None:
+                stored.append(key)
+                written += sizes[i]
+                continue
+            failed.append(key)
+            if err.startswith(("OOM", "READONLY")):
+                full = err
+            else:
+                log.debug("tier %s: SET failed: %s", self.name, err)
         if full is not None:
             self.write_health.record_failure(
                 f"SET refused: {full} (maxmemory reached with maxmemory-policy noeviction, or "
@@ -350,3 +402,17 @@ class Transfers:
             self.health.record_failure(e)
         finally:
             self.touch_running = False
+
+
+def _redirect(reply: Any) -> tuple[str, str, int] | None:
+    """("MOVED" or "ASK", host, port) when ``reply`` is a cluster redirection, else None."""
+    msg = reply[1] if isinstance(reply, tuple) else reply
+    if not isinstance(msg, str) or not msg.startswith(("MOVED ", "ASK ")):
+        return None
+    parts = msg.split(" ")
+    if len(parts) < 3:
+        return None
+    host, _, port = parts[2].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return parts[0], host, int(port)

@@ -8,6 +8,7 @@ COUNTERS = (
     "hits", "lookup_hits", "misses", "bytes_read", "blocks_written", "bytes_written",
     "load_failures", "store_failures", "corrupt", "evicted_at_load", "oom_errors",
     "round_trips", "lookup_queries", "lookup_keys_queried", "stores_skipped", "touches",
+    "redirects",
 )
 
 

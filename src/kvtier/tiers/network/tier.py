@@ -185,7 +185,7 @@ class NetworkTier(SecondaryTier):
         fn = self._io.load_batch if kind == "load" else self._io.store_batch
         prio = 0 if kind == "load" else 1
         for part_keys, part_slots in parts:
-            self._put_task(prio, partial(_run_part, fn, job, part_keys, part_slots))
+            self._put_task(prio, partial(fn, job, part_keys, part_slots))
 
     def _put_task(self, prio: int, fn: Task | None) -> None:
         with self._seq_lock:
@@ -203,7 +203,7 @@ class NetworkTier(SecondaryTier):
             keys = list(self._touch_pending)
             self._touch_pending.clear()
             io.touch_running = True
-            self._put_task(2, lambda _state: io.touch_batch(keys))
+            self._put_task(2, partial(io.touch_batch, keys))
         return done
 
     def touch(self, keys: Sequence[bytes]) -> None:
@@ -262,7 +262,3 @@ class NetworkTier(SecondaryTier):
             t.join(timeout=5)
         self._servers.close()
 
-
-def _run_part(fn: Any, job: Job, keys: list[bytes], slots: np.ndarray, state: Any) -> None:
-    """A task for an I/O thread: ``fn(state, job, keys, slots)``."""
-    fn(state, job, keys, slots)
