@@ -20,7 +20,7 @@ import pytest
 import redis
 from fault_proxy import FaultProxy
 from helpers import block_bytes_for, load_and_check, lookup_until, make_key, settle, store_blocks
-from redis_servers import RedisClusterNodes, RedisServer
+from redis_servers import RedisClusterNodes, RedisServer, make_tls_files, start_server
 from test_network_tier import make_manager, redis_key, tier_stats
 
 import kvtier
@@ -207,7 +207,26 @@ def test_send_resumes_short_writes_without_losing_a_byte(pair) -> None:
 # -- hostile values on a real server, in the middle of a pipelined batch --------------------
 def test_values_that_are_not_our_records_fail_alone_in_a_batch(
         redis_server: RedisServer, managers, namespace: str) -> None:
-    m = make_manager(redis_server.url, namespace, slots=32, block=BLOCK)
+    _hostile_values_in_a_batch(redis_server, managers, namespace)
+
+
+def test_values_that_are_not_our_records_fail_alone_over_tls(
+        redis_tools: None, tmp_path, managers, namespace: str) -> None:
+    # ssl sockets have no sendmsg and return at most one TLS record per read
+    server = start_server(tmp_path / "tls", tls=make_tls_files(tmp_path / "certs"))
+    try:
+        _hostile_values_in_a_batch(server, managers, namespace)
+    finally:
+        for m in managers:
+            m.shutdown()
+        server.stop()
+
+
+def _hostile_values_in_a_batch(redis_server: RedisServer, managers, namespace: str) -> None:
+    # One I/O thread and 4 records per round trip: the 12 blocks are one task streamed in 3
+    # round trips, two in flight at a time.
+    m = make_manager(redis_server.url, namespace, slots=32, block=BLOCK, pool_size=1,
+                     max_batch_bytes=4 * BLOCK)
     managers.append(m)
     keys = [make_key(i, namespace) for i in range(12)]
     store_blocks(m, keys)
@@ -245,7 +264,7 @@ def test_round_trip_through_a_stream_chopped_into_small_pieces(
         redis_server: RedisServer, managers, namespace: str) -> None:
     with FaultProxy(redis_server.port, chunk=97, seed=7) as proxy:
         m = make_manager(proxy.url, namespace, slots=32, block=BLOCK, pool_size=2,
-                         socket_timeout_seconds=10)
+                         socket_timeout_seconds=10, max_batch_bytes=4 * BLOCK)
         managers.append(m)
         keys = [make_key(i, namespace) for i in range(24)]
         store_blocks(m, keys)
@@ -279,7 +298,8 @@ def _wrong_blocks(m: kvtier.OffloadingManager, keys: list[bytes]) -> int:
 def test_connection_cut_mid_reply_is_closed_and_never_reused(
         redis_server: RedisServer, managers, namespace: str) -> None:
     with FaultProxy(redis_server.port) as proxy:
-        m = make_manager(proxy.url, namespace, slots=16, block=BLOCK, pool_size=1)
+        m = make_manager(proxy.url, namespace, slots=16, block=BLOCK, pool_size=1,
+                         max_batch_bytes=4 * BLOCK)
         managers.append(m)
         keys = [make_key(i, namespace) for i in range(16)]
         store_blocks(m, keys)
@@ -357,7 +377,25 @@ def step_until_available(m: kvtier.OffloadingManager, timeout: float = 10.0) -> 
         time.sleep(0.01)
 
 
-# -- cluster: MOVED and ASK during a real resharding ----------------------------------------
+# -- cluster: streams to every node, MOVED and ASK during a real resharding -----------------
+def test_cluster_batches_stream_to_every_node_at_once(
+        redis_cluster: RedisClusterNodes, managers, namespace: str) -> None:
+    m = make_manager(redis_cluster.url, namespace, cluster=True, slots=96, block=BLOCK,
+                     pool_size=1, max_batch_bytes=4 * BLOCK)
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(64)]
+    store_blocks(m, keys)
+    settle(m)
+    m.reset_cache()
+    before = tier_stats(m)["round_trips"]
+    assert lookup_until(m, keys) == len(keys)  # one task: every node, several windows each
+    assert tier_stats(m)["round_trips"] - before >= 64 // 4
+    assert _wrong_blocks(m, keys) == 0
+    for node in redis_cluster.nodes:
+        with node.client() as c:
+            assert c.dbsize() > 0
+
+
 def _node_id(node: RedisServer) -> str:
     with node.client() as c:
         nid = c.execute_command("CLUSTER", "MYID")

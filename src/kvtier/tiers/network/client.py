@@ -12,36 +12,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
 from redis.exceptions import AskError, MovedError, ResponseError
 
-from kvtier.tiers.network.wire import Wire
-
-try:  # redis-py's own RESP serializers: hiredis for small commands, the Python one for big values
-    from redis._parsers import Encoder as _Encoder
-    from redis.connection import PythonRespSerializer as _PySerializer
-
-    _ZERO_COPY: Any = _PySerializer(6000, _Encoder("utf-8", "strict", False).encode)
-except ImportError:  # pragma: no cover - older redis-py: let each connection pack
-    _ZERO_COPY = None
-try:
-    from redis.connection import HiredisRespSerializer as _HiSerializer
-
-    _FAST: Any = _HiSerializer()
-    _FAST.pack(b"PING")
-except Exception:  # pragma: no cover - no hiredis: the Python serializer packs everything
-    _FAST = _ZERO_COPY
-
+from kvtier.tiers.network.wire import ProtocolError, Wire, command
 
 log = logging.getLogger("kvtier.tiers.network")
 
 _JOIN_LIMIT = 64 * 1024  # small protocol pieces are joined up to this size before a send
 R = TypeVar("R")
-# One server's part of a bulk exchange: (connection pool, request pieces, reply reader).
-BulkBatch = tuple[Any, Sequence[bytes | memoryview], Callable[[Wire], R]]
+# One server's part of a bulk exchange: (connection pool, key indices, request builder,
+# reply reader). ``request(window)`` gives the pieces that ask for the keys of ``window`` (a
+# slice of the indices); ``reader(wire, window)`` reads exactly their replies.
+BulkBatch = tuple[Any, list[int], Callable[[list[int]], Sequence[bytes | memoryview]],
+                  Callable[[Wire, list[int]], list[R]]]
 
 
 def _socket_of(conn: Any) -> Any:
@@ -52,26 +40,18 @@ def _socket_of(conn: Any) -> Any:
     return sock
 
 
-def pack(commands: Sequence[Sequence[Any]], *, zero_copy: bool) -> list[Any]:
-    """Pack commands with redis-py's serializers, joining small pieces into few sends."""
-    packer = _ZERO_COPY if zero_copy and _ZERO_COPY is not None else _FAST
-    out: list[Any] = []
+def pack(commands: Sequence[Sequence[bytes | int]]) -> list[bytes]:
+    """Small commands in RESP, joined into pieces of about 64 KiB for few sends."""
+    out: list[bytes] = []
     pieces: list[bytes] = []
     size = 0
     for cmd in commands:
-        for chunk in packer.pack(*cmd):
-            n = len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
-            if isinstance(chunk, memoryview) or n > _JOIN_LIMIT:
-                if pieces:
-                    out.append(b"".join(pieces))
-                    pieces, size = [], 0
-                out.append(chunk)
-                continue
-            pieces.append(chunk)
-            size += n
-            if size > _JOIN_LIMIT:
-                out.append(b"".join(pieces))
-                pieces, size = [], 0
+        piece = command(*cmd)
+        pieces.append(piece)
+        size += len(piece)
+        if size >= _JOIN_LIMIT:
+            out.append(b"".join(pieces))
+            pieces, size = [], 0
     if pieces:
         out.append(b"".join(pieces))
     return out
@@ -171,12 +151,12 @@ class Servers:
             g[1].append(i)
         return list(groups.values())
 
-    def per_key(self, command: bytes, rkeys: Sequence[bytes],
+    def per_key(self, name: bytes, rkeys: Sequence[bytes],
                 timeout: float | None = None) -> tuple[list[tuple[Any, list[int]]], list[list[Any]]]:
-        """``command key`` for every key, one pipeline per server: (groups, replies per group)."""
+        """``name key`` for every key, one pipeline per server: (groups, replies per group)."""
         groups = self.route(rkeys)
         batches = [
-            (pool, pack([(command, rkeys[i]) for i in idx], zero_copy=False), len(idx))
+            (pool, pack([(name, rkeys[i]) for i in idx]), len(idx))
             for pool, idx in groups
         ]
         return groups, self.exchange(batches, timeout)
@@ -240,21 +220,26 @@ class Servers:
             return None
         return client.get_redis_connection(node).connection_pool
 
-    def bulk_exchange(self, batches: Sequence[BulkBatch[R]]) -> list[R]:
-        """Send each batch's pieces on a connection of its pool, then run its reader.
+    def bulk_exchange(self, batches: Sequence[BulkBatch[R]],
+                      window: int) -> tuple[list[list[R]], int]:
+        """Stream each batch over a connection of its pool, ``window`` keys per round trip.
 
-        Every request goes out before any reply is read, so the servers work in parallel. The
-        readers consume exactly the replies to their requests; what each returns is returned in
-        order. A connection error or a broken reply stream closes the connections involved
-        (never reused with bytes left unread) and the whole exchange is tried once more on
-        fresh connections (GET and SET are idempotent); a timeout is not retried.
+        Each connection has at most two windows outstanding: the next window's requests go out
+        as soon as the oldest window's replies are read, so the server always has work queued
+        while the bytes in flight per connection stay bounded. The servers of a cluster are
+        served side by side. Returns each batch's replies, in the order of its indices, and
+        the number of round trips (windows) sent.
+
+        A connection error or a broken reply stream closes the connections involved (never
+        reused with bytes left unread) and the whole exchange is tried once more on fresh
+        connections (GET and SET are idempotent); a timeout is not retried.
         """
         try:
-            return self._bulk_once(batches)
+            return self._bulk_once(batches, window)
         except (redis.ConnectionError, ConnectionError):
             if self.cluster:
                 self._refresh = True
-            return self._bulk_once(batches)
+            return self._bulk_once(batches, window)
 
     def _wires(self, n: int) -> list[Wire]:
         wires: list[Wire] | None = getattr(self._local, "wires", None)
@@ -264,19 +249,44 @@ class Servers:
             wires.append(Wire())
         return wires
 
-    def _bulk_once(self, batches: Sequence[BulkBatch[R]]) -> list[R]:
+    def _bulk_once(self, batches: Sequence[BulkBatch[R]],
+                   window: int) -> tuple[list[list[R]], int]:
         conns: list[tuple[Any, Any]] = []
         wires = self._wires(len(batches))
+        window = max(1, window)
+        windows = [[idx[i:i + window] for i in range(0, len(idx), window)]
+                   for _pool, idx, _req, _read in batches]
+        todo = [deque(w) for w in windows]
+        sent: list[deque[list[int]]] = [deque() for _ in batches]
+        out: list[list[R]] = [[] for _ in batches]
         clean = False
         try:
-            for (pool, pieces, _reader), wire in zip(batches, wires):
+            for (pool, _idx, _req, _read), wire in zip(batches, wires):
                 conn = pool.get_connection()
                 conns.append((pool, conn))
                 wire.attach(_socket_of(conn))
-                wire.send(pieces)
-            out = [reader(wire) for (_pool, _pieces, reader), wire in zip(batches, wires)]
+            for _ in range(2):
+                for b, (_pool, _idx, request, _read) in enumerate(batches):
+                    if todo[b]:
+                        w = todo[b].popleft()
+                        wires[b].send(request(w))
+                        sent[b].append(w)
+            busy = True
+            while busy:
+                busy = False
+                for b, (_pool, _idx, request, reader) in enumerate(batches):
+                    if not sent[b]:
+                        continue
+                    busy = True
+                    out[b].extend(reader(wires[b], sent[b].popleft()))
+                    if todo[b]:
+                        w = todo[b].popleft()
+                        wires[b].send(request(w))
+                        sent[b].append(w)
+            if any(wire.buffered() for wire in wires[:len(conns)]):
+                raise ProtocolError("bytes after the last reply")
             clean = True
-            return out
+            return out, sum(len(todo_b) for todo_b in windows)
         except TimeoutError as e:  # the socket's own timeout: say it as redis-py would
             raise redis.TimeoutError(f"Timeout reading from the server: {e}") from e
         finally:

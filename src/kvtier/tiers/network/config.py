@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from kvtier.config import ConfigError
 
 MIB = 1 << 20
+DEFAULT_BATCH_BYTES = 2 * MIB  # records per round trip; two round trips in flight at most
 
 # Parameter name -> meaning (the README's table says the same).
 PARAMS: dict[str, str] = {
@@ -23,7 +24,7 @@ PARAMS: dict[str, str] = {
     "socket_timeout_seconds": "timeout of one socket read or write of a load or store",
     "lookup_timeout_seconds": "longest wait for the server's answer to a lookup query",
     "pool_size": "I/O threads for loads and stores (each holds one connection per server)",
-    "max_batch_bytes": "largest batch of records sent or received in one round trip",
+    "max_batch_bytes": "records per round trip on one connection (at most two in flight)",
     "negative_cache_seconds": "how long a 'not on the server' answer is trusted",
     "presence_cache_keys": "how many known-present keys are remembered",
 }
@@ -107,6 +108,6 @@ def validate(out: dict[str, Any], label: str) -> dict[str, Any]:
     require_number(out, "lookup_timeout_seconds", label, 1.0)
     require_number(out, "negative_cache_seconds", label, 1.0)
     require_int(out, "pool_size", label, 4, 1, 64)
-    require_int(out, "max_batch_bytes", label, 16 * MIB, 64 * 1024, 1 << 31)
+    require_int(out, "max_batch_bytes", label, DEFAULT_BATCH_BYTES, 64 * 1024, 1 << 31)
     require_int(out, "presence_cache_keys", label, 262144, 1024, 1 << 26)
     return out

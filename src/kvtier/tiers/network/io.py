@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ class Transfers:
     def __init__(self, *, name: str, servers: Servers, primary: np.ndarray, block_bytes: int,
                  namespace_fp: bytes, prefix: bytes, ttl_ms: int | None, lookup_timeout: float,
                  stats: Counters, health: Health, write_health: Health,
-                 updates: deque[tuple[str, list[bytes]]]) -> None:
+                 updates: deque[tuple[str, list[bytes]]], window: int = 1) -> None:
         self.name = name
         self.servers = servers
         self.primary = primary
@@ -78,6 +79,7 @@ class Transfers:
         self.health = health
         self.write_health = write_health
         self.updates = updates  # the presence cache's update queue
+        self.window = window  # records per round trip on one connection
         self.events: deque[TierEvent] = deque()
         self.done = Completions()
         self.stop = threading.Event()
@@ -175,23 +177,26 @@ class Transfers:
                                         time.perf_counter() - job.t0))
 
     def _exchange(self, rkeys: list[bytes], request: Callable[[list[int], bool], list[Any]],
-                  reader: Callable[[list[int], bool], Callable[[Wire], list[Any]]],
+                  reader: Callable[[Wire, list[int], bool], list[Any]],
                   ) -> dict[int, Any]:
         """Run a bulk command for every key, following cluster redirections once.
 
-        ``request(idx, asking)`` builds the pieces for keys ``idx`` on one connection (with
-        ``ASKING`` before each command when ``asking``), ``reader(idx, asking)`` the function
-        that reads their replies. Returns key index -> reply. A key answered ``MOVED`` is sent
-        again after the slot table is refreshed, one answered ``ASK`` to the node it names; a
-        second redirection is its reply.
+        ``request(window, asking)`` builds the pieces for the keys of ``window`` on one
+        connection (with ``ASKING`` before each command when ``asking``), ``reader(wire,
+        window, asking)`` reads their replies. Returns key index -> reply. A key answered
+        ``MOVED`` is sent again after the slot table is refreshed, one answered ``ASK`` to the
+        node it names; a second redirection is its reply.
         """
         servers = self.servers
         groups = [(pool, idx, False) for pool, idx in servers.route(rkeys)]
         out: dict[int, Any] = {}
         for attempt in range(2):
-            replies = servers.bulk_exchange([
-                (pool, request(idx, asking), reader(idx, asking)) for pool, idx, asking in groups
-            ])
+            replies, trips = servers.bulk_exchange([
+                (pool, idx, partial(_bind_flag, request, asking),
+                 partial(_bind_reader, reader, asking))
+                for pool, idx, asking in groups
+            ], self.window)
+            self.stats.add(round_trips=trips)
             moved: list[int] = []
             ask: dict[tuple[str, int], list[int]] = {}
             for (_pool, idx, _asking), rep in zip(groups, replies):
@@ -238,17 +243,15 @@ class Transfers:
                 return [b"".join([ASKING + get_command(rkeys[i]) for i in idx])]
             return [b"".join([get_command(rkeys[i]) for i in idx])]
 
-        def reader(idx: list[int], asking: bool) -> Callable[[Wire], list[Any]]:
-            def read(wire: Wire) -> list[tuple[str, str | None]]:
-                wire.hint = hint  # the next reply's length line and record header, no more
-                out = []
-                for i in idx:
-                    if asking:
-                        read_status(wire)  # +OK (an error here shows in the GET's reply)
-                    out.append(read_record(wire, keys[i], dests[i], namespace_fp=fp,
-                                           block_bytes=bb))
-                return out
-            return read
+        def reader(wire: Wire, idx: list[int], asking: bool) -> list[Any]:
+            wire.hint = hint  # the next reply's length line and record header, no more
+            out = []
+            for i in idx:
+                if asking:
+                    read_status(wire)  # +OK (an error here shows in the GET's reply)
+                out.append(read_record(wire, keys[i], dests[i], namespace_fp=fp,
+                                       block_bytes=bb))
+            return out
 
         try:
             replies = self._exchange(rkeys, request, reader)
@@ -284,7 +287,7 @@ class Transfers:
             self.delete([prefix + k for k in bad])
             log.warning("tier %s: %d corrupt record(s) deleted", self.name, len(bad))
         moved = bb * len(good)
-        self.stats.add(round_trips=1, hits=len(good), bytes_read=moved,
+        self.stats.add(hits=len(good), bytes_read=moved,
                        load_failures=len(failed) + len(gone) + len(bad),
                        evicted_at_load=len(gone), corrupt=len(bad))
         if good:
@@ -332,15 +335,13 @@ class Transfers:
             pieces.append(tail)
             return pieces
 
-        def reader(idx: list[int], asking: bool) -> Callable[[Wire], list[Any]]:
-            def read(wire: Wire) -> list[str | None]:
-                out = []
-                for _ in idx:
-                    if asking:
-                        read_status(wire)
-                    out.append(read_status(wire))
-                return out
-            return read
+        def reader(wire: Wire, idx: list[int], asking: bool) -> list[Any]:
+            out = []
+            for _ in idx:
+                if asking:
+                    read_status(wire)
+                out.append(read_status(wire))
+            return out
 
         try:
             replies = self._exchange(rkeys, request, reader)
@@ -373,7 +374,7 @@ class Transfers:
             self.write_health.record_failure(f"{len(failed)} SET command(s) failed")
         else:
             self.write_health.record_success()
-        self.stats.add(round_trips=1, blocks_written=len(stored), bytes_written=written,
+        self.stats.add(blocks_written=len(stored), bytes_written=written,
                        store_failures=len(failed),
                        oom_errors=len(failed) if full is not None else 0)
         if stored:
@@ -389,13 +390,13 @@ class Transfers:
             prefix = self.prefix
             rkeys = [prefix + k for k in keys]
             groups = self.servers.route(rkeys)
-            cmds: list[list[tuple[object, ...]]]
+            cmds: list[list[tuple[bytes | int, ...]]]
             if self.ttl_ms is None:
                 cmds = [[(b"TOUCH", rkeys[i]) for i in idx] for _, idx in groups]
             else:
                 cmds = [[(b"PEXPIRE", rkeys[i], self.ttl_ms) for i in idx] for _, idx in groups]
             self.servers.exchange([
-                (pool, pack(c, zero_copy=False), len(c)) for (pool, _), c in zip(groups, cmds)
+                (pool, pack(c), len(c)) for (pool, _), c in zip(groups, cmds)
             ])
             self.stats.add(touches=len(keys), round_trips=1)
         except Exception as e:
@@ -416,3 +417,12 @@ def _redirect(reply: Any) -> tuple[str, str, int] | None:
     if not host or not port.isdigit():
         return None
     return parts[0], host, int(port)
+
+
+def _bind_flag(fn: Callable[[list[int], bool], Any], flag: bool, idx: list[int]) -> Any:
+    return fn(idx, flag)
+
+
+def _bind_reader(fn: Callable[[Wire, list[int], bool], Any], flag: bool, wire: Wire,
+                 idx: list[int]) -> Any:
+    return fn(wire, idx, flag)

@@ -14,10 +14,9 @@ import numpy as np
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvtier.format.record import header_size
 from kvtier.tiers.base import Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers
-from kvtier.tiers.network.config import MIB, PARAMS, redact, validate
+from kvtier.tiers.network.config import DEFAULT_BATCH_BYTES, PARAMS, redact, validate
 from kvtier.tiers.network.io import Job, Task, Transfers
 from kvtier.tiers.network.presence import PresenceCache
 from kvtier.tiers.network.stats import Counters
@@ -25,6 +24,7 @@ from kvtier.tiers.network.stats import Counters
 log = logging.getLogger("kvtier.tiers.network")
 
 _MAX_BACKOFF_S = 0.5  # longest wait between probes of a down server
+_TASK_WINDOWS = 16  # round trips one I/O task streams before others get a turn
 
 
 class NetworkTier(SecondaryTier):
@@ -51,7 +51,7 @@ class NetworkTier(SecondaryTier):
         socket_timeout_seconds: float = 2.0,
         lookup_timeout_seconds: float = 1.0,
         pool_size: int = 4,
-        max_batch_bytes: int = 16 * MIB,
+        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
         negative_cache_seconds: float = 1.0,
         presence_cache_keys: int = 262144,
     ) -> None:
@@ -70,6 +70,8 @@ class NetworkTier(SecondaryTier):
         self.negative_ttl = float(negative_cache_seconds)
         self.presence_limit = int(presence_cache_keys)
         self._bb = ctx.block_bytes
+        # Records per round trip on one connection; two windows at most are in flight.
+        self._window = max(1, self.max_batch_bytes // self._bb)
 
         kwargs: dict[str, Any] = {
             "socket_connect_timeout": float(connect_timeout_seconds),
@@ -102,6 +104,7 @@ class NetworkTier(SecondaryTier):
             namespace_fp=ctx.namespace_fp, prefix=self._prefix, ttl_ms=self.ttl_ms,
             lookup_timeout=self.lookup_timeout, stats=self._stats, health=self._health,
             write_health=self._write_health, updates=self._cache.updates,
+            window=self._window,
         )
         self._closed = False
         self._queries: queue.Queue[list[bytes] | None] = queue.Queue()
@@ -178,8 +181,8 @@ class NetworkTier(SecondaryTier):
                     self._stats.add(store_failures=len(failed))
             self._io.done.put(TierJobResult(job_id, failed))
             return
-        per = self._bb + header_size(len(keys[0])) + 64
-        batch = max(1, min(self.max_batch_bytes // per, -(-len(keys) // self.pool_size)))
+        # Spread the job over the threads; one task streams at most _TASK_WINDOWS windows.
+        batch = max(1, min(_TASK_WINDOWS * self._window, -(-len(keys) // self.pool_size)))
         parts = [(keys[i:i + batch], slots[i:i + batch]) for i in range(0, len(keys), batch)]
         job = Job(job_id, kind, len(parts))
         fn = self._io.load_batch if kind == "load" else self._io.store_batch

@@ -74,6 +74,10 @@ class Wire:
         self.start = self.end = 0
         self.hint = MAX_LINE
 
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return self.end - self.start
+
     def detach(self) -> None:
         """End the exchange (the buffer is kept for the next one)."""
         self.sock = None
@@ -186,6 +190,15 @@ class Wire:
 
 # -- commands -------------------------------------------------------------------------------
 ASKING = b"*1\r\n$6\r\nASKING\r\n"  # the next command is for a slot being imported here
+
+
+def command(*args: bytes | int) -> bytes:
+    """Any command in RESP (arguments are bytes or integers)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        v = a if isinstance(a, bytes) else b"%d" % a
+        parts.append(b"$%d\r\n%s\r\n" % (len(v), v))
+    return b"".join(parts)
 
 
 def get_command(rkey: bytes) -> bytes:
