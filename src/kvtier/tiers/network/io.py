@@ -40,7 +40,7 @@ from kvtier.tiers.network.wire import (
 
 log = logging.getLogger("kvtier.tiers.network")
 
-QUERY_CHUNK = 8192  # keys per EXISTS batch (one batch is one round trip per server)
+QUERY_CHUNK = 8192  # most keys per EXISTS batch (one batch is one round trip per server)
 PROBE_IDLE_S = 0.05  # how often the query thread looks at a down tier
 
 
@@ -66,7 +66,8 @@ class Transfers:
     def __init__(self, *, name: str, servers: Servers, primary: np.ndarray, block_bytes: int,
                  namespace_fp: bytes, prefix: bytes, ttl_ms: int | None, lookup_timeout: float,
                  stats: Counters, health: Health, write_health: Health,
-                 updates: deque[tuple[str, list[bytes]]], window: int = 1) -> None:
+                 updates: deque[tuple[str, list[bytes]]], window: int = 1,
+                 query_chunk: int = QUERY_CHUNK) -> None:
         self.name = name
         self.servers = servers
         self.primary = primary
@@ -80,6 +81,7 @@ class Transfers:
         self.write_health = write_health
         self.updates = updates  # the presence cache's update queue
         self.window = window  # records per round trip on one connection
+        self.query_chunk = query_chunk  # keys per EXISTS round trip
         self.events: deque[TierEvent] = deque()
         self.done = Completions()
         self.stop = threading.Event()
@@ -107,7 +109,8 @@ class Transfers:
             if item is None:
                 return
             batch = list(item)
-            while len(batch) < QUERY_CHUNK:  # fold queries queued meanwhile into this one
+            chunk = self.query_chunk
+            while len(batch) < chunk:  # fold queries queued meanwhile into this one
                 try:
                     more = queries.get_nowait()
                 except queue.Empty:
@@ -116,8 +119,8 @@ class Transfers:
                     queries.put(None)
                     break
                 batch.extend(more)
-            for i in range(0, len(batch), QUERY_CHUNK):
-                self.run_query(batch[i:i + QUERY_CHUNK])
+            for i in range(0, len(batch), chunk):
+                self.run_query(batch[i:i + chunk])
 
     def io_loop(self, tasks: queue.PriorityQueue[tuple[int, int, Task | None]]) -> None:
         """An I/O thread: run tasks until a None task arrives."""

@@ -17,7 +17,7 @@ from redis.retry import Retry
 from kvtier.tiers.base import Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers
 from kvtier.tiers.network.config import DEFAULT_BATCH_BYTES, PARAMS, redact, validate
-from kvtier.tiers.network.io import Job, Task, Transfers
+from kvtier.tiers.network.io import QUERY_CHUNK, Job, Task, Transfers
 from kvtier.tiers.network.presence import PresenceCache
 from kvtier.tiers.network.stats import Counters
 
@@ -104,7 +104,7 @@ class NetworkTier(SecondaryTier):
             namespace_fp=ctx.namespace_fp, prefix=self._prefix, ttl_ms=self.ttl_ms,
             lookup_timeout=self.lookup_timeout, stats=self._stats, health=self._health,
             write_health=self._write_health, updates=self._cache.updates,
-            window=self._window,
+            window=self._window, query_chunk=max(64, min(QUERY_CHUNK, self.max_batch_bytes // 256)),
         )
         self._closed = False
         self._queries: queue.Queue[list[bytes] | None] = queue.Queue()
