@@ -32,6 +32,8 @@ _FIXED = struct.Struct("<4sHHIIQ16sQ")  # up to and excluding the header checksu
 _FIXED_SIZE = _FIXED.size  # 48
 _HCHK = struct.Struct("<Q")
 FIXED_HEADER_SIZE = _FIXED_SIZE + _HCHK.size  # 56
+_CHECKSUMS = struct.Struct("<QQ")  # payload checksum, header checksum
+_PREFIX_SIZE = 40  # every field before the checksums
 
 
 class RecordError(ValueError):
@@ -128,6 +130,32 @@ def peek_lengths(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     if magic != MAGIC:
         raise RecordError("bad magic")
     return hlen, klen, plen
+
+
+def header_prefix(namespace_fp: bytes, key_len: int, payload_len: int, *, align: int = 0) -> bytes:
+    """The first 40 bytes of every valid header for a key of ``key_len`` bytes: magic, version,
+    flags, lengths and namespace (everything before the checksums)."""
+    hlen = header_size(key_len, align)
+    return _FIXED.pack(MAGIC, FORMAT_VERSION, 0, hlen, key_len, payload_len, namespace_fp,
+                       0)[:_PREFIX_SIZE]
+
+
+def match_header(buf: bytes | bytearray | memoryview, prefix: bytes, key: bytes) -> int | None:
+    """The payload checksum when ``buf`` starts with exactly the header a reader expects.
+
+    ``prefix`` comes from :func:`header_prefix`; the header must continue with the checksums
+    and ``key``, and its header checksum must hold. This checks what :func:`parse_header` and
+    :func:`check_header` check together, for the one header that can pass them; None means the
+    header is not that one (parse it to learn why).
+    """
+    mv = memoryview(buf)
+    end = FIXED_HEADER_SIZE + len(key)
+    if mv.nbytes < end or mv[:_PREFIX_SIZE] != prefix or mv[FIXED_HEADER_SIZE:end] != key:
+        return None
+    pchk, hchk = _CHECKSUMS.unpack(mv[_PREFIX_SIZE:FIXED_HEADER_SIZE])
+    if xxhash.xxh3_64_intdigest(bytes(mv[:_FIXED_SIZE]) + key) != hchk:
+        return None
+    return int(pchk)
 
 
 def check_header(

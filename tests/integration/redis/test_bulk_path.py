@@ -24,7 +24,7 @@ from redis_servers import RedisClusterNodes, RedisServer, make_tls_files, start_
 from test_network_tier import make_manager, redis_key, tier_stats
 
 import kvtier
-from kvtier.format.record import namespace_fingerprint, pack_header
+from kvtier.format.record import header_prefix, namespace_fingerprint, pack_header
 from kvtier.tiers.network.wire import (
     BAD,
     ERROR,
@@ -91,7 +91,8 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
-def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair) -> None:
+@pytest.mark.parametrize("quick", [True, False], ids=["expected-header", "full-parse"])
+def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair, quick: bool) -> None:
     client, server = pair
     keys = [make_key(i, "wire") for i in range(8)]
     payloads = [block_bytes_for(k, BLOCK) for k in keys]
@@ -116,8 +117,9 @@ def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair) -> None:
     wire.attach(client)
     wanted = [keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[6], keys[1],
               keys[7]]
-    got = [read_record(wire, k, memoryview(dests[i]), namespace_fp=FP, block_bytes=BLOCK)
-           for i, k in enumerate(wanted)]
+    prefix = header_prefix(FP, len(keys[0]), BLOCK) if quick else None
+    got = [read_record(wire, k, memoryview(dests[i]), namespace_fp=FP, block_bytes=BLOCK,
+                       prefix=prefix) for i, k in enumerate(wanted)]
     feeder.join()
     assert [s for s, _ in got] == [HIT, MISS, MISS, BAD, ERROR, BAD, BAD, BAD, BAD, HIT]
     assert got[4][1] is not None and got[4][1].startswith("WRONGTYPE")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.format.record import header_size, pack_header, payload_checksum
+from kvtier.format.record import header_prefix, header_size, pack_header, payload_checksum
 from kvtier.tiers.base import Completions, Health, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers, pack
 from kvtier.tiers.network.presence import ABSENT, PRESENT, UNKNOWN
@@ -240,6 +240,7 @@ class Transfers:
         bb, fp = self.bb, self.fp
         dests = [memoryview(primary[int(s)]) for s in slots]  # type: ignore[arg-type]
         hint = 4 + len(b"$%d" % (header_size(len(keys[0])) + bb)) + header_size(len(keys[0]))
+        prefixes = {n: header_prefix(fp, n, bb) for n in {len(k) for k in keys}}
 
         def request(idx: list[int], asking: bool) -> list[Any]:
             if asking:
@@ -252,8 +253,9 @@ class Transfers:
             for i in idx:
                 if asking:
                     read_status(wire)  # +OK (an error here shows in the GET's reply)
-                out.append(read_record(wire, keys[i], dests[i], namespace_fp=fp,
-                                       block_bytes=bb))
+                key = keys[i]
+                out.append(read_record(wire, key, dests[i], namespace_fp=fp, block_bytes=bb,
+                                       prefix=prefixes.get(len(key))))
             return out
 
         try:

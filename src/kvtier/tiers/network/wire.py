@@ -31,6 +31,7 @@ from kvtier.format.record import (
     FIXED_HEADER_SIZE,
     RecordError,
     check_header,
+    match_header,
     parse_header,
     payload_checksum,
     peek_lengths,
@@ -234,12 +235,14 @@ def read_status(wire: Wire) -> str | None:
 
 
 def read_record(wire: Wire, key: bytes, dest: memoryview, *, namespace_fp: bytes,
-                block_bytes: int) -> tuple[str, str | None]:
+                block_bytes: int, prefix: bytes | None = None) -> tuple[str, str | None]:
     """One reply to ``GET``: (HIT, None) when a verified payload is in ``dest``.
 
     Otherwise (MISS, None) for a nil, (ERROR, message) for an error reply, or (BAD, reason)
     for a value that is not a valid record of ``key`` (``dest`` may then hold garbage: the
-    caller must not use it). The whole reply is consumed in every case.
+    caller must not use it). The whole reply is consumed in every case. ``prefix``, from
+    ``header_prefix(namespace_fp, len(key), block_bytes)``, lets a valid record be checked
+    with a few comparisons.
     """
     line = wire.line()
     kind = line[:1]
@@ -250,6 +253,17 @@ def read_record(wire: Wire, key: bytes, dest: memoryview, *, namespace_fp: bytes
             raise ProtocolError(f"bad bulk length {line[:40]!r}") from None
         if length < 0:
             return MISS, None
+        if prefix is not None:
+            hlen = FIXED_HEADER_SIZE + len(key)
+            if length == hlen + block_bytes:
+                pchk = match_header(wire.peek(hlen), prefix, key)
+                if pchk is not None:
+                    wire.consume(hlen)
+                    wire.read_into(dest)
+                    wire.crlf()
+                    if payload_checksum(dest) != pchk:
+                        return BAD, "payload checksum mismatch"
+                    return HIT, None
         return _bulk_record(wire, length, key, dest, namespace_fp, block_bytes)
     if kind == b"_":
         return MISS, None
