@@ -323,20 +323,19 @@ class Transfers:
         bb, fp, prefix, ttl = self.bb, self.fp, self.prefix, self.ttl_ms
         rkeys = [prefix + k for k in keys]
         views = [memoryview(primary[int(s)]) for s in slots]  # type: ignore[arg-type]
-        heads: list[bytes] = []
-        sizes: list[int] = []  # record bytes
-        for key, rkey, view in zip(keys, rkeys, views):
-            header = pack_header(fp, key, view, checksum=payload_checksum(view))
-            heads.append(set_head(rkey, len(header) + bb, ttl) + header)
-            sizes.append(len(header) + bb)
         tail = set_tail(ttl)
 
         def request(idx: list[int], asking: bool) -> list[Any]:
+            # Headers are made window by window, just before they are sent: the checksum of a
+            # window's slots is taken while the server still works on the previous windows.
             pieces: list[bytes | memoryview] = []
             ask = ASKING if asking else b""
             for n, i in enumerate(idx):
-                pieces.append((tail if n else b"") + ask + heads[i])
-                pieces.append(views[i])
+                view = views[i]
+                header = pack_header(fp, keys[i], view, checksum=payload_checksum(view))
+                pieces.append((tail if n else b"") + ask
+                              + set_head(rkeys[i], len(header) + bb, ttl) + header)
+                pieces.append(view)
             pieces.append(tail)
             return pieces
 
@@ -364,7 +363,7 @@ class Transfers:
             err = replies[i]
             if err is None:
                 stored.append(key)
-                written += sizes[i]
+                written += header_size(len(key)) + bb
                 continue
             failed.append(key)
             if err.startswith(("OOM", "READONLY")):
