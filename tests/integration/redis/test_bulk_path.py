@@ -261,6 +261,28 @@ def _hostile_values_in_a_batch(redis_server: RedisServer, managers, namespace: s
             assert c.exists(prefix + keys[i]) == 0, f"{hostile[i]} left on the server"
 
 
+def test_error_replies_fail_the_blocks_and_delete_nothing(
+        own_redis_server: RedisServer, managers, namespace: str) -> None:
+    server = own_redis_server
+    writer = make_manager(server.url, namespace, slots=16, block=BLOCK)
+    managers.append(writer)
+    keys = [make_key(i, namespace) for i in range(8)]
+    store_blocks(writer, keys)
+    settle(writer)
+    with server.client() as c:  # a user who may ask EXISTS but not GET: -NOPERM to each GET
+        c.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-get")
+    reader = make_manager(server.url, namespace, slots=16, block=BLOCK, username="reader",
+                          password="pw")
+    managers.append(reader)
+    assert lookup_until(reader, keys) == 0  # found by EXISTS, refused by GET: misses
+    st = tier_stats(reader)
+    assert st["load_failures"] >= len(keys) and st["corrupt"] == 0 and st["hits"] == 0
+    assert st["available"] is True  # the server answers: it is not down
+    with server.client() as c:
+        assert all(c.exists(redis_key(writer, k)) for k in keys), "a refused block was deleted"
+    assert _wrong_blocks(reader, keys) == 0
+
+
 # -- short reads and writes, cuts and stalls through a proxy --------------------------------
 def test_round_trip_through_a_stream_chopped_into_small_pieces(
         redis_server: RedisServer, managers, namespace: str) -> None:

@@ -298,8 +298,11 @@ class Transfers:
         if good:
             self.updates.append((PRESENT, good))
         if gone or bad:
-            self.updates.append((ABSENT, gone + bad))
             self.events.append(TierEvent(gone + bad, removed=True))
+        if gone or bad or failed:
+            # A refused block stays on the server but is not loadable now: lookups treat it as
+            # absent until the negative cache expires, so no request waits on it meanwhile.
+            self.updates.append((ABSENT, gone + bad + failed))
         self.finish_part(job, failed + gone + bad, moved)
 
     def delete(self, rkeys: list[bytes]) -> None:
