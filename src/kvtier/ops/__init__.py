@@ -2,7 +2,7 @@
 
 ``commands`` parses and dispatches; ``storage``, ``network`` and ``shm`` run each command on one
 kind of target through the layout modules that live next to the tiers
-(``kvtier.tiers.storage.scan``/``repair``, ``kvtier.tiers.network_scan``,
+(``kvtier.tiers.storage.scan``/``repair``, ``kvtier.tiers.network.scan``,
 ``kvtier.memory.scan``); ``render`` prints results for people, ``--json`` as one object.
 """
 

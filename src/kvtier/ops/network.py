@@ -19,7 +19,7 @@ from kvtier.format.record import header_size
 from kvtier.ops.common import GcPlan, Options, gc_result, schema
 from kvtier.ops.target import redact
 from kvtier.ops.units import SECOND_EDGES, fmt_bytes, fmt_seconds, histogram
-from kvtier.tiers.network_scan import (
+from kvtier.tiers.network.scan import (
     KEY_PREFIX,
     Node,
     Servers,
