@@ -16,7 +16,7 @@ from redis_servers import free_port, start_server
 import kvtier
 from kvtier.cli import main
 from kvtier.format.record import namespace_fingerprint, namespace_key
-from kvtier.tiers.network_scan import Node, delete_if_unchanged, value_digest
+from kvtier.tiers.network.scan import Node, delete_if_unchanged, value_digest
 
 pytestmark = pytest.mark.redis
 
