@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -150,11 +152,14 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
     p, off = loc[foreign]
     patch(p, off, read(foreign_path, foreign_off, SLOT_HEADER + BB))
     expected[off] = ("namespace mismatch", keys_b[0])
-    # two whole records swapped: each is still a valid record of its key (slots carry no meaning)
+    # two whole records swapped: each is a valid record, but not of the block its region's log
+    # names in that slot, so no engine serves it there
     (p, o1), (_, o2) = loc[swapped1], loc[swapped2]
     r1, r2 = read(p, o1, SLOT_HEADER + BB), read(p, o2, SLOT_HEADER + BB)
     patch(p, o1, r2)
     patch(p, o2, r1)
+    expected[o1] = ("another block's record", swapped2)
+    expected[o2] = ("another block's record", swapped1)
     # a truncated file: the record at the highest offset is cut in its payload
     last = max(keys, key=lambda k: loc[k][1])
     assert last not in keys[1:8]
@@ -166,7 +171,7 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
 
     rc, r, _ = kv(capsys, "fsck", str(root), "--json")
     assert rc == 1 and r["schema"] == "kvtier.fsck/1"
-    assert r["records_bad"] == len(expected) == 6
+    assert r["records_bad"] == len(expected) == 8
     assert r["records_checked"] == 16 + 4
     found = {x["where"]["offset"]: (x["reason"], x["key"]) for x in r["bad"]}
     assert set(found) == set(expected)
@@ -178,10 +183,10 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
     assert (root / fp(NS_A) / "leftover.tmp").exists()  # read-only without --repair
 
     rc, r, _ = kv(capsys, "fsck", str(root), "--json", "--repair")
-    assert rc == 1 and r["records_bad"] == 6 and r["repaired"] == 6
+    assert rc == 1 and r["records_bad"] == 8 and r["repaired"] == 8
     assert r["stray"][0]["removed"] is True
     rc, r, _ = kv(capsys, "fsck", str(root), "--json")
-    assert rc == 0 and r["records_bad"] == 0 and r["stray"] == [] and r["records_checked"] == 14
+    assert rc == 0 and r["records_bad"] == 0 and r["stray"] == [] and r["records_checked"] == 12
     assert tree_digest(root / fp(NS_B)) == b_before  # the other namespace was never touched
 
     # an engine now serves every intact block right and finds nothing left to erase
@@ -189,17 +194,17 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
     try:
         st = m.get_stats()["tiers"]["storage0"]
         assert st["start_invalidated"] == 0
-        damaged = {flipped, header, sa, sb, foreign, last}
+        damaged = {flipped, header, sa, sb, foreign, swapped1, swapped2, last}
         intact = [k for k in keys if k not in damaged]
-        assert load_and_check(m, intact) == len(intact) == 10
+        assert load_and_check(m, intact) == len(intact) == 8
         assert load_and_check(m, sorted(damaged)) == 0  # misses, not wrong bytes
         assert m.get_stats()["tiers"]["storage0"]["corrupt"] == 0
     finally:
         m.shutdown()
 
 
-def test_fsck_reports_older_copies_and_a_record_of_another_block_size(tmp_path: Path,
-                                                                      capsys) -> None:
+def test_fsck_reports_a_record_its_log_does_not_name_there_and_older_copies(tmp_path: Path,
+                                                                            capsys) -> None:
     root = tmp_path / "tier"
     m = storage_manager(root, NS_A)
     keys = [make_key(i, NS_A) for i in range(6)]
@@ -207,12 +212,20 @@ def test_fsck_reports_older_copies_and_a_record_of_another_block_size(tmp_path: 
     settle(m)
     loc = {k: where(m, k) for k in keys}
     m.shutdown()
-    # an old copy of keys[0]'s record over keys[1]: both valid, the engine keeps the newer one
+    # an old copy of keys[0]'s record over keys[1]: a valid record, but the log names keys[1]
     p, o0 = loc[keys[0]]
     _, o1 = loc[keys[1]]
     rec = bytearray(read(p, o0, SLOT_HEADER + BB))
     rec[SLOT_HEADER - 16 : SLOT_HEADER] = bytes(16)  # sequence 0: older than any other
     patch(p, o1, bytes(rec))
+    rc, r, _ = kv(capsys, "fsck", str(root), "--json")
+    assert rc == 1 and r["records_bad"] == 1
+    (bad,) = r["bad"]
+    assert bad["where"]["offset"] == o1 and bad["key"] == keys[0].hex()
+    assert bad["reason"].startswith("another block's record")
+    # without the region's log the headers are all there is, as for an engine adopting them:
+    # then it is the older of two copies of keys[0]
+    (root / fp(NS_A) / f"log-{int(Path(p).name[5:10]):05d}").unlink()
     rc, r, _ = kv(capsys, "fsck", str(root), "--json")
     assert rc == 1 and r["records_bad"] == 1
     (bad,) = r["bad"]
@@ -320,9 +333,9 @@ while True:
 
 def test_after_a_crash_fsck_repair_leaves_nothing_for_the_engine_to_erase(tmp_path: Path,
                                                                           capsys) -> None:
-    """An engine killed while writing (several slab files, slots being reused): fsck checks the
-    lane as the engine's own start would, and after --repair the engine finds nothing to erase
-    and serves every block it finds intact; compaction keeps that true."""
+    """An engine killed while writing (several regions, slots being reused): fsck checks the
+    directory as the next engine would find it, and after --repair the engine finds nothing to
+    erase and serves every block it finds intact; compaction keeps that true."""
     big = 256 << 10
     root = tmp_path / "tier"
     tests = str(Path(__file__).resolve().parents[1])
@@ -338,7 +351,7 @@ def test_after_a_crash_fsck_repair_leaves_nothing_for_the_engine_to_erase(tmp_pa
         proc.wait(timeout=10)
     rc, ins, _ = kv(capsys, "inspect", str(root), "--json", "--shm-prefix", "kvtier-opstest-x-")
     (lane,) = ins["namespaces"]
-    assert lane["in_use"] is False and lane["slab_files"] == 3
+    assert lane["in_use"] is False and lane["slab_files"] == lane["regions"] > 3
     rc, r, _ = kv(capsys, "fsck", str(root), "--json", "--repair")
     assert rc in (0, 1) and r["repaired"] == r["records_bad"]
     rc, r, _ = kv(capsys, "fsck", str(root), "--json")
@@ -372,7 +385,7 @@ def test_after_a_crash_fsck_repair_leaves_nothing_for_the_engine_to_erase(tmp_pa
 
     held = check()
     assert held > 10
-    # compaction across the three slab files keeps the newest blocks, intact
+    # compaction across the regions keeps the newest blocks, intact
     size = 12 * (big + 4096) + 5 * 4096
     rc, r, _ = kv(capsys, "gc", str(root), "--shrink-to", str(size), "--json")
     assert rc == 0 and r["removed"][0]["kept_blocks"] == 12
@@ -466,7 +479,7 @@ def test_gc_older_than_writes(tmp_path: Path, capsys) -> None:
 def test_gc_stale_removes_idle_lanes_and_stray_files_only(tmp_path: Path, capsys) -> None:
     root = tmp_path / "tier"
     first = storage_manager(root, NS_A)
-    second = storage_manager(root, NS_A)  # the first holds the lane: this one takes lane 1
+    second = storage_manager(root, NS_A)  # both share the namespace directory
     keys = [make_key(i, NS_A) for i in range(5)]
     try:
         store_blocks(first, keys)
@@ -476,21 +489,34 @@ def test_gc_stale_removes_idle_lanes_and_stray_files_only(tmp_path: Path, capsys
     finally:
         first.shutdown()
         second.shutdown()
-    lane0, lane1 = root / fp(NS_A), root / (fp(NS_A) + ".1")
-    assert lane1.is_dir()
-    (lane0 / "crash.tmp").write_bytes(b"y" * 10)
+    lane0 = root / fp(NS_A)
+    # what an engine killed at the wrong moment leaves: its presence file, a log it was rewriting
+    (lane0 / "engine-00000000deadbeef").write_bytes(b"")
+    (lane0 / "log-00000.new").write_bytes(b"z" * 64)
+    (lane0 / "crash.tmp").write_bytes(b"y" * 10)  # and some other program's file
+    # a second engine's directory of the single-engine layout, idle (written by that version)
+    with tarfile.open(Path(__file__).resolve().parents[1] / "data" / "single_engine_layout.tar.gz") as t:
+        t.extractall(tmp_path / "old", filter="data")
+    (lane1,) = (tmp_path / "old" / "kv").glob("*.1")
+    lane1 = Path(shutil.move(str(lane1), root))
     before0 = tree_digest(lane0)
     no_shm = ("--shm-prefix", "kvtier-opstest-none-")  # leave this host's regions out of it
     rc, ins, _ = kv(capsys, "inspect", str(root), "--json", *no_shm)
     kinds = sorted((s["kind"], s["path"]) for s in ins["stale"])
-    assert kinds == [("idle_lane", str(lane1)), ("stray_file", str(lane0 / "crash.tmp"))]
+    assert kinds == [("dead_engine", str(lane0 / "engine-00000000deadbeef")),
+                     ("idle_lane", str(lane1)),
+                     ("stray_file", str(lane0 / "crash.tmp")),
+                     ("unfinished_file", str(lane0 / "log-00000.new"))]
     rc, r, _ = kv(capsys, "gc", str(root), "--stale", "--dry-run", "--json", *no_shm)
-    assert rc == 0 and lane1.exists() and len(r["removed"]) == 2
+    assert rc == 0 and lane1.exists() and len(r["removed"]) == 4
     rc, r, _ = kv(capsys, "gc", str(root), "--stale", "--json", *no_shm)
-    assert rc == 0 and {x["kind"] for x in r["removed"]} == {"idle_lane", "stray_file"}
+    assert rc == 0
+    assert {x["kind"] for x in r["removed"]} == {"idle_lane", "stray_file", "dead_engine",
+                                                 "unfinished_file"}
     assert not lane1.exists() and not (lane0 / "crash.tmp").exists()
     after0 = tree_digest(lane0)
-    assert after0 == {k: v for k, v in before0.items() if k != "crash.tmp"}
+    gone = {"crash.tmp", "engine-00000000deadbeef", "log-00000.new"}
+    assert after0 == {k: v for k, v in before0.items() if k not in gone}
     m = storage_manager(root, NS_A)
     try:
         assert load_and_check(m, keys) == 5

@@ -1,32 +1,48 @@
-"""Operator commands on a storage tier's directory: every namespace lane under a tier ``path``.
+"""Operator commands on a storage tier's directory: every namespace directory under a tier
+``path`` (a *lane*: ``<fingerprint>``, and ``<fingerprint>.N`` of the single-engine layout).
 
-Reads never take a lane's lock, so they run beside engines. Changes follow
-:mod:`kvtier.tiers.storage.repair`: a lane an engine holds only ever has bad records erased
-(never one an engine is writing); everything else (removing files, dropping a lane, compacting it)
-takes the lane's lock first and skips lanes an engine holds.
+Reads never take a lock, so they run beside engines. Changes follow
+:mod:`kvtier.tiers.storage.repair`: a directory engines are attached to only ever has bad records
+erased (never one an engine is writing); everything else (removing files, dropping a namespace,
+compacting it, rewriting its logs) takes its lock first and skips directories engines hold.
+
+In the region layout a slot holds a block only where a region log names it: the records checked
+are those the logs name (a record of another block where a log names one is bad: no engine
+serves it), and the bytes of other slots are free space. A region whose log is missing, and the
+single-engine layout, are read by their record headers, as an engine adopting them would.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvtier.ops.common import GcPlan, Options, gc_result, schema
 from kvtier.ops.shm import remove_stale, stale_regions
 from kvtier.ops.units import WRITE_EDGES, UsageError, fmt_bytes, histogram
-from kvtier.tiers.storage.repair import compact, drop_lane, erase_record, remove_files
+from kvtier.tiers.storage.repair import (
+    compact,
+    drop_lane,
+    drop_log_entries,
+    erase_record,
+    remove_files,
+)
 from kvtier.tiers.storage.scan import (
     PROBE_FILE,
     Lane,
     LaneLock,
+    Logged,
     SlotCheck,
     describe_lane,
     find_lanes,
+    index_key,
     intent_slots,
+    lock_holders,
     newest_copies,
     process_name,
+    read_logs,
     read_slots,
     recheck,
 )
@@ -36,14 +52,49 @@ _SETTLE_S = 0.25  # pause before a bad slot of a lane in use is read again
 
 @dataclass
 class Survey:
-    """A lane's headers: the records an engine would index, older copies, bad headers."""
+    """A lane's slots: the records an engine would serve, older copies, bad ones."""
 
     lane: Lane
-    records: list[SlotCheck] = field(default_factory=list)  # every valid header
+    records: list[SlotCheck] = field(default_factory=list)  # every record an engine serves
     kept: list[SlotCheck] = field(default_factory=list)  # the newest copy of each key
     older: list[tuple[SlotCheck, SlotCheck]] = field(default_factory=list)
-    bad: list[SlotCheck] = field(default_factory=list)
+    bad: list[tuple[SlotCheck, str]] = field(default_factory=list)  # (as read, why it is bad)
     slots: int = 0
+    logged: Logged | None = None  # what the region logs say (region layout)
+
+
+def classify(lane: Lane, c: SlotCheck, logged: Logged | None) -> tuple[str, str | None]:
+    """What a slot is worth: ("record", None), ("bad", reason) or ("free", None) (a slot no log
+    names, or one whose record was erased)."""
+    if logged is None or logged.region_of(lane, c.slot) in logged.without_log:
+        if c.status == "record":
+            return "record", None
+        return ("bad", c.reason or "bad record") if c.status == "bad" else ("free", None)
+    want = logged.slots.get(c.slot)
+    if want is None or c.status == "empty":
+        return "free", None
+    if c.status == "bad":
+        return "bad", c.reason or "bad record"
+    assert c.key is not None
+    if index_key(c.key) != want[0]:
+        return "bad", ("another block's record: its region's log names another key in this slot"
+                       " (no engine serves it)")
+    return "record", None
+
+
+def _missing(lane: Lane, logged: Logged, seen: set[int]) -> list[tuple[SlotCheck, str]]:
+    """Slots a log names that lie beyond the end of their slab file."""
+    out = []
+    assert lane.pool is not None and lane.slot_size is not None
+    for slot, (key, seq) in logged.slots.items():
+        region, i = divmod(slot, lane.pool.slots_per_region)
+        if slot in seen or region in logged.without_log:
+            continue
+        path = os.path.join(lane.path, f"slab-{region:05d}.kvs")
+        out.append((SlotCheck(slot, path, i * lane.slot_size, "bad", key, seq,
+                              "missing: its slab file ends before this slot"),
+                    "missing: its slab file ends before this slot"))
+    return out
 
 
 def _where(c: SlotCheck) -> dict[str, Any]:
@@ -90,22 +141,28 @@ class StorageOps:
         return chosen
 
     def survey(self, lane: Lane, advance: Any = None) -> Survey:
-        """Read every header of a lane."""
+        """Read every header of a lane (and its logs)."""
         sv = Survey(lane)
         if lane.slot_size is None:
             return sv
+        logged = sv.logged = read_logs(lane) if lane.regions else None
 
         def prog(_nbytes: int, nslots: int) -> None:
             if advance is not None:
                 advance(nslots)
 
+        seen: set[int] = set()
         for c in read_slots(lane, payload=False, workers=self.opts.threads,
                             chunk_bytes=4 << 20, progress=prog):
             sv.slots += 1
-            if c.status == "record":
-                sv.records.append(c)
-            elif c.status == "bad":
-                sv.bad.append(c)
+            seen.add(c.slot)
+            what, why = classify(lane, c, logged)
+            if what == "record":
+                sv.records.append(_with_logged_seq(c, logged))
+            elif what == "bad":
+                sv.bad.append((c, why or "bad record"))
+        if logged is not None:
+            sv.bad += _missing(lane, logged, seen)
         sv.kept, sv.older = newest_copies(sv.records)
         return sv
 
@@ -140,7 +197,9 @@ class StorageOps:
                     "unknown": sum(1 for c in sv.kept if c.seq <= 0),
                     "buckets": histogram((newest - s for s in seqs), WRITE_EDGES)},
             "bad_headers": len(sv.bad), "older_copies": len(sv.older),
-            "unfinished_writes": 0 if ln.in_use else len(intent_slots(ln)),
+            "regions": ln.pool.regions if ln.pool is not None else None,
+            "layout": "regions" if ln.regions else "single-engine",
+            "unfinished_writes": 0 if ln.in_use else len(intent_slots(ln)) + len(ln.leftovers),
         })
         return d
 
@@ -161,8 +220,16 @@ class StorageOps:
             for p in ln.stray:
                 out.append({"kind": "stray_file", "path": p, "bytes": _lsize(p),
                             "reason": "not part of the tier's layout (left by a crash or another "
-                                      "program)" if os.path.basename(p) != PROBE_FILE else
-                                      "left by an engine that died while starting"})
+                                      "program)" if not os.path.basename(p).startswith(PROBE_FILE)
+                                      else "left by an engine that died while starting"})
+            for p in ln.leftovers:
+                out.append({"kind": "unfinished_file", "path": p, "bytes": _lsize(p),
+                            "reason": "a log or presence file an engine was writing when it "
+                                      "ended"})
+            for p in _dead_engine_files(ln):
+                out.append({"kind": "dead_engine", "path": p, "bytes": _lsize(p),
+                            "reason": "the presence file of an engine that is gone (its regions "
+                                      "are taken over by the next engine)"})
         return out
 
     def inspect(self) -> dict[str, Any]:
@@ -231,35 +298,46 @@ class StorageOps:
     def _fsck_lane(self, ln: Lane, repair: bool, locked: bool,
                    advance: Any) -> tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]:
         records: list[SlotCheck] = []
-        suspects: list[SlotCheck] = []
+        suspects: list[tuple[SlotCheck, str]] = []
         read = 0
+        logged = read_logs(ln) if ln.regions else None
 
         def prog(n: int, _slots: int) -> None:
             nonlocal read
             read += n
             advance(n)
 
+        seen: set[int] = set()
         for c in read_slots(ln, payload=True, workers=self.opts.threads,
                             chunk_bytes=self.opts.chunk_bytes, progress=prog):
-            if c.status == "record":
-                records.append(c)
-            elif c.status == "bad":
-                suspects.append(c)
-        # Unless this command holds the lane, an engine may be writing it (one on another host
-        # of a network file system shows in no /proc/locks): bad slots are read again to be sure.
+            seen.add(c.slot)
+            what, why = classify(ln, c, logged)
+            if what == "record":
+                records.append(_with_logged_seq(c, logged))
+            elif what == "bad":
+                suspects.append((c, why or "bad record"))
+        if logged is not None:
+            suspects += _missing(ln, logged, seen)
+        # Unless this command holds the directory, an engine may be writing it (one on another
+        # host of a network file system shows in no /proc/locks): bad slots are read again, with
+        # the logs, to be sure.
         online = not locked
         confirmed = self._confirm(ln, suspects) if online else suspects
         # a record being rewritten while it was read is no longer bad: count it as checked
         checked = len(records) + len(suspects)
-        # Older copies of a key are what an engine drops at its next start; one that holds the
-        # lane never reads them (its index names the newest), and it makes them itself for an
-        # instant when a key evicted from one slot is stored again before that slot is rewritten.
-        _kept, older = newest_copies(records) if locked or not ln.in_use else ([], [])
-        findings: list[tuple[SlotCheck, str]] = [(c, c.reason or "bad record") for c in confirmed]
-        for old, kept in older:
-            findings.append((old, f"older copy of the record in {os.path.basename(kept.file)} "
-                                  f"at offset {kept.offset} (an engine keeps the newest)"))
+        findings: list[tuple[SlotCheck, str]] = list(confirmed)
+        if logged is None or logged.without_log:
+            # Older copies of a key are what an engine adopting these headers drops (in the
+            # region layout two engines may each hold a copy: that is no fault).
+            headers = [c for c in records if logged is None
+                       or logged.region_of(ln, c.slot) in logged.without_log]
+            _kept, older = newest_copies(headers) if locked or not ln.in_use else ([], [])
+            for old, kept in older:
+                findings.append((old, f"older copy of the record in "
+                                      f"{os.path.basename(kept.file)} at offset {kept.offset} "
+                                      f"(an engine keeps the newest)"))
         out: list[dict[str, Any]] = []
+        unlink_from_logs: list[int] = []
         for c, reason in sorted(findings, key=lambda f: (f[0].file, f[0].offset)):
             entry: dict[str, Any] = {"key": c.key.hex() if c.key is not None else None,
                                      "reason": reason, "namespace": ln.name,
@@ -267,13 +345,22 @@ class StorageOps:
             if c.namespace_fp is not None:
                 entry["record_namespace"] = c.namespace_fp.hex()
             if repair:
-                res = erase_record(ln, c, locked=locked)
-                entry["repaired"] = res.done
-                entry["note"] = res.note
+                if reason.startswith("missing"):
+                    entry["repaired"] = locked
+                    entry["note"] = ("no longer named by its log" if locked else
+                                     "the engine holding the region drops it at its next load")
+                else:
+                    res = erase_record(ln, c, locked=locked)
+                    entry["repaired"] = res.done
+                    entry["note"] = res.note
+                if entry["repaired"] and logged is not None and c.slot in logged.slots:
+                    unlink_from_logs.append(c.slot)
             out.append(entry)
+        if unlink_from_logs and locked:
+            drop_log_entries(ln, unlink_from_logs)
         strays: list[dict[str, Any]] = []
         for p in ln.stray:
-            if ln.in_use and os.path.basename(p) == PROBE_FILE:
+            if ln.in_use and os.path.basename(p).startswith(PROBE_FILE):
                 continue  # an engine is starting: its probe file comes and goes
             s: dict[str, Any] = {"path": p, "reason": "directory in a namespace directory"
                                  if os.path.isdir(p) and not os.path.islink(p)
@@ -286,20 +373,40 @@ class StorageOps:
         return checked, read, out, strays
 
     @staticmethod
-    def _confirm(ln: Lane, suspects: list[SlotCheck]) -> list[SlotCheck]:
+    def _confirm(ln: Lane, suspects: list[tuple[SlotCheck, str]]) -> list[tuple[SlotCheck, str]]:
         """Of the bad slots of a lane an engine holds, those that stay bad: read again after a
-        pause, with the same bytes. A slot an engine is writing changes meanwhile (its intent file
-        names it before the write starts, and the write is one system call); a torn read of a
-        record being rewritten reads well the second time."""
+        pause, with the same bytes and (region layout) still named so by their log. A slot an
+        engine is writing changes meanwhile, or leaves its log first; a torn read of a record
+        being rewritten reads well the second time."""
         if not suspects:
             return []
         writing = intent_slots(ln)
-        time.sleep(_SETTLE_S * (2 if any(c.slot in writing for c in suspects) else 1))
+        time.sleep(_SETTLE_S * (2 if any(c.slot in writing for c, _r in suspects) else 1))
+        logged = read_logs(ln) if ln.regions else None
         out = []
-        for c in suspects:
+        for c, reason in suspects:
+            if reason.startswith("missing"):
+                try:  # the file may have grown since the directory was listed
+                    grown = os.path.getsize(c.file) >= c.offset + (ln.slot_size or 0)
+                except OSError:
+                    grown = False
+                if grown:  # read it as any other slot: bad twice, a moment apart, to count
+                    first = recheck(ln, c)
+                    if classify(ln, first, logged)[0] == "bad":
+                        time.sleep(_SETTLE_S)
+                        now = recheck(ln, first)
+                        what, why = classify(ln, now, read_logs(ln) if ln.regions else None)
+                        if what == "bad" and now.digest == first.digest:
+                            out.append((now, why or "bad record"))
+                elif logged is not None and c.slot in logged.slots:
+                    out.append((c, reason))
+                continue
             now = recheck(ln, c)
-            if now.status == "bad" and now.digest == c.digest:
-                out.append(c)
+            if (now.status, now.key, now.digest) != (c.status, c.key, c.digest):
+                continue
+            what, why = classify(ln, now, logged)
+            if what == "bad" and why == reason:
+                out.append((c, reason))
         return out
 
     # -- gc -----------------------------------------------------------------------------------
@@ -353,9 +460,9 @@ class StorageOps:
         if ln.slot_size is None:
             skipped.append({"id": ln.name, "reason": "block size unknown"})
             return
-        if not ln.regular:
-            skipped.append({"id": ln.name, "reason": "slab files not laid out regularly: run the "
-                            "tier once to let it truncate them, then again"})
+        if not ln.regions:
+            skipped.append({"id": ln.name, "reason": "single-engine layout: start an engine on it "
+                            "once to convert it, then again"})
             return
         lock = LaneLock(ln)
         if not plan.dry_run and not lock.acquire():
@@ -363,32 +470,27 @@ class StorageOps:
             return
         try:
             sv = self.survey(ln)
-            suspects = intent_slots(ln)  # records a crashed engine may have left torn
-            valid = [c for c in sv.records
-                     if c.slot not in suspects or recheck(ln, c).status == "record"]
-            kept, _older = newest_copies(valid)
-            keep = sorted(kept, key=lambda c: (-c.seq, c.slot))
+            keep = sorted(sv.kept, key=lambda c: (-c.seq, c.slot))
             why = []
             if plan.older_than_writes is not None:
                 newest = max((c.seq for c in keep), default=0)
                 keep = [c for c in keep if c.seq > 0 and newest - c.seq < plan.older_than_writes]
                 why.append(f"written more than {plan.older_than_writes} writes ago")
             if plan.shrink_to is not None:
-                meta = ln.usage_bytes - ln.slab_bytes
-                fit = max(0, (plan.shrink_to - meta) // ln.slot_size)
-                keep = keep[:fit]
+                keep = keep[: _fit(ln, sv, keep, plan.shrink_to)]
                 why.append(f"beyond {fmt_bytes(plan.shrink_to)}, oldest first")
-            res = compact(ln, valid, keep, dry_run=True)
+            assert sv.logged is not None
+            res = compact(ln, sv.logged, keep, dry_run=True)
             if not res.dropped and res.bytes_after >= res.bytes_before:
                 return  # nothing to drop, nothing to reclaim
             if not plan.dry_run:
                 with self.opts.progress.task(f"compacting {ln.name[:12]}",
-                                             res.moved * ln.slot_size) as advance:
-                    res = compact(ln, valid, keep, progress=advance)
+                                             res.moved * (ln.slot_size or 0)) as advance:
+                    res = compact(ln, sv.logged, keep, progress=advance)
             if res.dropped or res.bytes_after < res.bytes_before:
                 removed.append({"kind": "blocks", "id": ln.name, "namespace": ln.namespace,
                                 "path": ln.path,
-                                "blocks": len(kept) - res.kept,
+                                "blocks": len(sv.kept) - res.kept,
                                 "bytes": res.bytes_before - res.bytes_after,
                                 "kept_blocks": res.kept, "moved_blocks": res.moved,
                                 "reason": "; ".join(why)})
@@ -400,6 +502,12 @@ class StorageOps:
         live = [ln for ln in lanes if ln.path not in gone]
         for entry in self._stale([self.survey(ln) for ln in live if not ln.in_use]):
             path = entry["path"]
+            if entry["kind"] in ("dead_engine", "unfinished_file"):
+                size = entry["bytes"]
+                if dry_run or remove_files([path]):
+                    removed.append({"kind": entry["kind"], "id": os.path.basename(path),
+                                    "path": path, "blocks": 0, "bytes": size})
+                continue
             if entry["kind"] in ("idle_lane", "empty_lane"):
                 ln = next(x for x in live if x.path == path)
                 self._drop(ln, entry["kind"], dry_run, removed, skipped, entry["reason"])
@@ -428,6 +536,35 @@ class StorageOps:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _with_logged_seq(c: SlotCheck, logged: Logged | None) -> SlotCheck:
+    """A record with the write sequence its log gives it (a load can renew it there)."""
+    if logged is None or c.slot not in logged.slots:
+        return c
+    return replace(c, seq=logged.slots[c.slot][1])
+
+
+def _fit(ln: Lane, sv: Survey, keep: list[SlotCheck], size: int) -> int:
+    """How many of ``keep`` (newest first) a compaction can leave within ``size`` bytes."""
+    lo, hi = 0, len(keep)
+    assert sv.logged is not None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if compact(ln, sv.logged, keep[:mid], dry_run=True).bytes_after <= size:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _dead_engine_files(ln: Lane) -> list[str]:
+    """Presence files nobody holds (read from /proc/locks, no lock taken), when no engine is
+    attached to the directory (an attached engine removes them itself)."""
+    if ln.in_use:
+        return []
+    return [p for p in ln.engine_files
+            if os.path.basename(p) != "writer" and not lock_holders(p)[1]]
 
 
 def _in_use(ln: Lane) -> str:

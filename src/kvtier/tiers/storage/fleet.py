@@ -125,7 +125,6 @@ class Fleet:
         self.engine_fd = -1
         self.passes = 0
         self.last_pass = 0.0
-        self.usage = 0
         self._stop = threading.Event()
         self._pass_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -217,8 +216,6 @@ class Fleet:
         if sh.network_fs:
             self._flush_logs()
         self.passes += 1
-        if first or sh.network_fs is False or self.passes % 10 == 0:
-            self.usage = self._measure(names)
         self.last_pass = time.monotonic()
         sh.count(sync_passes=1)
 
@@ -442,15 +439,6 @@ class Fleet:
             with reg.log.lock, contextlib.suppress(OSError):
                 reg.log.flush()
 
-    def _measure(self, names: list[str]) -> int:
-        """Bytes the directory's files occupy (sizes or allocated blocks, whichever is more)."""
-        total = 0
-        d = self.sh.directory
-        for name in names:
-            with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(d, name))
-                total += max(st.st_size, st.st_blocks * 512)
-        return total
 
     # -- the thread ------------------------------------------------------------------------
     def start(self) -> None:

@@ -214,6 +214,22 @@ def write_namespace_file(directory: str, namespace: str, fp_hex: str, geo_block:
         f.write(text[: ALIGN - 1])
 
 
+def dir_usage(directory: str) -> int:
+    """Bytes a namespace directory's files occupy, as counted against its capacity: each file's
+    size or allocated space, whichever is more, in whole pages."""
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for e in entries:
+        with contextlib.suppress(OSError):
+            if e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                total += round_up(max(st.st_size, st.st_blocks * 512), ALIGN)
+    return total
+
+
 # -- locks -------------------------------------------------------------------------------------
 class LocksUnsupported(OSError):
     """The file system does not implement flock (for example NFS mounted with ``nolock``)."""

@@ -1,18 +1,21 @@
-"""Changes to a storage tier's files for tools: erase bad records, remove stray files, drop a lane,
-compact a lane to the records it should keep.
+"""Changes to a storage tier's files for tools: erase bad records, remove stray files, drop a
+namespace directory, compact one to the records it should keep.
 
 Two rules make these safe beside running engines:
 
-* A lane an engine holds (its ``lock``) is changed only by :func:`erase_record`, and only for a
-  bad record whose bytes stayed the same while it was checked twice and once more right before
-  erasing (a slot an engine writes changes). Erasing is what an engine itself does with a bad
-  record: its header page is zeroed, so no reader finds it.
-* Everything else (truncating, deleting, moving records) needs the lane's lock, taken with
-  :class:`kvtier.tiers.storage.scan.LaneLock`, so that no engine attaches meanwhile.
+* A directory an engine is attached to (it holds ``lock``) is changed only by
+  :func:`erase_record`, and only for a bad record whose bytes stayed the same while it was checked
+  twice and once more right before erasing (a slot an engine writes changes). Erasing is what an
+  engine itself does with a bad record: its header page is zeroed, so no reader serves it; the
+  engine that holds the region drops it from its log at its next load of it.
+* Everything else (truncating, deleting, moving records, rewriting logs) needs the directory's
+  ``lock`` exclusively, taken with :class:`kvtier.tiers.storage.scan.LaneLock`: no engine is
+  attached then, and none attaches meanwhile (a starting engine waits, then retries).
 
-Compaction keeps the engine's crash safety: the target slots of each batch of moves are written
-to an intent file first and synced, so that a crash mid-move leaves records an engine verifies at
-its next start; the originals stay in place until every copy is synced.
+Compaction keeps the tier's crash safety: kept records are copied into the lowest free slots
+first (free slots are named by no log, so a copy is invisible until the logs are rewritten), then
+each region's log is rewritten to name what it holds, and only then are files cut. A crash at any
+point leaves every block whole where some log names it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvtier.tiers.storage.scan import INTENT_CAPACITY, Lane, SlotCheck, pack_intent, recheck
-from kvtier.tiers.storage.slab import ALIGN, SLOT_HEADER
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.layout import ALIGN, dir_usage, log_name, round_up, slab_name
+from kvtier.tiers.storage.scan import Lane, Logged, SlotCheck, recheck
+from kvtier.tiers.storage.slab import SLOT_HEADER
 
 
 @dataclass(frozen=True)
@@ -96,114 +101,132 @@ class CompactResult:
 
 def compact(
     lane: Lane,
-    records: list[SlotCheck],
+    logged: Logged,
     keep: Iterable[SlotCheck],
     *,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> CompactResult:
-    """Rewrite a lane so that it holds exactly the records ``keep``, in its lowest slots, and cut
-    its files after them. ``records`` are all the lane's valid records (from a header scan), those
-    not kept are erased. The caller holds the lane's lock. Raises OSError; ValueError when the
-    slab files are not laid out regularly enough to number their slots.
+    """Rewrite a region-layout directory so that it holds exactly the records ``keep`` (records
+    its logs name), in its lowest slots, region by region, and cut or remove its files after them.
+    The caller holds the directory's lock. Raises OSError; ValueError for a directory of the
+    single-engine layout (an engine converts it when it starts).
     """
-    if lane.slot_size is None or not lane.regular:
-        raise ValueError(f"{lane.path}: slab files are not laid out regularly; not compacted")
+    geo = lane.pool
+    if geo is None or lane.slot_size is None:
+        raise ValueError(f"{lane.path}: single-engine layout; start an engine on it once to "
+                         "convert it, then compact")
     ss = lane.slot_size
     kept = sorted(keep, key=lambda c: c.slot)
-    kept_slots = {c.slot for c in kept}
     k = len(kept)
-    dropped = [c for c in records if c.slot not in kept_slots]
-    before = lane.usage_bytes
-    sources = [c for c in kept if c.slot >= k]
-    holes = [s for s in range(k) if s not in kept_slots]
+    targets: list[int] = []
+    for r in range(geo.regions):
+        if len(targets) >= k:
+            break
+        base = geo.base(r)
+        targets.extend(range(base, base + min(geo.slots_in(r), k - len(targets))))
+    target_set = set(targets)
+    kept_slots = {c.slot for c in kept}
+    holes = [t for t in targets if t not in kept_slots]
+    sources = [c for c in kept if c.slot not in target_set]
     assert len(holes) == len(sources)
-    after = _size_after(lane, k) + ALIGN * (len(lane.intents) + int(lane.has_namespace_file))
+    dropped = len([s for s in logged.slots if s not in kept_slots])
+    placed: dict[int, SlotCheck] = {c.slot: c for c in kept if c.slot in target_set}
+    moves = list(zip(sources, holes))
+    for src, dst in moves:
+        placed[dst] = src
+    by_region: dict[int, list[int]] = {}
+    for t in targets:
+        by_region.setdefault(t // geo.slots_per_region, []).append(t)
+    before = lane.usage_bytes
+    small = sum(round_up(max(os.path.getsize(p), 1), ALIGN) for p in
+                (os.path.join(lane.path, n) for n in ("NAMESPACE", "POOL")) if os.path.exists(p))
+    after = small + sum((max(ts) - geo.base(r) + 1) * ss
+                        + round_up(ilog.ENTRY * (1 + len(ts)), ALIGN)
+                        for r, ts in by_region.items())
     if dry_run:
-        return CompactResult(k, len(dropped), len(sources), before, after)
-    spf = lane.slots_per_file
+        return CompactResult(k, dropped, len(moves), before, after)
 
-    def where(slot: int) -> tuple[str, int]:
-        f, i = (0, slot) if spf is None else divmod(slot, spf)
-        return os.path.join(lane.path, f"slab-{f:05d}.kvs"), i * ss
+    def path(slot: int) -> tuple[str, int]:
+        r, i = divmod(slot, geo.slots_per_region)
+        return os.path.join(lane.path, slab_name(r)), i * ss
 
-    intent = lane.intents[0] if lane.intents else os.path.join(lane.path, "intent-00")
     fds: dict[str, int] = {}
     buf = mmap.mmap(-1, ss)
     try:
-        def fd(path: str) -> int:
-            if path not in fds:
-                fds[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            return fds[path]
+        def fd(p: str) -> int:
+            if p not in fds:
+                fds[p] = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            return fds[p]
 
-        # Erase dropped records below the new end first: a crash now loses only blocks to drop.
-        zeros = bytes(SLOT_HEADER)
-        for c in dropped:
-            if c.slot < k:
-                os.pwrite(fd(c.file), zeros, c.offset)
-        for f in list(fds.values()):
-            os.fdatasync(f)
-        cap = INTENT_CAPACITY
-        moved = 0
-        for b0 in range(0, len(sources), cap):
-            batch = list(zip(sources[b0 : b0 + cap], holes[b0 : b0 + cap]))
-            ifd = os.open(intent, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(ifd, pack_intent([dst for _src, dst in batch]), 0)
-                os.fdatasync(ifd)
-            finally:
-                os.close(ifd)
-            touched: set[str] = set()
-            for src, dst in batch:
-                n = os.preadv(fd(src.file), [buf], src.offset)
-                path, off = where(dst)
-                os.pwrite(fd(path), memoryview(buf)[:n], off)
-                touched.add(path)
-                moved += 1
-                if progress is not None:
-                    progress(n)
-            for p in touched:
-                os.fdatasync(fd(p))
-        _cut(lane, k, fds)
+        for src, dst in moves:  # 1. copies into free slots, invisible until the logs name them
+            n = os.preadv(fd(src.file), [buf], src.offset)
+            p, off = path(dst)
+            os.pwrite(fd(p), memoryview(buf)[:n], off)
+            if progress is not None:
+                progress(n)
         for f in fds.values():
             os.fdatasync(f)
-        ifd = os.open(intent, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(ifd, bytes(SLOT_HEADER), 0)
-            os.fdatasync(ifd)
-        finally:
-            os.close(ifd)
+        for r in range(geo.regions):  # 2. each region's log names what it holds now
+            ts = by_region.get(r)
+            log_path = os.path.join(lane.path, log_name(r))
+            if not ts:
+                continue
+            entries = []
+            for t in ts:
+                c = placed[t]
+                assert c.key is not None
+                seq = logged.slots.get(c.slot, (b"", c.seq))[1]
+                entries.append((ilog.PUT, t - geo.base(r), 0, seq, ilog.index_key(c.key)))
+            ilog.LogWriter.create(log_path, r, geo.log_size(r), entries, sync=True).close()
+        for slab in lane.slabs:  # 3. then files are cut, or go with the regions left empty
+            ts = by_region.get(slab.index)
+            if not ts:
+                if slab.path in fds:
+                    os.close(fds.pop(slab.path))
+                for p in (slab.path, os.path.join(lane.path, log_name(slab.index))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+            else:
+                end = (max(ts) - geo.base(slab.index) + 1) * ss
+                if os.path.getsize(slab.path) > end:
+                    os.truncate(slab.path, end)
     finally:
         for f in fds.values():
             with contextlib.suppress(OSError):
                 os.close(f)
         buf.close()
-    return CompactResult(k, len(dropped), moved, before, after)
+    return CompactResult(k, dropped, len(moves), before, lane_usage(lane))
 
 
-def _size_after(lane: Lane, k: int) -> int:
-    ss = lane.slot_size or 0
-    spf = lane.slots_per_file
-    total = 0
-    for slab in lane.slabs:
-        first = 0 if spf is None else slab.index * spf
-        if first >= k:
+def lane_usage(lane: Lane) -> int:
+    """The directory's usage now, as the tier counts it."""
+    return dir_usage(lane.path)
+
+
+def drop_log_entries(lane: Lane, slots: Iterable[int]) -> int:
+    """Rewrite the logs of a region-layout directory nobody is attached to (the caller holds its
+    lock) so that they no longer name ``slots`` (records found bad, erased or missing); returns
+    how many entries went."""
+    geo = lane.pool
+    assert geo is not None
+    by_region: dict[int, set[int]] = {}
+    for s in slots:
+        r, i = divmod(s, geo.slots_per_region)
+        by_region.setdefault(r, set()).add(i)
+    dropped = 0
+    for r, gone in by_region.items():
+        path = os.path.join(lane.path, log_name(r))
+        got = ilog.LogTail(path).read()
+        if got is None:
             continue
-        total += min(slab.size, (k - first) * ss)
-    return total
-
-
-def _cut(lane: Lane, k: int, fds: dict[str, int]) -> None:
-    """Remove slab space at and after slot ``k``."""
-    ss = lane.slot_size or 0
-    spf = lane.slots_per_file
-    for slab in lane.slabs:
-        first = 0 if spf is None else slab.index * spf
-        if first >= k:
-            f = fds.pop(slab.path, None)
-            if f is not None:
-                os.close(f)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(slab.path)
-        elif slab.size > (k - first) * ss:
-            os.truncate(slab.path, (k - first) * ss)
+        held: dict[int, tuple[bytes, int]] = {}
+        for kind, slot, _aux, value, key in got[1]:
+            if kind == ilog.PUT:
+                held[slot] = (key, value)
+            elif kind == ilog.DEL:
+                held.pop(slot, None)
+        entries = [(ilog.PUT, i, 0, seq, k) for i, (k, seq) in sorted(held.items()) if i not in gone]
+        dropped += len(held) - len(entries)
+        ilog.LogWriter.create(path, r, geo.log_size(r), entries, sync=True).close()
+    return dropped

@@ -1,15 +1,15 @@
-"""The storage tier's files as tools see them, without opening a lane as a tier.
+"""The storage tier's files as tools see them, without joining a directory as an engine.
 
-A tier root holds one directory per namespace and lane (``<fingerprint>`` for the first engine of
-a namespace, ``<fingerprint>.N`` for the N+1-th running at once), laid out as
-:mod:`kvtier.tiers.storage.slab` describes. This module finds those directories, reads their
-geometry (``NAMESPACE``, else a record header), says which processes hold their ``lock``, and
-reads and checks every slot with the record format's own checks. It never writes:
-:mod:`kvtier.tiers.storage.repair` holds the operations that change files. The operator commands
-(``kvtier inspect|fsck|gc|du``) use these two modules only, so a change of the on-disk layout is
-made here, next to the tier, and nowhere else. This reads the layout of one engine per
-namespace directory (``<fingerprint>[.N]/`` with ``intent-NN`` files); a new layout of the tier
-changes these two modules and nothing in ``kvtier.ops``.
+A tier root holds one directory per namespace, ``<fingerprint>``, laid out as
+:mod:`kvtier.tiers.storage.layout` describes: regions (``slab-NNNNN.kvs``) whose logs
+(``log-NNNNN``) name the record in each slot, the region geometry in ``POOL``, the ``lock`` every
+engine holds while attached and one ``engine-<id>`` presence file per engine. Directories of the
+single-engine layout (``<fingerprint>[.N]`` with ``intent-NN`` files and no ``POOL``) are read
+too, until an engine adopts them. This module finds those directories, reads their geometry,
+their logs and who holds their ``lock``, and reads and checks every slot with the record
+format's own checks. It never writes: :mod:`kvtier.tiers.storage.repair` holds the operations
+that change files. The operator commands (``kvtier inspect|fsck|gc|du``) use these two modules
+only, so a change of the on-disk layout is made here, next to the tier, and nowhere else.
 
 What a slot is, as a reader sees it:
 
@@ -19,6 +19,9 @@ What a slot is, as a reader sees it:
   and block size, the whole record lies inside the file and, when payloads are read, the payload
   checksum matches;
 * ``bad``: anything else, with the reason the record format's reader gives.
+
+In the region layout only the slots a log names hold blocks: the others are free space, whatever
+bytes they still hold.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import fcntl
 import mmap
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,10 +39,9 @@ from dataclasses import dataclass, field
 import xxhash
 
 from kvtier.format.record import FIXED_HEADER_SIZE, RecordError, parse_header
-from kvtier.tiers.storage.slab import (  # the formats SlabStore writes: intents, sequences
-    _INTENT_HEAD,
-    _INTENT_MAGIC,
-    _INTENT_MAX,
+from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage.layout import Geometry, dir_usage, read_legacy_intents, read_pool
+from kvtier.tiers.storage.slab import (  # the formats SlabStore writes: sequences
     _SEQ,
     ALIGN,
     MAX_KEY_BYTES,
@@ -53,6 +54,9 @@ from kvtier.tiers.storage.slab import (  # the formats SlabStore writes: intents
 LANE_NAME = re.compile(r"^([0-9a-f]{32})(?:\.([1-9][0-9]*))?$")
 SLAB_NAME = re.compile(r"^slab-([0-9]{5,})\.kvs$")
 INTENT_NAME = re.compile(r"^intent-[0-9]{2,}$")
+LOG_NAME = re.compile(r"^log-([0-9]{5,})$")
+ENGINE_NAME = re.compile(r"^engine-[0-9a-f]{16}$")
+LEFTOVER_NAME = re.compile(r"^(log-[0-9]{5,}|engine-[0-9a-f]{16}|POOL)\.new$")
 PROBE_FILE = ".direct-probe"  # written and removed by an engine while it starts
 _BULK_SLOT = 64 << 10  # header-only reads sweep slots up to this size in bulk
 _GEOMETRY_PROBE = 16 << 20  # bytes searched for a first record when NAMESPACE is missing
@@ -85,7 +89,20 @@ class Lane:
     stray: list[str] = field(default_factory=list)  # files that are no part of the layout
     holders: list[int] = field(default_factory=list)  # pids holding ``lock`` (0: not visible)
     in_use: bool = False  # an engine holds ``lock``
-    capacity_bytes: int | None = None  # this layout does not record the engine's capacity
+    pool: Geometry | None = None  # the region geometry (region layout only)
+    logs: list[str] = field(default_factory=list)  # log-NNNNN files
+    engine_files: list[str] = field(default_factory=list)  # engine-<id> presence files
+    leftovers: list[str] = field(default_factory=list)  # *.new files of an interrupted rewrite
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """The capacity the directory was set up with (the single-engine layout records none)."""
+        return self.pool.capacity_bytes if self.pool is not None else None
+
+    @property
+    def regions(self) -> bool:
+        """True for a directory of the region layout (it has a ``POOL``)."""
+        return self.pool is not None
 
     @property
     def fp(self) -> bytes:
@@ -100,11 +117,16 @@ class Lane:
     @property
     def usage_bytes(self) -> int:
         """Bytes that count against the tier's capacity, counted as the tier counts them."""
+        if self.pool is not None:
+            return dir_usage(self.path)
         return self.slab_bytes + ALIGN * (len(self.intents) + int(self.has_namespace_file))
 
     @property
     def slots_per_file(self) -> int | None:
-        """Slots per slab file, as seen from the files (None while there is one file or none)."""
+        """Slots per slab file (from ``POOL``; in the single-engine layout as seen from the
+        files, None while there is one file or none)."""
+        if self.pool is not None:
+            return self.pool.slots_per_region
         if self.slot_size is None or len(self.slabs) < 2:
             return None
         return self.slabs[0].size // self.slot_size
@@ -113,6 +135,8 @@ class Lane:
     def regular(self) -> bool:
         """True when slot numbers can be derived from the files: every slab file but the last is
         full, and files are numbered 0, 1, 2, ... (what compaction needs)."""
+        if self.pool is not None:
+            return True
         spf = self.slots_per_file
         if spf is None:
             return all(s.index == 0 for s in self.slabs)
@@ -130,7 +154,10 @@ class Lane:
     def file_slots(self, slab: SlabFile) -> int:
         """Slot positions a slab file covers, a partial last one included."""
         ss = self.slot_size or 0
-        return -(-slab.size // ss) if ss else 0
+        n = -(-slab.size // ss) if ss else 0
+        if self.pool is not None:
+            n = min(n, self.pool.slots_in(slab.index)) if slab.index < self.pool.regions else 0
+        return n
 
 
 @dataclass(frozen=True)
@@ -155,29 +182,6 @@ def slot_seq(header: bytes | bytearray | memoryview, key: bytes) -> int:
     return int(seq) if _seq_check(seq, key) == chk else 0
 
 
-def pack_intent(slots: list[int]) -> bytes:
-    """An intent file's bytes naming ``slots`` (at most ``INTENT_CAPACITY``), as an engine
-    writes them before it writes those slots."""
-    body = _INTENT_HEAD.pack(_INTENT_MAGIC, len(slots)) + struct.pack(f"<{len(slots)}Q", *slots)
-    return body + xxhash.xxh3_64_digest(body)
-
-
-INTENT_CAPACITY = _INTENT_MAX
-
-
-def parse_intent(data: bytes) -> list[int]:
-    """The slots an intent file's bytes name; none when it is empty, torn or not an intent."""
-    if len(data) < _INTENT_HEAD.size + 8:
-        return []
-    magic, count = _INTENT_HEAD.unpack_from(data)
-    end = _INTENT_HEAD.size + 8 * count
-    if magic != _INTENT_MAGIC or count > _INTENT_MAX or len(data) < end + 8:
-        return []
-    if xxhash.xxh3_64_digest(data[:end]) != data[end : end + 8]:
-        return []
-    return list(struct.unpack_from(f"<{count}Q", data, _INTENT_HEAD.size))
-
-
 # -- finding lanes ---------------------------------------------------------------------------
 def is_lane_name(name: str) -> bool:
     """True for a directory name the tier uses for a lane."""
@@ -192,7 +196,7 @@ def looks_like_lane(path: str) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return any(n in ("NAMESPACE", "lock") or SLAB_NAME.match(n) for n in names)
+    return any(n in ("NAMESPACE", "lock", "POOL") or SLAB_NAME.match(n) for n in names)
 
 
 def find_lanes(root: str) -> list[Lane]:
@@ -226,6 +230,18 @@ def describe_lane(path: str) -> Lane:
             info = _read_namespace_file(entry.path)
         elif entry.name == "lock" and entry.is_file(follow_symlinks=False):
             lane.has_lock_file = True
+        elif entry.name == "POOL" and entry.is_file(follow_symlinks=False):
+            try:
+                lane.pool = read_pool(path)
+            except ValueError:
+                lane.stray.append(entry.path)
+        elif LOG_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            lane.logs.append(entry.path)
+        elif (ENGINE_NAME.match(entry.name) or entry.name == "writer") and entry.is_file(
+                follow_symlinks=False):
+            lane.engine_files.append(entry.path)
+        elif LEFTOVER_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            lane.leftovers.append(entry.path)
         else:
             lane.stray.append(entry.path)
     lane.slabs.sort(key=lambda s: s.index)
@@ -235,6 +251,9 @@ def describe_lane(path: str) -> Lane:
         if bb > 0:
             lane.block_bytes = bb
             lane.slot_size = SLOT_HEADER + round_up(bb, ALIGN)
+    if lane.pool is not None and lane.block_bytes is None:
+        lane.block_bytes = lane.pool.block_bytes
+        lane.slot_size = lane.pool.slot_size
     if lane.block_bytes is None:
         lane.block_bytes = _geometry_from_records(lane)
         if lane.block_bytes is not None:
@@ -378,20 +397,54 @@ class LaneLock:
 
 
 def intent_slots(lane: Lane) -> set[int]:
-    """Slots an engine of this lane said it is writing (or was, when it crashed)."""
-    slots: set[int] = set()
-    try:
-        names = os.listdir(lane.path)
-    except OSError:
-        return slots
-    for name in names:
-        if INTENT_NAME.match(name):
-            try:
-                with open(os.path.join(lane.path, name), "rb") as fh:
-                    slots.update(parse_intent(fh.read(SLOT_HEADER)))
-            except OSError:
-                continue
-    return slots
+    """Slots an engine of the single-engine layout said it is writing (or was, when it
+    crashed). The region layout has no intent files: a slot being written is named by no log."""
+    return read_legacy_intents(lane.path) if lane.pool is None else set()
+
+
+@dataclass
+class Logged:
+    """What a region-layout directory's logs say its slots hold."""
+
+    slots: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # slot -> (index key, seq)
+    without_log: set[int] = field(default_factory=set)  # regions with a slab file but no log
+
+    def region_of(self, lane: Lane, slot: int) -> int:
+        """The region a global slot lies in."""
+        assert lane.pool is not None
+        return slot // lane.pool.slots_per_region
+
+
+def read_logs(lane: Lane) -> Logged:
+    """Read every region log of a region-layout directory from its start (never writes)."""
+    assert lane.pool is not None
+    out = Logged()
+    spr = lane.pool.slots_per_region
+    have = set()
+    for path in lane.logs:
+        m = LOG_NAME.match(os.path.basename(path))
+        assert m is not None
+        region = int(m.group(1))
+        if region >= lane.pool.regions:
+            continue
+        got = ilog.LogTail(path).read()
+        if got is None:
+            continue
+        have.add(region)
+        base = region * spr
+        nslots = lane.pool.slots_in(region)
+        for kind, slot, _aux, value, key in got[1]:
+            if kind == ilog.PUT and slot < nslots:
+                out.slots[base + slot] = (key, value)
+            elif kind == ilog.DEL:
+                out.slots.pop(base + slot, None)
+    out.without_log = {s.index for s in lane.slabs if s.index not in have and s.size > 0}
+    return out
+
+
+def index_key(key: bytes) -> bytes:
+    """The form a log gives a key (itself, or its digest form for long keys)."""
+    return ilog.index_key(key)
 
 
 # -- reading slots ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from kvtier.tiers.storage.join import JoinSpec, join_directory
 from kvtier.tiers.storage.layout import (
     ALIGN,
     Geometry,
+    dir_usage,
 )
 from kvtier.tiers.storage.shared import Shared
 from kvtier.tiers.storage.slab import MAX_KEY_BYTES
@@ -454,9 +455,8 @@ class StorageTier(SecondaryTier):
         return sh.store.slab_path(region), off
 
     def usage_bytes(self) -> int:
-        """Bytes the namespace directory occupies (all engines), as the last sync pass measured."""
-        fleet = self._fleet
-        return fleet.usage if fleet is not None else 0
+        """Bytes the namespace directory occupies (all engines), as counted against capacity."""
+        return dir_usage(self.directory) if self._sh is not None else 0
 
     def stats(self) -> dict[str, Any]:
         sh = self._sh
@@ -484,7 +484,7 @@ class StorageTier(SecondaryTier):
         st["blocks"] = own_n + remote_only
         st["own_blocks"] = own_n
         st["remote_blocks"] = remote_only
-        st["usage_bytes"] = fleet.usage
+        st["usage_bytes"] = self.usage_bytes()
         st["capacity_bytes"] = self.capacity_bytes
         st["path"] = self.directory
         st["direct_io"] = self.direct
