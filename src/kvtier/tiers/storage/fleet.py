@@ -124,7 +124,6 @@ class Fleet:
         self.live: set[int] = {sh.engine_id}
         self.engine_fd = -1
         self.passes = 0
-        self.last_pass = 0.0
         self._stop = threading.Event()
         self._pass_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -216,7 +215,6 @@ class Fleet:
         if sh.network_fs:
             self._flush_logs()
         self.passes += 1
-        self.last_pass = time.monotonic()
         sh.count(sync_passes=1)
 
     def tail(self, region: int, *, quiet: bool = False) -> bool:

@@ -131,10 +131,6 @@ class SlabStore:
             self._sync_dir()
         return fd
 
-    def has_fd(self, region: int) -> bool:
-        """True when ``region``'s file is open here."""
-        return region in self._fds
-
     def close_region(self, region: int) -> None:
         """Close ``region``'s descriptor (dropping its lock, if this process held it)."""
         fd = self._fds.pop(region, None)
@@ -234,11 +230,6 @@ class SlabStore:
         if h.header_len != SLOT_HEADER:
             return "unexpected header length"
         return verify(h, dest, namespace_fp=self.namespace_fp, key=key, payload_len=self.block_bytes)
-
-    def stored_seq(self, key: bytes, hdr: mmap.mmap) -> int:
-        """The write sequence in the header just read into ``hdr`` (0 when its check fails)."""
-        seq, chk = _SEQ.unpack_from(hdr, SLOT_HEADER - _SEQ.size)
-        return int(seq) if _seq_check(seq, key) == chk else 0
 
     def invalidate(self, slot: int, zeros: mmap.mmap) -> None:
         """Overwrite a slot's header with zeros (only ever done to a slot of an owned region)."""
