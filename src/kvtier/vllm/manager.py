@@ -7,11 +7,20 @@ end-token positions vLLM records in ``ReqContext``); every later key of that ste
 from the verdict with one dict lookup. A verdict of "ask again" (a promotion or tier query in
 flight) answers RETRY for the first key and MISS after it, which defers the request without
 scanning the rest of its prefix.
+
+Hybrid models have several KV cache groups; vLLM's keys end with the group index. A
+full-attention group is looked up as above, one verdict per group. A windowed group
+(sliding-window, chunked-local or Mamba layers: vLLM only needs the last few chunks before the
+hit boundary) is scanned by vLLM from the right, key by key, until it finds a full window; the
+adapter answers each key from the primary tier and promotes from secondary tiers only the
+first few available keys of each scan (the window vLLM can use, plus slack), so a request
+never pulls a whole prefix of a windowed group up from storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import kvtier
@@ -35,28 +44,67 @@ from kvtier.vllm._base import (
 from kvtier.vllm.events import hit_source, stats_since, to_vllm_events
 
 
+@dataclass(frozen=True)
+class GroupGeometry:
+    """One offloaded KV cache group as the lookup sees it."""
+
+    group_id: int  # vLLM's group index: the last 4 bytes of the group's keys
+    tokens_per_chunk: int  # tokens of one offloaded block of this group
+    window_chunks: int | None  # None: full attention; else the chunks vLLM loads at most
+
+    @property
+    def promote_limit(self) -> int:
+        """Available keys per right-to-left scan worth promoting: the window plus slack."""
+        # vLLM may need one chunk more for a partial rightmost chunk, and one for EAGLE.
+        return (self.window_chunks or 0) + 2
+
+
+class _GroupState:
+    """One group's lookup state for one request."""
+
+    __slots__ = ("keys", "step", "lo", "last_pos", "streak")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []  # the group's keys in prefix order
+        self.step = -1  # the step of the verdict (or of the windowed scan)
+        self.lo = 0  # end-token position of the verdict's first key
+        self.last_pos = 0  # windowed: position of the key asked last this step
+        self.streak = 0  # windowed: available keys in a row in this scan
+
+
 class _ReqState:
     """Per-request scratch: the request's keys in prefix order and this step's verdict."""
 
-    __slots__ = ("ctx", "keys", "step", "lo", "answers", "sources")
+    __slots__ = ("ctx", "keys", "step", "lo", "answers", "sources", "groups", "npos")
 
-    def __init__(self, ctx: kvtier.ReqContext) -> None:
+    def __init__(self, ctx: kvtier.ReqContext, num_groups: int) -> None:
         self.ctx = ctx
-        self.keys: list[bytes] = []  # the request's keys in prefix order
+        self.keys: list[bytes] = []  # the request's keys in prefix order (one group)
         self.step = -1  # the step of the verdict
         self.lo = 0  # end-token position of the verdict's first key
         # This step's answers: the leading run (HIT) and the key after it (MISS), or RETRY
         # for the first key when kvtier asks to come back; None between steps.
         self.answers: dict[bytes, LookupResult] | None = None
         self.sources: dict[bytes, CacheHitSource] = {}  # keys promoted for this request
+        # Several groups: per-group state, and how many key positions they were built from.
+        self.groups = [_GroupState() for _ in range(num_groups)] if num_groups > 1 else None
+        self.npos = -1
 
 
 class KVTierManager(OffloadingManager):
     """vLLM's ``OffloadingManager`` over kvtier's ``TieringManager``."""
 
-    def __init__(self, manager: TieringManager, tokens_per_chunk: int) -> None:
+    def __init__(self, manager: TieringManager, groups: Sequence[GroupGeometry]) -> None:
+        if not groups:
+            raise ValueError("at least one KV cache group")
         self.kv = manager
-        self.tokens_per_chunk = tokens_per_chunk
+        self.groups = tuple(groups)
+        self.tokens_per_chunk = groups[0].tokens_per_chunk
+        # Several groups, or one windowed group: keys are routed by their group suffix.
+        self._multi = len(groups) > 1 or groups[0].window_chunks is not None
+        self._group_of = {
+            g.group_id.to_bytes(4, "big", signed=False): i for i, g in enumerate(groups)
+        }
         self._step = 0
         self._last_counters: dict[str, float] = {}
         self._live: list[_ReqState] = []  # states holding this step's answers
@@ -69,7 +117,8 @@ class KVTierManager(OffloadingManager):
         st = req_context.get_state(_ReqState)
         if st is None:
             st = _ReqState(
-                kvtier.ReqContext(req_context.req_id, req_context.kv_transfer_params)
+                kvtier.ReqContext(req_context.req_id, req_context.kv_transfer_params),
+                len(self.groups) if self._multi else 1,
             )
             req_context.set_state(st)
         return st
@@ -104,6 +153,8 @@ class KVTierManager(OffloadingManager):
 
     def _lookup_slow(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
         """A key this step's verdict does not list: past the run, or a new verdict."""
+        if self._multi:
+            return self._lookup_group(key, req_context)
         pos = req_context._offload_key_positions.get(key)
         if pos is None or pos % self.tokens_per_chunk:
             return self._lookup_one(key, req_context)
@@ -138,6 +189,86 @@ class KVTierManager(OffloadingManager):
         st.answers = answers
         st.step = self._step
         st.lo = (base + 1) * tpc  # end-token position of the verdict's first key
+
+    # -- several groups -----------------------------------------------------------------------
+    def _lookup_group(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        """A key of a model with several groups (or one windowed group)."""
+        gi = self._group_of.get(key[-4:])
+        pos = req_context._offload_key_positions.get(key)
+        if gi is None or pos is None:
+            return self._lookup_one(key, req_context)
+        geo = self.groups[gi]
+        tpc = geo.tokens_per_chunk
+        if pos % tpc:  # a partial-tail key (Mamba "align" boundaries): on its own
+            return self._lookup_one(key, req_context)
+        st = self._state(req_context)
+        assert st.groups is not None
+        gst = st.groups[gi]
+        if geo.window_chunks is not None:
+            return self._lookup_windowed(st, gst, geo, key, pos)
+        if st.answers is not None and gst.step == self._step and pos >= gst.lo:
+            return MISS  # after the group's verdict's first non-HIT key
+        keys = self._group_keys(st, gi, req_context)
+        base = pos // tpc - 1
+        if base >= len(keys) or keys[base] != key:
+            return self._lookup_one(key, req_context)
+        run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
+        if run is None:  # defer: RETRY for the first key, MISS after it
+            answers = {keys[base]: RETRY}
+            self._note_sources(st, keys, base)
+        else:
+            answers = dict.fromkeys(keys[base : base + run], HIT)
+            if base + run < len(keys):
+                answers[keys[base + run]] = MISS
+        if st.answers is None:
+            st.answers = answers
+            self._live.append(st)
+        else:
+            st.answers.update(answers)
+        gst.step = self._step
+        gst.lo = (base + 1) * tpc
+        return answers.get(key, MISS)
+
+    def _lookup_windowed(
+        self, st: _ReqState, gst: _GroupState, geo: GroupGeometry, key: bytes, pos: int
+    ) -> LookupResult:
+        """One key of a windowed group; vLLM scans these right to left."""
+        if gst.step != self._step or pos >= gst.last_pos:  # a new scan begins
+            gst.step = self._step
+            gst.streak = 0
+        gst.last_pos = pos
+        kv = self.kv
+        if gst.streak >= geo.promote_limit and not kv.primary.is_ready(key):
+            return MISS  # a usable window lies to the right: promote nothing more this scan
+        run = kv.lookup([key], st.ctx)
+        if run is None:
+            self._note_sources(st, [key], 0)
+            gst.streak += 1
+            return RETRY
+        if run:
+            gst.streak += 1
+            return HIT
+        if gst.streak < geo.promote_limit:
+            gst.streak = 0
+        return MISS
+
+    def _group_keys(self, st: _ReqState, gi: int, req_context: ReqContext) -> list[bytes]:
+        """Group ``gi``'s keys in prefix order (rebuilt when vLLM recorded new positions)."""
+        positions = req_context._offload_key_positions
+        assert st.groups is not None
+        if st.npos != len(positions):
+            per_group: list[list[tuple[int, bytes]]] = [[] for _ in self.groups]
+            group_of = self._group_of
+            for k, p in positions.items():
+                i = group_of.get(k[-4:])
+                if i is not None and p % self.groups[i].tokens_per_chunk == 0:
+                    per_group[i].append((p, k))
+            for gst, items in zip(st.groups, per_group):
+                if any(items[j][0] >= items[j + 1][0] for j in range(len(items) - 1)):
+                    items.sort()
+                gst.keys = [k for _, k in items]
+            st.npos = len(positions)
+        return st.groups[gi].keys
 
     def _note_sources(self, st: _ReqState, keys: list[bytes], base: int) -> None:
         """Remember which tier each of the request's keys is being promoted from."""

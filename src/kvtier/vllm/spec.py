@@ -22,12 +22,13 @@ from kvtier.config import ConfigError
 from kvtier.vllm._base import (
     CanonicalKVCaches,
     OffloadingConfig,
+    OffloadingGroupConfig,
     OffloadingMetricMetadata,
     OffloadingSpec,
     check_vllm_version,
 )
 from kvtier.vllm.events import metric_definitions
-from kvtier.vllm.manager import KVTierManager
+from kvtier.vllm.manager import GroupGeometry, KVTierManager
 from kvtier.vllm.worker import KVTierWorker, _RankRegion
 
 log = logging.getLogger("kvtier.vllm")
@@ -52,16 +53,54 @@ def derive_instance_id(config: OffloadingConfig) -> str:
 
 
 def derive_namespace(config: OffloadingConfig, block_size: int) -> str:
-    """Identity of the KV layout: model, dtype, block geometry and parallel layout."""
+    """Identity of the KV layout: model, dtype, block geometry, parallel layout, KV cache groups.
+
+    A model with one KV cache group keeps the name it had before hybrid models were supported,
+    so blocks stored by earlier versions stay valid. With several groups, the name also lists
+    each group's geometry (see ``group_tag``): two engines share blocks only when every group
+    matches, and within one namespace each group is its own key space (vLLM's keys end with
+    the group index).
+    """
     p = config.parallel
     g = config.groups[0]
-    return (
+    name = (
         f"{config.model.name}/{config.model.dtype}/tokens{g.tokens_per_block}x"
         f"{block_size // g.tokens_per_block}/kv{config.worker_kv_bytes_per_block}/"
         f"tp{p.tp_size}-pp{p.pp_size}-pcp{p.pcp_size}-dcp{p.dcp_size}-ws{p.world_size}/"
         f"layout-{config.kv_cache_layout or 'default'}"
     )
+    if len(config.groups) > 1:
+        name += "/groups-" + "+".join(group_tag(group) for group in config.groups)
+    return name
 
+
+def group_tag(group: OffloadingGroupConfig) -> str:
+    """One KV cache group's geometry: index, tokens per block, attention span, layers.
+
+    The span is ``full`` or ``win<N>`` (the chunks a sliding-window, chunked-local or Mamba
+    layer keeps); the layers are counted and fingerprinted by name, which tells a Mamba group
+    from an attention group of the same shape.
+    """
+    window = group.sliding_window_size_in_chunks
+    span = "full" if window is None else f"win{window}"
+    layers = hashlib.sha256("\x00".join(group.layer_names).encode()).hexdigest()[:8]
+    return (
+        f"g{group.group_id}-t{group.tokens_per_block}-{span}-"
+        f"{len(group.layer_names)}L{layers}"
+    )
+
+
+def group_geometry(config: OffloadingConfig) -> tuple[GroupGeometry, ...]:
+    """What the scheduler-side adapter needs to know about each offloaded group."""
+    f = config.cache.blocks_per_chunk
+    return tuple(
+        GroupGeometry(
+            group_id=g.group_id,
+            tokens_per_chunk=g.tokens_per_block * f,
+            window_chunks=g.sliding_window_size_in_chunks,
+        )
+        for g in config.groups
+    )
 
 
 class KVTierOffloadingSpec(OffloadingSpec):
@@ -77,19 +116,8 @@ class KVTierOffloadingSpec(OffloadingSpec):
     def __init__(self, config: OffloadingConfig) -> None:
         self.vllm_version = check_vllm_version()
         super().__init__(config)
-        if len(config.groups) != 1:
-            raise ConfigError(
-                "kv_cache_groups",
-                "a model with one KV cache group (kvtier does not offload hybrid models; "
-                "use vLLM's TieringOffloadingSpec for those)",
-                len(config.groups),
-            )
-        group = config.groups[0]
-        if group.sliding_window_size_in_chunks is not None:
-            raise ConfigError(
-                "kv_cache_groups", "full attention (sliding-window models are not supported)",
-                group.sliding_window_size_in_chunks,
-            )
+        if not config.groups:
+            raise ConfigError("kv_cache_groups", "at least one KV cache group to offload", 0)
         if config.canonical_layout:
             raise ConfigError("canonical_layout", "false (kvtier stores each worker's pages)",
                               True)
@@ -99,7 +127,8 @@ class KVTierOffloadingSpec(OffloadingSpec):
                 "a positive KV size per block (vLLM reported none for this model)",
                 config.worker_kv_bytes_per_block,
             )
-        self.gpu_block_size = group.tokens_per_block
+        self.groups = group_geometry(config)
+        self.gpu_block_size = config.groups[0].tokens_per_block
         self.block_size = self.gpu_block_size * self.blocks_per_chunk
         self.world_size = max(1, config.parallel.world_size)
         self.bytes_per_gpu_block = config.worker_kv_bytes_per_block * self.world_size
@@ -124,7 +153,7 @@ class KVTierOffloadingSpec(OffloadingSpec):
     def get_manager(self) -> KVTierManager:
         """The scheduler-side manager (built once)."""
         if self._manager is None:
-            self._manager = KVTierManager(self.kvtier_spec.get_manager(), self.block_size)
+            self._manager = KVTierManager(self.kvtier_spec.get_manager(), self.groups)
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> KVTierWorker:

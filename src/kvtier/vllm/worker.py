@@ -10,6 +10,7 @@ own share.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -71,25 +72,16 @@ class KVTierWorker(OffloadingWorker):
         gpu = np.asarray(gpu_spec.block_ids, dtype=np.int64)
         slots = np.asarray(slots, dtype=np.int64)
         f = self.f
-        skip = int(gpu_spec.block_indices[0]) % f if len(gpu_spec.block_indices) else 0
         whole_gpu, whole_slots = gpu, slots
-        if skip or len(gpu) != f * len(slots):
-            # Partial offloaded blocks at either end: copy those sub-blocks here, whole ones
-            # through kvtier's worker.
-            head = (f - skip) % f if skip else 0
-            head = min(head, len(gpu))
-            n_whole = (len(gpu) - head) // f
-            tail = len(gpu) - head - n_whole * f
-            parts: list[tuple[int, int, int]] = []  # (gpu block, slot, sub-block index)
-            for j in range(head):
-                parts.append((int(gpu[j]), int(slots[0]), skip + j))
-            first_whole = 1 if head else 0
-            whole_gpu = gpu[head : head + n_whole * f]
-            whole_slots = slots[first_whole : first_whole + n_whole]
-            for j in range(tail):
-                parts.append(
-                    (int(gpu[head + n_whole * f + j]), int(slots[first_whole + n_whole]), j)
+        if f > 1:
+            split = self._split(gpu, slots, gpu_spec.group_sizes, gpu_spec.block_indices)
+            if split is None:
+                log.error(
+                    "transfer %d: %d engine blocks in groups %s do not fit %d slots",
+                    job_id, len(gpu), list(gpu_spec.group_sizes), len(slots),
                 )
+                return False
+            whole_gpu, whole_slots, parts = split
             try:
                 self._copy_parts(parts, store)
             except Exception:
@@ -99,6 +91,57 @@ class KVTierWorker(OffloadingWorker):
             job_id,
             kvtier.GPULoadStoreSpec(whole_gpu) if store else kvtier.LoadStoreSpec(whole_slots),
             kvtier.LoadStoreSpec(whole_slots) if store else kvtier.GPULoadStoreSpec(whole_gpu),
+        )
+
+    def _split(
+        self,
+        gpu: np.ndarray,
+        slots: np.ndarray,
+        group_sizes: Sequence[int],
+        block_indices: Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]] | None:
+        """Split a job into whole offloaded blocks and single engine blocks (partial ones).
+
+        Engine blocks come group after group (``group_sizes``), each group's blocks logically
+        consecutive from ``block_indices[g]``, its slots in the same order. A group may start
+        and end inside an offloaded block (a GPU prefix hit, a window's edge): those engine
+        blocks are returned as ``(engine block, slot, sub-block index)``. None: the sizes do
+        not add up.
+        """
+        f = self.f
+        if len(group_sizes) == 1 and block_indices[0] % f == 0 and len(gpu) == f * len(slots):
+            return gpu, slots, []
+        whole_gpu: list[np.ndarray] = []
+        whole_slots: list[np.ndarray] = []
+        parts: list[tuple[int, int, int]] = []
+        g0 = s0 = 0
+        for n, index in zip(group_sizes, block_indices):
+            if n == 0:
+                continue
+            skip = int(index) % f
+            n_slots = -(-(n + skip) // f)
+            g, s = gpu[g0 : g0 + n], slots[s0 : s0 + n_slots]
+            if len(g) != n or len(s) != n_slots:
+                return None
+            g0 += n
+            s0 += n_slots
+            head = min((f - skip) % f, n)
+            n_whole = (n - head) // f
+            tail = n - head - n_whole * f
+            for j in range(head):
+                parts.append((int(g[j]), int(s[0]), skip + j))
+            first = 1 if head else 0
+            whole_gpu.append(g[head : head + n_whole * f])
+            whole_slots.append(s[first : first + n_whole])
+            for j in range(tail):
+                parts.append((int(g[head + n_whole * f + j]), int(s[first + n_whole]), j))
+        if g0 != len(gpu) or s0 != len(slots):
+            return None
+        empty = np.empty(0, dtype=np.int64)
+        return (
+            np.concatenate(whole_gpu) if whole_gpu else empty,
+            np.concatenate(whole_slots) if whole_slots else empty,
+            parts,
         )
 
     def _copy_parts(self, parts: list[tuple[int, int, int]], store: bool) -> None:

@@ -18,6 +18,7 @@ secondary tier is loadable, and the medium reported for the example tier's event
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from typing import Any
@@ -138,9 +139,25 @@ def test_bad_config_names_the_key() -> None:
     with pytest.raises(kvtier.ConfigError, match="secondary_tiers"):
         kv_vllm.KVTierOffloadingSpec(offloading_config(
             kvtier_extra(cpu_bytes_to_use=1 << 20, secondary_tiers=[{"type": "tape"}])))
-    with pytest.raises(kvtier.ConfigError, match="kv_cache_groups"):
-        kv_vllm.KVTierOffloadingSpec(offloading_config(
-            kvtier_extra(cpu_bytes_to_use=1 << 20), num_groups=2))
+    cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=1 << 20))
+    with pytest.raises(kvtier.ConfigError, match="canonical_layout"):
+        kv_vllm.KVTierOffloadingSpec(dataclasses.replace(cfg, canonical_layout=True))
+
+
+def test_hybrid_groups_get_their_own_geometry_in_the_namespace() -> None:
+    """Two KV cache groups build; the namespace names each group, one group's is unchanged."""
+    extra = kvtier_extra(cpu_bytes_to_use=1 << 20)
+    one = kv_vllm.KVTierOffloadingSpec(offloading_config(extra))
+    assert "groups-" not in one.namespace  # blocks stored before hybrid support stay valid
+    cfg = offloading_config(extra, num_groups=2)
+    full, window = cfg.groups
+    windowed = dataclasses.replace(window, sliding_window_size_in_chunks=4)
+    spec = kv_vllm.KVTierOffloadingSpec(dataclasses.replace(cfg, groups=(full, windowed)))
+    assert spec.namespace.startswith(one.namespace + "/groups-")
+    assert "g0-t16-full-2L" in spec.namespace and "g1-t16-win4-2L" in spec.namespace
+    other = kv_vllm.KVTierOffloadingSpec(dataclasses.replace(
+        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=8))))
+    assert other.namespace != spec.namespace
 
 
 # -- requests through the real connector scheduler ------------------------------------------
