@@ -26,7 +26,7 @@ import json
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +216,9 @@ class StandInRunner:
     """Writes and checks per-token KV bytes; drives the connector's worker half."""
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
-                 connector: OffloadingConnector | None) -> None:
+                 connector: OffloadingConnector | None, salt: int = 0) -> None:
         self.cfg = kv_cache_config
+        self.salt = salt  # a tensor-parallel rank's bytes differ from another rank's
         self.kv = allocate_kv_cache(kv_cache_config, torch.device("cpu"), LAYOUT)
         self.connector = connector
         if connector is not None:
@@ -234,10 +235,10 @@ class StandInRunner:
         self.steps = 0
 
     # -- bytes ----------------------------------------------------------------------------
-    @staticmethod
-    def _pattern(values: np.ndarray, layer: int, width: int) -> np.ndarray:
-        """(n, width) uint8: each row the value's 8 bytes (mixed with the layer), repeated."""
-        v = values ^ np.uint64((layer + 1) * 0x9E3779B97F4A7C15 & ((1 << 64) - 1))
+    def _pattern(self, values: np.ndarray, layer: int, width: int) -> np.ndarray:
+        """(n, width) uint8: each row the value's 8 bytes (mixed with layer and rank), repeated."""
+        mix = ((layer + 1) * 0x9E3779B97F4A7C15 + self.salt * 0xD1B54A32D192ED03) & ((1 << 64) - 1)
+        v = values ^ np.uint64(mix)
         raw = v.view(np.uint8).reshape(-1, 8)
         reps = -(-width // 8)
         return np.tile(raw, (1, reps))[:, :width]
@@ -392,14 +393,19 @@ class RealEngine:
 
     def __init__(self, root: Path, extra: dict[str, Any] | None, *, layout: str = "full",
                  async_scheduling: bool = False, num_gpu_blocks: int = 256,
-                 max_num_seqs: int = 8, max_batched_tokens: int = 128) -> None:
+                 max_num_seqs: int = 8, max_batched_tokens: int = 128,
+                 world_size: int = 1) -> None:
         self.layout = layout
         self.vllm_config = make_vllm_config(
             model_dir(root), extra or {}, layout=layout, async_scheduling=async_scheduling,
-            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
+            max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+            world_size=world_size)
         if extra is None:
             self.vllm_config.kv_transfer_config = None
         specs = LAYOUTS[layout]()
+        if world_size > 1:  # each tensor-parallel rank holds its share of the KV heads
+            specs = {n: replace(sp, num_kv_heads=HEADS // world_size)  # type: ignore[call-arg]
+                     for n, sp in specs.items()}
         worker_cfg, sched_cfg, block_size, hash_block_size = plan_kv_cache(
             self.vllm_config, specs, num_gpu_blocks)
         cls = AsyncScheduler if async_scheduling else Scheduler
@@ -429,11 +435,14 @@ class RealEngine:
                 return got
 
             self.connector.get_external_cache_hit_sources = observe_sources
+        self.worker_kv_cache_config = worker_cfg
         self.worker_connector: OffloadingConnector | None = None
-        if extra is not None:
-            self.worker_connector = OffloadingConnector(self.vllm_config, KVConnectorRole.WORKER,
-                                                        worker_cfg)
-        self.runner = StandInRunner(self.vllm_config, worker_cfg, self.worker_connector)
+        self.runner: Any = None  # set by the caller when the workers live elsewhere
+        if world_size == 1:
+            if extra is not None:
+                self.worker_connector = OffloadingConnector(
+                    self.vllm_config, KVConnectorRole.WORKER, worker_cfg)
+            self.runner = StandInRunner(self.vllm_config, worker_cfg, self.worker_connector)
         self.hasher = get_request_block_hasher(hash_block_size, sha256)
         self.async_scheduling = async_scheduling
         self.prompts: dict[str, list[int]] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_engine import BLOCK, HEADS, HEAD_SIZE, LAYOUTS, Job, RealEngine
+from real_engine import BLOCK, HEAD_SIZE, HEADS, LAYOUTS, Job, RealEngine
 from vllm.v1.request import RequestStatus
 
 PAGE = 2 * BLOCK * HEADS * HEAD_SIZE * 2  # one attention layer's page of one block (fp16 K+V)
@@ -106,8 +106,9 @@ def test_every_request_right_from_cpu_and_storage(
                    max_batched_tokens=64)
     made.append(e)
     seen = Observed(e)
-    jobs = workload(1, 36)
+    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]  # decodes need blocks
     e.run(jobs)
+    e.settle()
     e.run(again_reversed(e, jobs))
     assert len(e.finished) == 2 * len(jobs)
     assert e.runner.wrong_tokens == 0, e.runner.wrong
