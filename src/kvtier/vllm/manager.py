@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kvtier
+from kvtier.manager.primary import READY
 from kvtier.manager.tiering import TieringManager
 from kvtier.vllm._base import (
     HIT,
@@ -107,6 +108,7 @@ class KVTierManager(OffloadingManager):
         }
         self._step = 0
         self._last_counters: dict[str, float] = {}
+        self.partial_stores = 0  # stores cut to the leading keys that fit
         self._live: list[_ReqState] = []  # states holding this step's answers
         self._fast_lookup = self._make_fast_lookup()
         # vLLM calls ``manager.lookup`` once per key: the instance attribute skips the method.
@@ -313,8 +315,22 @@ class KVTierManager(OffloadingManager):
     def prepare_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext
     ) -> PrepareStoreOutput | None:
-        """Reserve slots for the keys not in the primary tier (None: no room now)."""
-        out = self.kv.prepare_store(list(keys), self._state(req_context).ctx)
+        """Reserve slots for the keys not in the primary tier; when not all fit, the leading ones.
+
+        vLLM retries a refused store at its next step with the chunks computed since added, so
+        an all-or-nothing answer under pressure grows the batch until the request ends and
+        every chunk of it is lost. Storing the leading keys (in token order, all groups alike)
+        that fit keeps the prefix, which is what later requests can use. None: not one fits.
+        """
+        ctx = self._state(req_context).ctx
+        batch: list[bytes] = list(keys)
+        out = self.kv.prepare_store(batch, ctx)
+        if out is None:
+            part = self._fitting_prefix(batch, req_context)
+            if part:
+                out = self.kv.prepare_store(part, ctx)
+                if out is not None:
+                    self.partial_stores += 1
         if out is None:
             return None
         return PrepareStoreOutput(
@@ -322,6 +338,27 @@ class KVTierManager(OffloadingManager):
             store_spec=KVTierLoadStoreSpec(out.store_spec.block_ids),  # type: ignore[arg-type]
             evicted_keys=list(out.evicted_keys),  # type: ignore[arg-type]
         )
+
+    def _fitting_prefix(self, keys: list[bytes], req_context: ReqContext) -> list[bytes]:
+        """The leading keys (by end-token position) whose new slots can be had now."""
+        primary = self.kv.primary
+        key_slot, state, ref = primary.key_slot, primary.state, primary.ref
+        positions = req_context._offload_key_positions
+        keys = sorted(keys, key=lambda k: positions.get(k, 0))  # type: ignore[call-overload]
+        room = len(primary.free) + primary.evictable
+        take = 0
+        for key in keys:
+            s = key_slot.get(key)
+            if s is None:
+                if room == 0:
+                    break
+                room -= 1
+            elif state[s] == READY and ref[s] == 0:
+                if room == 0:  # guarding it while slots are found takes it out of the room
+                    break
+                room -= 1
+            take += 1
+        return keys[:take] if take < len(keys) else []
 
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True

@@ -394,12 +394,12 @@ class RealEngine:
     def __init__(self, root: Path, extra: dict[str, Any] | None, *, layout: str = "full",
                  async_scheduling: bool = False, num_gpu_blocks: int = 256,
                  max_num_seqs: int = 8, max_batched_tokens: int = 128,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, max_model_len: int = 256) -> None:
         self.layout = layout
         self.vllm_config = make_vllm_config(
             model_dir(root), extra or {}, layout=layout, async_scheduling=async_scheduling,
             max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-            world_size=world_size)
+            world_size=world_size, max_model_len=max_model_len)
         if extra is None:
             self.vllm_config.kv_transfer_config = None
         specs = LAYOUTS[layout]()

@@ -102,7 +102,7 @@ def test_every_request_right_from_cpu_and_storage(
 ) -> None:
     tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
     e = RealEngine(tmp_path, extra(layout, 48, tiers), layout=layout,
-                   async_scheduling=async_scheduling, num_gpu_blocks=20 if layout == "full" else 26,
+                   async_scheduling=async_scheduling, num_gpu_blocks=20 if layout == "full" else 40,
                    max_batched_tokens=64)
     made.append(e)
     seen = Observed(e)

@@ -446,3 +446,31 @@ def test_stats_reach_vllm_prometheus_metrics(engines: list[Engine]) -> None:
     assert sample("vllm:kvtier_promoted_blocks_total") >= 6
     assert sample("vllm:kvtier_evicted_blocks_total") >= 12
     assert 0.0 < sample("vllm:kvtier_primary_usage_perc") <= 1.0
+
+
+def test_store_under_pressure_keeps_the_leading_chunks() -> None:
+    """When not every new chunk fits, the leading ones are stored instead of none."""
+    spec = kv_vllm.KVTierOffloadingSpec(offloading_config(
+        kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK)))
+    manager = spec.get_manager()
+    try:
+        ctx = ReqContext(req_id="a")
+        manager.on_new_request(ctx)
+        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(5)]
+        out = manager.prepare_store(held, ctx)
+        assert out is not None and len(out.keys_to_store) == 5
+        manager.complete_store(held, ctx)
+        manager.prepare_load(held, ctx)  # pinned by a load in flight: not evictable
+        keys = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(6)]
+        for i, k in enumerate(keys):
+            ctx.set_offload_key_position(k, (i + 1) * TOKENS_PER_BLOCK)
+        out = manager.prepare_store(list(reversed(keys)), ctx)
+        assert out is not None
+        assert sorted(out.keys_to_store) == sorted(keys[:3])  # the 3 free slots, leading chunks
+        assert manager.partial_stores == 1
+        # Every slot held (5 by the load, 3 being written): not one chunk fits, None.
+        assert manager.prepare_store([make_offload_key(b"\xee" * 32, 0)], ctx) is None
+        manager.complete_store(out.keys_to_store, ctx)
+        manager.complete_load(held, ctx)
+    finally:
+        manager.shutdown()
