@@ -1,24 +1,35 @@
-"""Network tier throughput and lookup latency against a raw redis-py pipeline, in the same run.
+"""Network tier throughput against plain clients, LMCache and the previous kvtier, in one run.
 
-It starts its own ``redis-server`` on a free loopback port (no persistence, allkeys-lru) and, for
-each block size (256 KiB and 2 MiB by default), measures on that one server:
+It starts its own ``redis-server`` on a free loopback port (no persistence, allkeys-lru) and a
+3-node Redis Cluster, then for each block size (256 KiB and 2 MiB by default) stores and loads
+``--total-mib`` of blocks with each of these clients, each in its own process (so that its CPU
+time is its own and no allocator setting leaks from one into another):
 
-* raw: one redis-py pipeline of ``SET key value`` for every block (values are ready-made
-  ``bytes``), then one pipeline of ``GET`` for them: what a user of redis-py writes by hand;
-* kvtier: a manager with a CPU primary tier big enough for the data and one ``network`` tier,
-  driven through the public API: the blocks are written into primary slots and
-  ``complete_store`` hands them to the tier (stores: until the cascade job is done); then
-  ``reset_cache`` and ``lookup`` until the tier has promoted every block back (loads; every record
-  is verified);
-* LMCache 0.5.6's Redis connectors (``redis://`` and ``resp://``), run as a subprocess under
-  ``--peers-python`` (its ``batched_put``, ``batched_get`` and contains calls on the same server).
+* ``raw-socket``: a minimal RESP2 client of the benchmark's own on one blocking socket: values
+  in one preallocated array (as slots are), ``SET`` sent with ``sendmsg`` of the command head,
+  the value and CRLF (no copy), ``GET`` replies read with ``recv_into`` straight into the array,
+  ``--window-mib`` of values per round trip. No verification. The plain client to beat.
+* ``redis-py``: redis-py 8 with hiredis, one pipeline per window of ready-made ``bytes`` values;
+  ``redis-py+malloc``: the same with glibc's ``MALLOC_MMAP_THRESHOLD_=64 MiB`` and
+  ``MALLOC_TRIM_THRESHOLD_=1 GiB`` (no page faults per reply);
+* ``redis-benchmark``: Redis's own C client, ``-c 1 -P <window>`` with values of the block size;
+* ``kvtier``: a manager with a CPU primary tier and one ``network`` tier driven through the
+  public API, stepped every millisecond (``on_schedule_end``): blocks written into primary
+  slots, ``complete_store``, steps until the tier's job is done; then ``reset_cache``, a
+  ``lookup`` that starts the promotion of every block, steps until it is done (every record
+  verified) and the ``lookup`` that finds them all; ``kvtier@<ref>``: the same script against
+  kvtier as it was at git ``--baseline-ref`` (extracted with ``git archive`` into a temporary
+  directory);
+* LMCache 0.5.6's ``redis://`` and ``resp://`` connectors, under ``--peers-python`` (a Python
+  with ``lmcache==0.5.6`` installed): ``batched_put``, then ``batched_get``.
 
-Then the time to look up 1,000 keys: the tier's query (fresh presence cache), a raw pipeline of
-1,000 ``EXISTS``, one multi-key ``EXISTS``, and LMCache's contains calls. Ratios are kvtier /
-raw. Usage::
+Throughput is the best of ``--repeats`` runs, interleaved (every client once per round, so that
+all see the same background load); CPU is the client process's CPU seconds (every thread) per GB
+moved, the median over the runs. Then a cluster round (kvtier, kvtier@ref, redis-py's cluster
+pipeline), and the time to look up 1,000 keys. Usage::
 
-    python benchmarks/bench_network.py [--total-mib 128] [--repeats 3] \\
-        [--peers-python /work/peers-venv/bin/python]
+    python benchmarks/bench_network.py [--total-mib 128] [--repeats 5] \\
+        [--peers-python /path/to/python-with-lmcache] [--baseline-ref 284a424] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,8 +40,10 @@ import logging
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,214 +54,331 @@ from typing import Any
 import numpy as np
 import redis
 
-import kvtier
-
-GiB = 1 << 30
+GB = 1e9
 MiB = 1 << 20
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+# The kvtier before the bulk path: main when issue 15 was filed.
+DEFAULT_BASELINE_REF = "284a424"
+STEP_S = 0.001  # the engine's step: the benchmark steps the manager this often
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * MiB), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
-# -- the server -----------------------------------------------------------------------------
-def _free_port() -> int:
+# -- servers --------------------------------------------------------------------------------
+def _free_port(top: int = 60000) -> int:
     while True:
-        port = random.randint(20000, 60000)
-        with socket.socket() as s:
+        port = random.randint(20000, top)
+        with socket.socket() as s, socket.socket() as bus:
             try:
                 s.bind(("127.0.0.1", port))
+                if top <= 55535:  # a cluster node also needs port + 10000 for its bus
+                    bus.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
             return port
 
 
-class Server:
-    """A redis-server of our own on a free loopback port."""
+def _redis_server(workdir: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("bench_network: redis-server is not on PATH (apt-get install redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--maxmemory", "3gb", "--maxmemory-policy", "allkeys-lru",
+         "--protected-mode", "no", "--logfile", str(workdir / "redis.log"), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port, socket_timeout=1) as c:
+                c.ping()
+                return proc
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
 
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit("bench_network: redis-server is not on PATH (apt-get install redis-server)")
+
+class Servers:
+    """One standalone server and (optionally) a 3-node cluster, on loopback."""
+
+    def __init__(self, workdir: Path, cluster: bool) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--maxmemory", "6gb",
-             "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no",
-             "--logfile", str(workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_timeout=1) as c:
-                    c.ping()
-                    self.version = c.info("server")["redis_version"]
-                    return
-            except redis.RedisError:
+        self.procs.append(_redis_server(workdir / "standalone", self.port, []))
+        with redis.Redis(port=self.port) as c:
+            self.version = c.info("server")["redis_version"]
+        self.cluster_ports: list[int] = []
+        if cluster:
+            for i in range(3):
+                port = _free_port(55535)
+                self.procs.append(_redis_server(
+                    workdir / f"node{i}", port,
+                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]))
+                self.cluster_ports.append(port)
+            res = subprocess.run(
+                ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in
+                                                       self.cluster_ports],
+                 "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, timeout=60)
+            if res.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create: {res.stdout[-500:]!r}")
+            deadline = time.monotonic() + 30
+            while not all(self._cluster_ok(p) for p in self.cluster_ports):
                 if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                    raise RuntimeError("the cluster did not become ok")
+                time.sleep(0.1)
 
-    @property
-    def url(self) -> str:
-        """redis:// URL of the server."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        """A plain redis-py client."""
-        return redis.Redis(port=self.port, socket_timeout=60)
+    @staticmethod
+    def _cluster_ok(port: int) -> bool:
+        with redis.Redis(port=port) as c:
+            return c.cluster("INFO").get("cluster_state") in ("ok", b"ok")
 
     def stop(self) -> None:
-        """Stop it."""
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        """Stop every server."""
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
 
 
-# -- raw redis-py ---------------------------------------------------------------------------
-def bench_raw(server: Server, size: int, n: int, repeats: int) -> dict[str, float]:
-    """Best store and load throughput (bytes/s) of plain pipelines of SET and GET."""
-    rng = np.random.default_rng(1)
-    values = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in range(n)]
+# -- the clients (each runs in a worker process) ----------------------------------------------
+def _values(n: int, size: int) -> np.ndarray:
+    return np.random.default_rng(size).integers(0, 256, (n, size), dtype=np.uint8)
+
+
+class _Timer:
+    """Wall and process CPU time of one operation over ``nbytes``."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def __enter__(self) -> _Timer:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rate = self.nbytes / (time.perf_counter() - self.t0)
+        self.cpu = (time.process_time() - self.c0) / (self.nbytes / GB)
+
+
+def _readline(sock: socket.socket, buf: bytearray) -> bytes:
+    while True:
+        i = buf.find(b"\r\n")
+        if i >= 0:
+            line = bytes(buf[:i])
+            del buf[:i + 2]
+            return line
+        chunk = sock.recv(256)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+
+
+def client_raw_socket(port: int, size: int, n: int, window: int) -> dict[str, float]:
+    """Pipelined SET (sendmsg, no copy) and GET (recv_into the array) on one plain socket."""
+    values = _values(n, size)
+    out = np.zeros_like(values)
     keys = [b"raw:%d:%d" % (size, i) for i in range(n)]
-    client = server.client()
-    best_w = best_r = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for k, v in zip(keys, values):
-            pipe.set(k, v)
-        pipe.execute()
-        best_w = max(best_w, n * size / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for k in keys:
-            pipe.get(k)
-        out = pipe.execute()
-        best_r = max(best_r, n * size / (time.perf_counter() - t0))
-        assert out[0] == values[0]
-    client.delete(*keys)
+    per = max(1, window // size)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    res: dict[str, float] = {}
+    with _Timer(n * size) as t:
+        for i in range(0, n, per):
+            views: list[memoryview] = []
+            for j in range(i, min(n, i + per)):
+                k = keys[j]
+                views.append(memoryview(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n"
+                                        % (len(k), k, size)))
+                views.append(memoryview(values[j]))  # type: ignore[arg-type]
+                views.append(memoryview(b"\r\n"))
+            while views:
+                sent = sock.sendmsg(views[:1024])
+                while sent:
+                    if sent >= views[0].nbytes:
+                        sent -= views.pop(0).nbytes
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+            buf = bytearray()
+            for _ in range(i, min(n, i + per)):
+                assert _readline(sock, buf) == b"+OK"
+    res["store"], res["store_cpu"] = t.rate, t.cpu
+    buf = bytearray()
+    with _Timer(n * size) as t:
+        for i in range(0, n, per):
+            sock.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k)
+                                  for k in keys[i:i + per]))
+            for j in range(i, min(n, i + per)):
+                length = int(_readline(sock, buf)[1:])
+                dest = memoryview(out[j])  # type: ignore[arg-type]
+                have = min(len(buf), length)
+                dest[:have] = buf[:have]
+                del buf[:have]
+                while have < length:
+                    got = sock.recv_into(dest[have:], length - have)
+                    if not got:
+                        raise ConnectionError("closed")
+                    have += got
+                while len(buf) < 2:
+                    buf += sock.recv(2)
+                del buf[:2]
+    res["load"], res["load_cpu"] = t.rate, t.cpu
+    assert np.array_equal(out, values)
+    sock.close()
+    return res
+
+
+def client_redis_py(url: str, size: int, n: int, window: int,
+                    cluster: bool = False) -> dict[str, float]:
+    """redis-py pipelines of ``window`` bytes of ready-made ``bytes`` values."""
+    values = [v.tobytes() for v in _values(n, size)]
+    keys = [b"rp:%d:%d" % (size, i) for i in range(n)]
+    per = max(1, window // size)
+    client: Any = (redis.RedisCluster.from_url(url) if cluster
+                   else redis.Redis.from_url(url, socket_timeout=60))
+    res: dict[str, float] = {}
+    with _Timer(n * size) as t:
+        for i in range(0, n, per):
+            pipe = client.pipeline(transaction=False)
+            for k, v in zip(keys[i:i + per], values[i:i + per]):
+                pipe.set(k, v)
+            pipe.execute()
+    res["store"], res["store_cpu"] = t.rate, t.cpu
+    got: list[bytes] = []
+    with _Timer(n * size) as t:
+        for i in range(0, n, per):
+            pipe = client.pipeline(transaction=False)
+            for k in keys[i:i + per]:
+                pipe.get(k)
+            got.extend(pipe.execute())
+    res["load"], res["load_cpu"] = t.rate, t.cpu
+    assert got == values
     client.close()
-    return {"store": best_w, "load": best_r}
+    return res
 
 
-def bench_raw_lookup(server: Server, keys: list[bytes], repeats: int) -> dict[str, float]:
-    """Seconds to check ``keys``: a pipeline of EXISTS per key, and one multi-key EXISTS."""
-    client = server.client()
-    pipe_t = multi_t = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for k in keys:
-            pipe.exists(k)
-        found = pipe.execute()
-        pipe_t = min(pipe_t, time.perf_counter() - t0)
-        assert sum(found) == len(keys)
-        t0 = time.perf_counter()
-        assert client.exists(*keys) == len(keys)
-        multi_t = min(multi_t, time.perf_counter() - t0)
-    client.close()
-    return {"pipeline_exists": pipe_t, "multi_key_exists": multi_t}
+def client_kvtier(url: str, size: int, n: int, params: dict[str, Any]) -> dict[str, float]:
+    """Store and load ``n`` blocks through a manager with one network tier (public API)."""
+    import kvtier
 
-
-# -- kvtier ---------------------------------------------------------------------------------
-def _manager(url: str, size: int, slots: int, namespace: str, **params: Any) -> Any:
     spec = kvtier.TieringOffloadingSpec(
-        {"cpu_bytes_to_use": slots * size,
+        {"cpu_bytes_to_use": n * size,
          "secondary_tiers": [{"type": "network", "url": url, **params}]},
-        gpu_block_size=16, bytes_per_gpu_block=size, namespace=namespace,
+        gpu_block_size=16, bytes_per_gpu_block=size, namespace=f"bench/{size}",
     )
-    return spec.get_manager()
-
-
-def _steps(manager: Any, cond: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        manager.on_schedule_end()
-        if time.monotonic() > deadline:
-            raise TimeoutError("the tier did not finish")
-        time.sleep(0.0005)
-
-
-def bench_kvtier(server: Server, size: int, n: int, repeats: int,
-                 params: dict[str, Any]) -> dict[str, Any]:
-    """Best store and load throughput (bytes/s) through a manager with a network tier."""
-    m = _manager(server.url, size, n, f"bench/{size}/{time.time_ns()}", **params)
+    m = spec.get_manager()
     region = m.primary_blocks()
-    rng = np.random.default_rng(2)
     ctx = kvtier.ReqContext("bench")
-    best_w = best_r = 0.0
-    try:
-        for rep in range(repeats):
-            keys = [b"%032d" % (rep * n + i) for i in range(n)]
-            out = m.prepare_store(keys, ctx)
-            assert out is not None and len(out.keys_to_store) == n
-            for slot in out.store_spec.block_ids:
-                region[slot] = rng.integers(0, 256, size, dtype=np.uint8)
-            expect = region[out.store_spec.block_ids[:4]].copy()
-            t0 = time.perf_counter()
-            m.complete_store(out.keys_to_store, ctx)
-            _steps(m, lambda: not m.has_pending_work())
-            best_w = max(best_w, n * size / (time.perf_counter() - t0))
-            m.on_schedule_end()
-            m.reset_cache()
-            t0 = time.perf_counter()
-            got: list[int | None] = [None]
+    keys = [b"%032d" % i for i in range(n)]
+    deadline = time.monotonic() + 20
+    while not m.get_stats()["tiers"]["network0"]["available"] or m.tiers[0].lookup(
+            [b"warm-up"]) is None:  # connected, as an engine's tier long before a request
+        assert time.monotonic() < deadline, "the tier did not connect"
+        m.on_schedule_end()
+        time.sleep(0.01)
 
-            def done(keys: list[bytes] = keys, got: list[int | None] = got) -> bool:
-                got[0] = m.lookup(keys, ctx)
-                return got[0] is not None
-            _steps(m, done)
-            best_r = max(best_r, n * size / (time.perf_counter() - t0))
-            assert got[0] == n, got
-            spec = m.prepare_load(keys[:4], ctx)
-            assert np.array_equal(region[spec.block_ids], expect)
-            m.complete_load(keys[:4], ctx)
-        stats = m.get_stats()["tiers"]["network0"]
-        assert stats["corrupt"] == 0 and stats["load_failures"] == 0
-        assert stats["store_failures"] == 0
+    def steps(cond: Any) -> None:
+        deadline = time.monotonic() + 300
+        while not cond():
+            m.on_schedule_end()
+            assert time.monotonic() < deadline, "the tier did not finish"
+            time.sleep(STEP_S)
+
+    res: dict[str, float] = {}
+    try:
+        out = m.prepare_store(keys, ctx)
+        assert out is not None and len(out.keys_to_store) == n
+        region[out.store_spec.block_ids] = _values(n, size)
+        expect = region[out.store_spec.block_ids].copy()
+        with _Timer(n * size) as t:
+            m.complete_store(out.keys_to_store, ctx)
+            steps(lambda: not m.has_pending_work())
+        res["store"], res["store_cpu"] = t.rate, t.cpu
+        m.on_schedule_end()
+        m.reset_cache()
+        with _Timer(n * size) as t:
+            # The engine asks; the manager promotes the blocks from the tier; the engine asks
+            # again once the promotion is done (between, its steps cost the tier nothing).
+            assert m.lookup(keys, ctx) is None
+            steps(lambda: not m.has_pending_work())
+            got = m.lookup(keys, ctx)
+        res["load"], res["load_cpu"] = t.rate, t.cpu
+        assert got == n, got
+        spec_ = m.prepare_load(keys, ctx)
+        assert np.array_equal(region[spec_.block_ids], expect), "wrong bytes loaded"
+        m.complete_load(keys, ctx)
+        st = m.get_stats()["tiers"]["network0"]
+        assert st["corrupt"] == 0 and st["load_failures"] == 0 and st["store_failures"] == 0
     finally:
         m.shutdown()
-    return {"store": best_w, "load": best_r}
+    return res
 
 
-def bench_kvtier_lookup(server: Server, n: int, repeats: int) -> dict[str, Any]:
-    """Seconds for the tier to answer a lookup of ``n`` keys it has not seen (one query)."""
-    size = 4096
-    ns = f"bench/lookup/{time.time_ns()}"
-    writer = _manager(server.url, size, 64, ns)
-    keys = [b"%032d" % i for i in range(n)]
-    region = writer.primary_blocks()
-    ctx = kvtier.ReqContext("w")
-    for i in range(0, n, 32):
-        out = writer.prepare_store(keys[i:i + 32], ctx)
-        while out is None:
-            writer.on_schedule_end()
-            out = writer.prepare_store(keys[i:i + 32], ctx)
-        region[out.store_spec.block_ids] = 7
-        writer.complete_store(out.keys_to_store, ctx)
-        writer.on_schedule_end()
-    _steps(writer, lambda: not writer.has_pending_work())
-    prefix = writer.get_stats()["tiers"]["network0"]["key_prefix"].encode()
-    writer.shutdown()
-    best = float("inf")
-    for _ in range(repeats):
-        reader = _manager(server.url, size, 16, ns)
-        try:
-            tier = reader.tiers[0]
-            probe = [b"absent-key-for-warm-up"]
-            _steps(reader, lambda tier=tier, probe=probe: tier.lookup(probe) is not None)
-            answer: list[int | None] = [None]
-            t0 = time.perf_counter()
-            answer[0] = tier.lookup(keys)
-            while answer[0] is None:
-                time.sleep(0.0001)  # the scheduler does other work between steps
-                tier.poll()
-                answer[0] = tier.lookup(keys)
-            best = min(best, time.perf_counter() - t0)
-            assert answer[0] == n
-        finally:
-            reader.shutdown()
-    return {"kvtier": best, "redis_keys": [prefix + k for k in keys]}
+def run_worker(args: argparse.Namespace) -> int:
+    """``--worker``: run one client once and print its result as JSON."""
+    logging.basicConfig(level=logging.WARNING)
+    size, n, window = args.size, args.blocks, args.window_mib * MiB
+    if args.worker == "raw-socket":
+        res = client_raw_socket(int(args.url.rsplit(":", 1)[1].split("/")[0]), size, n, window)
+    elif args.worker in ("redis-py", "redis-py+malloc"):
+        res = client_redis_py(args.url, size, n, window, cluster=args.cluster)
+    else:  # kvtier, kvtier@ref (PYTHONPATH says which)
+        params: dict[str, Any] = {"cluster": True} if args.cluster else {}
+        if args.pool_size:
+            params["pool_size"] = args.pool_size
+        res = client_kvtier(args.url, size, n, params)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
 
 
-# -- LMCache (subprocess under its own venv) ------------------------------------------------
+def spawn(name: str, url: str, size: int, n: int, args: argparse.Namespace,
+          cluster: bool = False, baseline_src: Path | None = None) -> dict[str, float]:
+    """Run one client in a fresh process; its result (or {"error": ...})."""
+    env = dict(os.environ)
+    if name.endswith("+malloc"):
+        env.update(MALLOC_ENV)
+    if baseline_src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline_src), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(HERE), "--worker", name, "--url", url, "--size", str(size),
+           "--blocks", str(n), "--window-mib", str(args.window_mib),
+           "--pool-size", str(args.pool_size or 0)]
+    if cluster:
+        cmd.append("--cluster")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[7:]))
+    return {"error": (res.stderr or res.stdout).strip()[-800:]}
+
+
+def redis_benchmark(port: int, size: int, n: int, window: int) -> dict[str, float]:
+    """Redis's own C client: SET then GET of ``n`` values of ``size`` bytes, pipelined."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return {"error": "redis-benchmark not on PATH (apt-get install redis-tools)"}
+    res: dict[str, float] = {}
+    for op, test in (("store", "set"), ("load", "get")):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            [binary, "-h", "127.0.0.1", "-p", str(port), "-c", "1", "-P",
+             str(max(1, window // size)), "-n", str(n), "-r", str(n), "-d", str(size),
+             "-t", test, "--csv"], capture_output=True, text=True, timeout=600)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rows = [line.split(",") for line in out.stdout.splitlines() if line.startswith('"')]
+        rps = [float(r[1].strip('"')) for r in rows if r[0].strip('"').upper() == test.upper()]
+        if not rps:
+            return {"error": (out.stderr or out.stdout)[-300:]}
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        res[op] = rps[0] * size
+        res[f"{op}_cpu"] = cpu / (n * size / GB)
+    return res
+
+
+# -- LMCache (its own venv) -------------------------------------------------------------------
 _PEER = r'''
 import asyncio, json, sys, threading, time, logging
 logging.disable(logging.WARNING)
@@ -259,8 +389,8 @@ from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
 from lmcache.v1.storage_backend.connector.redis_connector import RedisConnector, RESPConnector
 from lmcache.utils import CacheEngineKey
 
-port, sizes, total, repeats, nlookup = (int(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")],
-                                        int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+port, sizes, total, repeats = (int(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")],
+                               int(sys.argv[3]), int(sys.argv[4]))
 loop = asyncio.new_event_loop()
 threading.Thread(target=loop.run_forever, daemon=True).start()
 run = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result()
@@ -291,6 +421,7 @@ for kind in ("redis", "resp"):
         n = max(8, total // size)
         be, conn = setup(size, kind)
         best_w = best_r = 0.0
+        cpu_w, cpu_r = [], []
         for rep in range(repeats):
             keys = [CacheEngineKey(f"bench{size}{kind}", 1, 0, rep * n + i, torch.bfloat16)
                     for i in range(n)]
@@ -298,38 +429,24 @@ for kind in ("redis", "resp"):
                     for _ in range(n)]
             for o in objs:
                 o.tensor.view(torch.uint8).random_(0, 256)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(conn.batched_put(keys, objs))
             best_w = max(best_w, n * size / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
+            cpu_w.append((time.process_time() - c0) / (n * size / 1e9))
+            t0, c0 = time.perf_counter(), time.process_time()
             if kind == "resp":
                 got = run(conn.batched_get(keys))
             else:
                 got = run(conn.batched_get_non_blocking("bench", keys))
             best_r = max(best_r, n * size / (time.perf_counter() - t0))
+            cpu_r.append((time.process_time() - c0) / (n * size / 1e9))
             assert len(got) == n and all(g is not None for g in got)
             assert torch.equal(got[0].tensor.view(torch.uint8), objs[0].tensor.view(torch.uint8))
             for o in objs + list(got):
                 o.ref_count_down()
-        res[str(size)] = {"store": best_w, "load": best_r}
-    # lookups of nlookup stored chunks of the first size (store the ones still missing)
-    be, conn = setup(sizes[0], kind)
-    keys = [CacheEngineKey(f"bench{sizes[0]}{kind}", 1, 0, i, torch.bfloat16) for i in range(nlookup)]
-    stored = repeats * max(8, total // sizes[0])
-    if stored < nlookup:
-        objs = [be.allocate(conn.meta_shapes, conn.meta_dtypes, conn.meta_fmt) for _ in range(64)]
-        for i in range(stored, nlookup, 64):
-            batch = keys[i:i + 64]
-            run(conn.batched_put(batch, objs[:len(batch)]))
-    best = float("inf")
-    for rep in range(repeats):
-        t0 = time.perf_counter()
-        if kind == "resp":
-            found = conn.batched_contains(keys)
-        else:
-            found = run(conn.batched_async_contains("bench", keys))
-        best = min(best, time.perf_counter() - t0)
-    res["lookup"] = {"seconds": best, "found": found}
+        cpu_w.sort(); cpu_r.sort()
+        res[str(size)] = {"store": best_w, "load": best_r, "store_cpu": cpu_w[len(cpu_w) // 2],
+                          "load_cpu": cpu_r[len(cpu_r) // 2]}
     out["results"][kind] = res
 # (RedisConnector.close() waits on its own event loop thread and never returns: exit instead.)
 print("PEER_JSON " + json.dumps(out), flush=True)
@@ -338,19 +455,18 @@ os._exit(0)
 '''
 
 
-def bench_lmcache(python: str, server: Server, sizes: list[int], total: int, repeats: int,
-                  nlookup: int) -> dict[str, Any]:
+def bench_lmcache(python: str, port: int, sizes: list[int], total: int,
+                  repeats: int) -> dict[str, Any]:
     """LMCache's redis:// and resp:// connectors on the same server (or the error)."""
     if not Path(python).exists():
         return {"error": f"{python} not found"}
     try:
         res = subprocess.run(
-            [python, "-c", _PEER, str(server.port), ",".join(map(str, sizes)), str(total),
-             str(repeats), str(nlookup)],
-            capture_output=True, text=True, timeout=600,
+            [python, "-c", _PEER, str(port), ",".join(map(str, sizes)), str(total),
+             str(repeats)], capture_output=True, text=True, timeout=900,
         )
     except subprocess.TimeoutExpired:
-        return {"error": "timed out after 600 s"}
+        return {"error": "timed out after 900 s"}
     for line in res.stdout.splitlines():
         if line.startswith("PEER_JSON "):
             return dict(json.loads(line[len("PEER_JSON "):]))
@@ -358,96 +474,244 @@ def bench_lmcache(python: str, server: Server, sizes: list[int], total: int, rep
     return {"error": f"exit {res.returncode}: " + " | ".join(tail)}
 
 
-# -- report ---------------------------------------------------------------------------------
-def _gbps(x: float) -> str:
-    return f"{x / GiB:.2f}"
+# -- lookups --------------------------------------------------------------------------------
+def bench_lookup(url: str, n: int, repeats: int) -> dict[str, float]:
+    """Seconds for kvtier's tier to answer a lookup of ``n`` keys it has not seen (one query),
+    and for a raw redis-py pipeline of ``n`` EXISTS."""
+    import kvtier
+
+    def manager(slots: int) -> Any:
+        return kvtier.TieringOffloadingSpec(
+            {"cpu_bytes_to_use": slots * 4096,
+             "secondary_tiers": [{"type": "network", "url": url}]},
+            gpu_block_size=16, bytes_per_gpu_block=4096, namespace="bench/lookup",
+        ).get_manager()
+
+    keys = [b"%032d" % i for i in range(n)]
+    writer = manager(n)
+    ctx = kvtier.ReqContext("w")
+    out = writer.prepare_store(keys, ctx)
+    assert out is not None
+    writer.primary_blocks()[out.store_spec.block_ids] = 7
+    writer.complete_store(out.keys_to_store, ctx)
+    while writer.has_pending_work():
+        writer.on_schedule_end()
+        time.sleep(0.001)
+    prefix = writer.get_stats()["tiers"]["network0"]["key_prefix"].encode()
+    writer.shutdown()
+    best = float("inf")
+    for _ in range(repeats):
+        reader = manager(16)
+        try:
+            tier = reader.tiers[0]
+            while tier.lookup([b"absent-key-for-warm-up"]) is None:
+                reader.on_schedule_end()
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            answer = tier.lookup(keys)
+            while answer is None:
+                time.sleep(0.0001)  # the scheduler does other work between steps
+                tier.poll()
+                answer = tier.lookup(keys)
+            best = min(best, time.perf_counter() - t0)
+            assert answer == n
+        finally:
+            reader.shutdown()
+    client = redis.Redis.from_url(url)
+    raw = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for k in keys:
+            pipe.exists(prefix + k)
+        assert sum(pipe.execute()) == n
+        raw = min(raw, time.perf_counter() - t0)
+    client.close()
+    return {"kvtier": best, "pipeline_exists": raw}
+
+
+# -- the run --------------------------------------------------------------------------------
+def _baseline_src(ref: str, workdir: Path) -> Path | None:
+    """``src/`` of kvtier at git ``ref``, extracted into ``workdir`` (None if git cannot)."""
+    dest = workdir / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"],
+                             capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        print(f"bench_network: git archive {ref} failed: {archive.stderr.decode()[-300:]}",
+              file=sys.stderr)
+        return None
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest / "src"
+
+
+def _collect(acc: dict[str, Any], name: str, res: dict[str, float]) -> None:
+    slot = acc.setdefault(name, {"store": 0.0, "load": 0.0, "store_cpu": [], "load_cpu": [],
+                                 "errors": []})
+    if "error" in res:
+        slot["errors"].append(res["error"])
+        return
+    for op in ("store", "load"):
+        slot[op] = max(slot[op], res[op])
+        slot[f"{op}_cpu"].append(res[f"{op}_cpu"])
+
+
+def _finish(acc: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, v in acc.items():
+        out[name] = {
+            "store": v["store"], "load": v["load"],
+            "store_cpu": statistics.median(v["store_cpu"]) if v["store_cpu"] else None,
+            "load_cpu": statistics.median(v["load_cpu"]) if v["load_cpu"] else None,
+            "errors": v["errors"][:2],
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print a Markdown report (and JSON with --json)."""
+    """Run the benchmark and print Markdown tables (and JSON with --json)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="262144,2097152", help="block sizes in bytes")
-    ap.add_argument("--total-mib", type=int, default=128, help="data per size and repeat")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--total-mib", type=int, default=128, help="data per client and run")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (every client once each)")
+    ap.add_argument("--window-mib", type=int, default=4,
+                    help="values per round trip of the plain clients")
+    ap.add_argument("--pool-size", type=int, default=0, help="kvtier pool_size (0: default)")
+    ap.add_argument("--peers-python", default="",
+                    help="a python with lmcache==0.5.6 installed ('' to skip LMCache)")
+    ap.add_argument("--baseline-ref", default=DEFAULT_BASELINE_REF,
+                    help="git ref of the kvtier to compare with ('' to skip)")
+    ap.add_argument("--no-cluster", action="store_true", help="skip the cluster round")
     ap.add_argument("--lookup-keys", type=int, default=1000)
-    ap.add_argument("--pool-size", type=int, default=4, help="the tier's pool_size")
-    ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
-                    help="python with lmcache==0.5.6 installed ('' to skip)")
     ap.add_argument("--json", help="also write the results here")
+    # worker mode (internal)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        return run_worker(args)
+
     sizes = [int(s) for s in args.sizes.split(",")]
     total = args.total_mib * MiB
-
     workdir = Path(tempfile.mkdtemp(prefix="kvtier-bench-redis-"))
-    server = Server(workdir)
+    servers = Servers(workdir, cluster=not args.no_cluster)
+    url = f"redis://127.0.0.1:{servers.port}/0"
+    baseline = _baseline_src(args.baseline_ref, workdir) if args.baseline_ref else None
+    old = f"kvtier@{args.baseline_ref}"
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
                    f"Python {platform.python_version()}, redis-py {redis.__version__}",
-        "redis_server": server.version, "sizes": {}, "args": vars(args),
+        "redis_server": servers.version, "sizes": {}, "cluster": {}, "args": vars(args),
     }
+    t_start = time.monotonic()
     try:
+        acc: dict[int, dict[str, Any]] = {s: {} for s in sizes}
+        cacc: dict[int, dict[str, Any]] = {s: {} for s in sizes}
+        curl = f"redis://127.0.0.1:{servers.cluster_ports[0]}/0" if servers.cluster_ports else ""
+        for rep in range(args.repeats):
+            for size in sizes:
+                n = max(8, total // size)
+                order = ["raw-socket", "redis-py", "redis-py+malloc", "redis-benchmark",
+                         "kvtier"] + ([old] if baseline else [])
+                if rep % 2:
+                    order.reverse()
+                print(f"[round {rep + 1}/{args.repeats}, {size // 1024} KiB x {n}] "
+                      + ", ".join(order), flush=True)
+                for name in order:
+                    if name == "redis-benchmark":
+                        r = redis_benchmark(servers.port, size, n, args.window_mib * MiB)
+                    else:
+                        r = spawn(name, url, size, n, args,
+                                  baseline_src=baseline if name == old else None)
+                    _collect(acc[size], name, r)
+                if curl:
+                    for name in ["kvtier", "redis-py"] + ([old] if baseline else []):
+                        r = spawn(name, curl, size, n, args, cluster=True,
+                                  baseline_src=baseline if name == old else None)
+                        _collect(cacc[size], name, r)
         for size in sizes:
-            n = max(8, total // size)
-            raw = {"store": 0.0, "load": 0.0}
-            tier = {"store": 0.0, "load": 0.0}
-            # Interleaved, so that both see the same background load; best of the repeats.
-            for rep in range(args.repeats):
-                print(f"[{size // 1024} KiB] repeat {rep + 1}/{args.repeats}: {n} blocks, raw "
-                      "pipeline, then kvtier ...", flush=True)
-                r = bench_raw(server, size, n, 1)
-                t = bench_kvtier(server, size, n, 1, {"pool_size": args.pool_size})
-                for op in ("store", "load"):
-                    raw[op] = max(raw[op], r[op])
-                    tier[op] = max(tier[op], t[op])
-            results["sizes"][str(size)] = {"blocks": n, "raw": raw, "kvtier": tier}
+            results["sizes"][str(size)] = _finish(acc[size])
+            if curl:
+                results["cluster"][str(size)] = _finish(cacc[size])
         print(f"[lookup] {args.lookup_keys} keys ...", flush=True)
-        lk = bench_kvtier_lookup(server, args.lookup_keys, max(3, args.repeats))
-        raw_lk = bench_raw_lookup(server, lk.pop("redis_keys"), max(3, args.repeats))
-        results["lookup"] = {"kvtier": lk["kvtier"], **raw_lk}
+        results["lookup"] = bench_lookup(url, args.lookup_keys, max(3, args.repeats))
         if args.peers_python:
             print("[lmcache] redis:// and resp:// connectors (subprocess) ...", flush=True)
-            results["lmcache"] = bench_lmcache(args.peers_python, server, sizes, total,
-                                               args.repeats, args.lookup_keys)
+            results["lmcache"] = bench_lmcache(args.peers_python, servers.port, sizes, total,
+                                               args.repeats)
     finally:
-        server.stop()
+        servers.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-    lm = results.get("lmcache", {})
-    lmr = lm.get("results", {})
-    print()
-    print(f"Machine: {results['machine']}; redis-server {results['redis_server']}, one server "
-          "on loopback, started by the benchmark.")
-    print()
-    print("| block | op | raw redis-py pipeline GiB/s | kvtier GiB/s | kvtier / raw |"
-          " LMCache redis:// GiB/s (/raw) | LMCache resp:// GiB/s (/raw) |")
-    print("|---|---|---|---|---|---|---|")
-    for size in sizes:
-        r = results["sizes"][str(size)]
-        for op in ("store", "load"):
-            raw_v, tier_v = r["raw"][op], r["kvtier"][op]
-            cells = []
-            for kind in ("redis", "resp"):
-                v = lmr.get(kind, {}).get(str(size), {}).get(op)
-                cells.append("n/a" if v is None else f"{_gbps(v)} ({v / raw_v:.2f})")
-            print(f"| {size // 1024} KiB | {op} | {_gbps(raw_v)} | {_gbps(tier_v)} | "
-                  f"{tier_v / raw_v:.2f} | {cells[0]} | {cells[1]} |")
-    lk = results["lookup"]
-    print()
-    print(f"Lookup of {args.lookup_keys} keys (ms): kvtier {lk['kvtier'] * 1e3:.2f}; "
-          f"raw pipeline of EXISTS {lk['pipeline_exists'] * 1e3:.2f} "
-          f"(kvtier / raw {lk['kvtier'] / lk['pipeline_exists']:.2f}); one multi-key EXISTS "
-          f"{lk['multi_key_exists'] * 1e3:.2f}", end="")
-    for kind in ("redis", "resp"):
-        v = lmr.get(kind, {}).get("lookup", {}).get("seconds")
-        if v is not None:
-            print(f"; LMCache {kind}:// {v * 1e3:.2f}", end="")
-    print()
-    if "error" in lm:
-        print(f"\nLMCache could not run: {lm['error']}")
+    results["seconds"] = time.monotonic() - t_start
+    report(results, sizes, old if baseline else None)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _row(name: str, v: dict[str, Any], best: dict[str, float]) -> str:
+    cells = []
+    for op in ("store", "load"):
+        rate, cpu = v.get(op), v.get(f"{op}_cpu")
+        if not rate:
+            cells += ["n/a", "", ""]
+            continue
+        cells += [f"{rate / GB:.2f}", f"{rate / best[op]:.2f}",
+                  "" if cpu is None else f"{cpu:.2f}"]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def report(results: dict[str, Any], sizes: list[int], old: str | None) -> None:
+    """Print the tables: GB/s, ratio to the best plain client, CPU s/GB per client."""
+    lm = results.get("lmcache", {})
+    print(f"\nMachine: {results['machine']}; redis-server {results['redis_server']}; "
+          f"{results['seconds']:.0f} s.")
+    plain = ("raw-socket", "redis-py", "redis-py+malloc", "redis-benchmark")
+    for size in sizes:
+        r = dict(results["sizes"][str(size)])
+        for kind in ("redis", "resp"):
+            v = lm.get("results", {}).get(kind, {}).get(str(size))
+            if v:
+                r[f"LMCache {kind}://"] = v
+        best = {op: max(r[p][op] for p in plain if r.get(p) and r[p].get(op))
+                for op in ("store", "load")}
+        print(f"\n{size // 1024} KiB blocks (x best plain: store {best['store'] / GB:.2f}, "
+              f"load {best['load'] / GB:.2f} GB/s)\n")
+        print("| client | store GB/s | x best plain | CPU s/GB | load GB/s | x best plain |"
+              " CPU s/GB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, v in r.items():
+            print(_row(name, v, best))
+        k = r.get("kvtier", {})
+        for other in ("LMCache resp://", old):
+            o = r.get(other or "")
+            if other and o and k:
+                print(f"\nkvtier / {other}: store {k['store'] / o['store']:.2f}x, "
+                      f"load {k['load'] / o['load']:.2f}x")
+        for name, v in r.items():
+            if v.get("errors"):
+                print(f"\n{name} failed: {v['errors'][0]}")
+    for size in sizes:
+        c = results.get("cluster", {}).get(str(size))
+        if not c:
+            continue
+        best = {op: c["redis-py"][op] or 1.0 for op in ("store", "load")}
+        print(f"\nRedis Cluster (3 nodes), {size // 1024} KiB blocks (x redis-py cluster "
+              "pipeline)\n")
+        print("| client | store GB/s | x redis-py | CPU s/GB | load GB/s | x redis-py |"
+              " CPU s/GB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, v in c.items():
+            print(_row(name, v, best))
+    lk = results["lookup"]
+    print(f"\nLookup of {results['args']['lookup_keys']} keys: kvtier "
+          f"{lk['kvtier'] * 1e3:.2f} ms, redis-py pipeline of EXISTS "
+          f"{lk['pipeline_exists'] * 1e3:.2f} ms")
+    if "error" in lm:
+        print(f"\nLMCache could not run: {lm['error']}")
 
 
 if __name__ == "__main__":

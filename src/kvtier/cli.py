@@ -1,5 +1,6 @@
-"""The ``kvtier`` command: ``kvtier bench`` (replay a workload through the real stack) and
-``kvtier version``."""
+"""The ``kvtier`` command: ``kvtier bench`` (replay a workload through the real stack), the
+operator commands ``kvtier inspect|fsck|gc|du`` (see :mod:`kvtier.ops`) and ``kvtier version``.
+This module parses and dispatches; the work happens in ``kvtier.bench`` and ``kvtier.ops``."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-DEFAULT_CPU_FRACTION = 0.1  # CPU tier: this share of the workload's distinct blocks
-DEFAULT_TIER_FRACTION = 1.0  # the embedded default's storage tier: room for every block
+from kvtier.bench.configure import DEFAULT_CPU_FRACTION, DEFAULT_TIER_FRACTION
+from kvtier.ops import COMMANDS as OPS_COMMANDS
+from kvtier.ops import add_parsers as add_ops_parsers
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _fractions(text: str) -> list[float]:
@@ -43,8 +51,8 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvtier``."""
-    p = argparse.ArgumentParser(prog="kvtier", description="kvtier: multi-tier KV cache offloading")
-    sub = p.add_subparsers(dest="command")
+    p = _Parser(prog="kvtier", description="kvtier: multi-tier KV cache offloading")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("version", help="print the version")
     b = sub.add_parser(
         "bench",
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     o.add_argument("--plot", metavar="FILE.png", help="write a PNG: hit rate vs capacity, bytes per tier")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ops_parsers(sub)
     return p
 
 
@@ -124,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return bench(args)
+    if args.command in OPS_COMMANDS:
+        from kvtier.ops import run
+
+        return run(args.command, args)
     parser.print_help()
     return 2
 
@@ -137,18 +150,22 @@ def bench(args: argparse.Namespace) -> int:
     """``kvtier bench``."""
     from rich.console import Console
 
+    from kvtier.bench.configure import SizeFlags
+    from kvtier.bench.configure import build as build_bench_config
     from kvtier.bench.engine import BenchError, EngineOptions
     from kvtier.bench.report import plot, render, write_json
-    from kvtier.bench.runner import (
-        Plan,
-        default_secondary_tier,
-        parse_config_arg,
-    )
+    from kvtier.bench.runner import Plan
     from kvtier.bench.workload import SyntheticParams, TraceError, load_trace, synthetic_workload
     from kvtier.config import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(width=None if sys.stdout.isatty() else 160)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _err("--plot needs matplotlib, which is not installed: "
+                        "pip install 'kvtier[plot]' (or 'kvtier[all]')")
     if args.vllm:
         from kvtier.bench.vllm_backend import vllm_unavailable
 
@@ -190,36 +207,23 @@ def bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _err(str(e))
 
-    distinct = wl.distinct_blocks
-    tmp: str | None = None
     try:
-        if args.config:
-            config = parse_config_arg(args.config)
-            tier_blocks = None
-        else:
-            tmp = tempfile.mkdtemp(prefix="kvtier-bench-")
-            ttype = default_secondary_tier()
-            config = {"secondary_tiers": [{"type": ttype, "path": tmp}]}
-            if ttype != "storage":
-                config["secondary_tiers"][0].pop("path")
-            tier_blocks = max(1, int(DEFAULT_TIER_FRACTION * distinct))
-        if args.cpu_blocks:
-            cpu_blocks = args.cpu_blocks
-        elif args.cpu_fraction:
-            cpu_blocks = max(1, int(round(args.cpu_fraction * distinct)))
-        elif "cpu_bytes_to_use" in config and isinstance(config["cpu_bytes_to_use"], int):
-            cpu_blocks = max(1, config["cpu_bytes_to_use"] // opts.bytes_per_block)
-        else:
-            cpu_blocks = max(1, int(round(DEFAULT_CPU_FRACTION * distinct)))
-        if args.tier_blocks:
-            tier_blocks = args.tier_blocks
-        elif args.tier_fraction:
-            tier_blocks = max(1, int(round(args.tier_fraction * distinct)))
+        bc = build_bench_config(args.config, opts, wl.distinct_blocks, SizeFlags(
+            cpu_blocks=args.cpu_blocks, cpu_fraction=args.cpu_fraction,
+            tier_blocks=args.tier_blocks, tier_fraction=args.tier_fraction,
+            sweep=bool(args.sweep)))
+    except (ConfigError, ValueError) as e:
+        return _err(str(e))
+    if args.config:
+        console.print("kvtier bench: " + ("; ".join(bc.notes) if bc.notes else
+                                          "--config replayed as given (no flag overrides a "
+                                          "value)"), markup=False, soft_wrap=True)
+    try:
         plan = Plan(
             engine=opts,
-            config=config,
-            cpu_blocks=cpu_blocks,
-            tier_blocks=tier_blocks,
+            config=bc.config,
+            cpu_blocks=bc.cpu_blocks,
+            tier_blocks=bc.tier_blocks,
             baselines=not args.no_baselines,
             vllm=args.vllm,
             reference=not args.no_reference,
@@ -230,8 +234,8 @@ def bench(args: argparse.Namespace) -> int:
     except (ConfigError, BenchError, ValueError) as e:
         return _err(str(e))
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if bc.tmpdir is not None:
+            shutil.rmtree(bc.tmpdir, ignore_errors=True)
 
     render(report, console)
     try:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvtier.config import ConfigError, KVTierConfig, parse_config
-from kvtier.format.record import namespace_fingerprint
+from kvtier.format.record import namespace_fingerprint, namespace_key
 from kvtier.manager.cascade import resolve_cascade_policy
 from kvtier.manager.primary import PrimaryTier
 from kvtier.manager.tiering import TieringManager
@@ -101,7 +101,7 @@ class TieringOffloadingSpec:
     @property
     def namespace_key(self) -> str:
         """What persistent tiers fingerprint: the namespace and the block geometry."""
-        return f"{self.namespace}\x00block_bytes={self.block_bytes}"
+        return namespace_key(self.namespace, self.block_bytes)
 
     # -- building --------------------------------------------------------------------------
     def get_manager(self) -> TieringManager:

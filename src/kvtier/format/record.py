@@ -32,6 +32,8 @@ _FIXED = struct.Struct("<4sHHIIQ16sQ")  # up to and excluding the header checksu
 _FIXED_SIZE = _FIXED.size  # 48
 _HCHK = struct.Struct("<Q")
 FIXED_HEADER_SIZE = _FIXED_SIZE + _HCHK.size  # 56
+_CHECKSUMS = struct.Struct("<QQ")  # payload checksum, header checksum
+_PREFIX_SIZE = 40  # every field before the checksums
 
 
 class RecordError(ValueError):
@@ -57,6 +59,11 @@ class RecordHeader:
 def namespace_fingerprint(namespace: str) -> bytes:
     """16-byte fingerprint of a namespace string."""
     return xxhash.xxh3_128_digest(namespace.encode("utf-8"))
+
+
+def namespace_key(namespace: str, block_bytes: int) -> str:
+    """What persistent tiers fingerprint: an engine's namespace and its block size in bytes."""
+    return f"{namespace}\x00block_bytes={block_bytes}"
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
@@ -114,6 +121,61 @@ def parse_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     )
 
 
+def peek_lengths(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """(header_len, key_len, payload_len) from a record's first bytes, NOT verified.
+
+    For a reader that must know how many bytes to take before it can verify anything (a
+    stream); ``parse_header`` on the whole header checks them. Raises RecordError when ``buf``
+    is shorter than the fixed header or does not start with the magic.
+    """
+    mv = memoryview(buf)
+    if mv.nbytes < FIXED_HEADER_SIZE:
+        raise RecordError("truncated header")
+    magic, _version, _flags, hlen, klen, plen, _ns, _pchk = _FIXED.unpack(mv[:_FIXED_SIZE])
+    if magic != MAGIC:
+        raise RecordError("bad magic")
+    return hlen, klen, plen
+
+
+def header_prefix(namespace_fp: bytes, key_len: int, payload_len: int, *, align: int = 0) -> bytes:
+    """The first 40 bytes of every valid header for a key of ``key_len`` bytes: magic, version,
+    flags, lengths and namespace (everything before the checksums)."""
+    hlen = header_size(key_len, align)
+    return _FIXED.pack(MAGIC, FORMAT_VERSION, 0, hlen, key_len, payload_len, namespace_fp,
+                       0)[:_PREFIX_SIZE]
+
+
+def match_header(buf: bytes | bytearray | memoryview, prefix: bytes, key: bytes) -> int | None:
+    """The payload checksum when ``buf`` starts with exactly the header a reader expects.
+
+    ``prefix`` comes from :func:`header_prefix`; the header must continue with the checksums
+    and ``key``, and its header checksum must hold. This checks what :func:`parse_header` and
+    :func:`check_header` check together, for the one header that can pass them; None means the
+    header is not that one (parse it to learn why).
+    """
+    mv = memoryview(buf)
+    end = FIXED_HEADER_SIZE + len(key)
+    if mv.nbytes < end or mv[:_PREFIX_SIZE] != prefix or mv[FIXED_HEADER_SIZE:end] != key:
+        return None
+    pchk, hchk = _CHECKSUMS.unpack(mv[_PREFIX_SIZE:FIXED_HEADER_SIZE])
+    if xxhash.xxh3_64_intdigest(bytes(mv[:_FIXED_SIZE]) + key) != hchk:
+        return None
+    return int(pchk)
+
+
+def check_header(
+    header: RecordHeader, *, namespace_fp: bytes, key: bytes, payload_len: int
+) -> str | None:
+    """The checks of ``verify`` that need no payload: namespace, key, payload length."""
+    if header.namespace_fp != namespace_fp:
+        return "namespace mismatch"
+    if header.key != key:
+        return "key mismatch"
+    if header.payload_len != payload_len:
+        return "length mismatch"
+    return None
+
+
 def verify(
     header: RecordHeader,
     payload: bytes | bytearray | memoryview,
@@ -126,11 +188,10 @@ def verify(
 
     Returns None when the record is valid, else the reason it is not.
     """
-    if header.namespace_fp != namespace_fp:
-        return "namespace mismatch"
-    if header.key != key:
-        return "key mismatch"
-    if header.payload_len != payload_len or memoryview(payload).nbytes != payload_len:
+    reason = check_header(header, namespace_fp=namespace_fp, key=key, payload_len=payload_len)
+    if reason is not None:
+        return reason
+    if memoryview(payload).nbytes != payload_len:
         return "length mismatch"
     if payload_checksum(payload) != header.payload_checksum:
         return "payload checksum mismatch"

@@ -15,6 +15,8 @@ _BUILTIN: dict[str, str] = {
     "storage": "kvtier.tiers.storage:StorageTier",
     "fs": "kvtier.tiers.storage:FsTier",
     "network": "kvtier.tiers.network:NetworkTier",
+    "object": "kvtier.tiers.object:ObjectTier",
+    "s3": "kvtier.tiers.object:ObjectTier",
 }
 _REGISTERED: dict[str, type[SecondaryTier]] = {}
 
