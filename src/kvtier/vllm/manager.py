@@ -319,13 +319,15 @@ class KVTierManager(OffloadingManager):
 
         vLLM retries a refused store at its next step with the chunks computed since added, so
         an all-or-nothing answer under pressure grows the batch until the request ends and
-        every chunk of it is lost. Storing the leading keys (in token order, all groups alike)
-        that fit keeps the prefix, which is what later requests can use. None: not one fits.
+        every chunk of it is lost. With one full-attention group, storing the leading keys that
+        fit keeps the prefix, which is what later requests can use. A windowed group needs the
+        chunks right before a hit boundary, which a cut in token order drops (measured: hybrid
+        hits fell to none), so hybrid models keep vLLM's all-or-nothing retry. None: no room.
         """
         ctx = self._state(req_context).ctx
         batch: list[bytes] = list(keys)
         out = self.kv.prepare_store(batch, ctx)
-        if out is None:
+        if out is None and not self._multi:
             part = self._fitting_prefix(batch, req_context)
             if part:
                 out = self.kv.prepare_store(part, ctx)
