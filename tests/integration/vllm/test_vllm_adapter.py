@@ -1,12 +1,11 @@
 """kvtier behind vLLM 0.33's OffloadingConnector, driven by vLLM's own scheduler-side code.
 
 The connector's ``OffloadingConnectorScheduler`` and ``OffloadingConnectorWorker`` are real;
-the engine loop around them is the CPU stand-in in ``vllm_engine.py`` (see its docstring for
-exactly what stands in and why). What could not run here, and why:
+the engine loop around them is the CPU stand-in in ``vllm_engine.py`` (see its docstring), which
+lets these tests place single calls precisely and run vLLM's own spec side by side. The same
+adapter under vLLM's real ``Scheduler``/``AsyncScheduler`` and ``register_kv_caches`` is tested
+in ``test_real_scheduler.py`` and ``test_tp_processes.py``. What does not run here:
 
-* vLLM's ``Scheduler``/``EngineCore``: they need a model config (HF config and tokenizer).
-* vLLM's ``register_kv_caches``: it needs attention layers built by a model runner; the tests
-  hand the worker the canonical KV tensors that it would build (``CanonicalKVCaches``).
 * vLLM's own ``TieringOffloadingSpec`` worker: ``CPUOffloadingWorker`` asserts CUDA tensors, so
   the parity runs compare scheduler-side behaviour only (jobs are acknowledged unexecuted).
 * CUDA copies: ``benchmarks/cuda_check.py`` checks them on a GPU machine.
