@@ -320,9 +320,9 @@ class KVTierManager(OffloadingManager):
         vLLM retries a refused store at its next step with the chunks computed since added, so
         an all-or-nothing answer under pressure grows the batch until the request ends and
         every chunk of it is lost. With one full-attention group, storing the leading keys that
-        fit keeps the prefix, which is what later requests can use. A windowed group needs the
-        chunks right before a hit boundary, which a cut in token order drops (measured: hybrid
-        hits fell to none), so hybrid models keep vLLM's all-or-nothing retry. None: no room.
+        fit keeps the prefix, which is what later requests can use. A windowed group also needs
+        the chunks right before a hit boundary, which a cut in token order can drop; until that
+        is measured, hybrid models keep vLLM's all-or-nothing retry. None: no room.
         """
         ctx = self._state(req_context).ctx
         batch: list[bytes] = list(keys)
@@ -342,14 +342,18 @@ class KVTierManager(OffloadingManager):
         )
 
     def _fitting_prefix(self, keys: list[bytes], req_context: ReqContext) -> list[bytes]:
-        """The leading keys (by end-token position) whose new slots can be had now."""
+        """The leading keys (by end-token position) whose new slots can be had now.
+
+        Returned in the caller's order: vLLM pairs the slots with its engine blocks in that
+        order.
+        """
         primary = self.kv.primary
         key_slot, state, ref = primary.key_slot, primary.state, primary.ref
         positions = req_context._offload_key_positions
-        keys = sorted(keys, key=lambda k: positions.get(k, 0))  # type: ignore[call-overload]
+        ordered = sorted(keys, key=lambda k: positions.get(k, 0))  # type: ignore[call-overload]
         room = len(primary.free) + primary.evictable
         take = 0
-        for key in keys:
+        for key in ordered:
             s = key_slot.get(key)
             if s is None:
                 if room == 0:
@@ -360,7 +364,10 @@ class KVTierManager(OffloadingManager):
                     break
                 room -= 1
             take += 1
-        return keys[:take] if take < len(keys) else []
+        if take == len(keys):
+            return []
+        chosen = set(ordered[:take])
+        return [k for k in keys if k in chosen]
 
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True

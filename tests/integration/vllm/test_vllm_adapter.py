@@ -465,7 +465,9 @@ def test_store_under_pressure_keeps_the_leading_chunks() -> None:
             ctx.set_offload_key_position(k, (i + 1) * TOKENS_PER_BLOCK)
         out = manager.prepare_store(list(reversed(keys)), ctx)
         assert out is not None
-        assert sorted(out.keys_to_store) == sorted(keys[:3])  # the 3 free slots, leading chunks
+        # The 3 free slots go to the leading chunks, listed in the order vLLM gave them (it pairs
+        # slots with its engine blocks in that order).
+        assert out.keys_to_store == list(reversed(keys[:3]))
         assert manager.partial_stores == 1
         # Every slot held (5 by the load, 3 being written): not one chunk fits, None.
         assert manager.prepare_store([make_offload_key(b"\xee" * 32, 0)], ctx) is None
