@@ -16,11 +16,13 @@ from kvtier.vllm._base import (
     OffloadingMetricMetadata,
 )
 
-# kvtier's medium strings -> vLLM's (Medium, Locality). vLLM 0.33 has no network medium.
+# kvtier's medium strings -> vLLM's (Medium, Locality). vLLM 0.33 has no network or object
+# medium: both are shared storage that other hosts read, so STORAGE with REMOTE locality.
 MEDIA: dict[str, tuple[Medium, Locality]] = {
     "CPU": (Medium.CPU, Locality.LOCAL),
     "STORAGE": (Medium.STORAGE, Locality.LOCAL),
     "NETWORK": (Medium.STORAGE, Locality.REMOTE),
+    "OBJECT": (Medium.STORAGE, Locality.REMOTE),
 }
 
 # vLLM's hit sources: storage is a disk; a network or user tier is reported as unspecified.

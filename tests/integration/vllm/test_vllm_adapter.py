@@ -355,11 +355,13 @@ def test_events_map_media(engines: list[Engine], tmp_path: Any) -> None:
     kv._events.append(kvtier.OffloadingEvent([key], "NETWORK", False))
     kv._events.append(kvtier.OffloadingEvent([key], "STORAGE", True))
     kv._events.append(kvtier.OffloadingEvent([key], "CPU", False))
+    kv._events.append(kvtier.OffloadingEvent([key], "OBJECT", True))
     got = [(ev.medium, ev.locality, ev.removed, ev.ownership) for ev in e.manager.take_events()]
     assert got == [
         (Medium.STORAGE, kv_vllm.Locality.REMOTE, False, "network"),
         (Medium.STORAGE, kv_vllm.Locality.LOCAL, True, "storage"),
         (Medium.CPU, kv_vllm.Locality.LOCAL, False, None),
+        (Medium.STORAGE, kv_vllm.Locality.REMOTE, True, "object"),
     ]
 
 
