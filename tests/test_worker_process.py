@@ -132,3 +132,26 @@ def test_spec_pickles_with_instance_id() -> None:
     assert clone.instance_id == "engine-a" and clone.region_name == spec.region_name
     other = kvtier.TieringOffloadingSpec({"cpu_bytes_to_use": 1 << 20})
     assert other.instance_id != kvtier.TieringOffloadingSpec({"cpu_bytes_to_use": 1 << 20}).instance_id
+
+
+def test_wait_returns_for_finished_and_unknown_jobs() -> None:
+    """An engine may flush a job again before it heard the job finished: wait must not hang."""
+    spec = kvtier.TieringOffloadingSpec(
+        {"cpu_bytes_to_use": 8 * BYTES_PER_GPU_BLOCK},
+        gpu_block_size=16, bytes_per_gpu_block=BYTES_PER_GPU_BLOCK, namespace="wait-test",
+    )
+    manager = spec.get_manager()
+    kv = _kv(seed=7)
+    worker = spec.get_worker(kv)
+    try:
+        assert worker.transfer_async(1, kvtier.GPULoadStoreSpec([3]), kvtier.LoadStoreSpec([0]))
+        worker.wait([1])
+        worker.wait([1])  # asked again (as vLLM's connector does under async scheduling)
+        worker.wait([99])  # never submitted here
+        assert [(r.job_id, r.success) for r in worker.get_finished()] == [(1, True)]
+        region = manager.primary_blocks()
+        want = np.concatenate([t[3].numpy().view(np.uint8).reshape(-1) for t in kv])
+        assert np.array_equal(region[0], want)
+    finally:
+        worker.shutdown()
+        manager.shutdown()

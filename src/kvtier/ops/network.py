@@ -39,6 +39,7 @@ from kvtier.tiers.network.scan import (
 )
 
 _SAMPLES = 5  # values whose length is read per namespace to learn its block size (CLIENT NO-TOUCH)
+_SAMPLES_TOUCHING = 3  # the same where reading a length refreshes the block's recency
 _UNRECOGNIZED_SHOWN = 20
 
 
@@ -104,14 +105,34 @@ class RedisOps:
         pid = namespace_prefix(bytes.fromhex(fp)).decode()
         if sel.matches(id=pid, fingerprint=fp):
             return True
-        return sel.matches(id=pid, fingerprint=fp, block_bytes=self._block_bytes(fp, [(node, rkey)]))
+        return sel.matches(id=pid, fingerprint=fp,
+                           block_bytes=self._block_bytes(fp, self._geometry_samples(fp, node, rkey)))
+
+    def _geometry_samples(self, fp: str, node: Node, rkey: bytes) -> list[tuple[Node, bytes]]:
+        """``rkey`` and a few more keys of its namespace on ``node``, for a majority vote.
+
+        One damaged value (truncated, or not a string) must not decide a namespace's block size.
+        """
+        want = self._samples_wanted()
+        out = [(node, rkey)]
+        for batch in scan_keys(node, namespace_prefix(bytes.fromhex(fp)) + b"*"):
+            for k in batch:
+                if k != rkey:
+                    out.append((node, k))
+                if len(out) >= want:
+                    return out
+        return out
+
+    def _samples_wanted(self) -> int:
+        """Values read per namespace to learn its block size (fewer where a read is an access)."""
+        return _SAMPLES if self.servers.no_touch else _SAMPLES_TOUCHING
 
     def _scan(self, *, meta: bool, keep_keys: bool = False,
               geometry: bool = True) -> tuple[dict[str, _Ns], list[bytes]]:
         """Every block key of the selected namespaces, with metadata when ``meta``.
 
         Idle times are read before anything that could count as an access. ``geometry`` reads
-        the length of a few values per namespace (one on servers without CLIENT NO-TOUCH, where
+        the length of a few values per namespace (three on servers without CLIENT NO-TOUCH, where
         that read counts as an access) to learn its block size.
         """
         found: dict[str, _Ns] = {}
@@ -142,7 +163,7 @@ class RedisOps:
                             continue  # deleted since SCAN saw it
                         ns.blocks += 1
                         ns.header_bytes += header_size(len(key))
-                        if len(ns.samples) < (_SAMPLES if self.servers.no_touch else 1):
+                        if len(ns.samples) < self._samples_wanted():
                             ns.samples.append((node, rk))
                         if metas is None:
                             if keep_keys:

@@ -120,7 +120,7 @@ class OffloadingWorker:
         else:
             self._jobs: queue.Queue[tuple[int, bool, np.ndarray, np.ndarray] | None] = queue.Queue()
             self._cv = threading.Condition()
-            self._done_ids: set[int] = set()
+            self._inflight: set[int] = set()  # CPU jobs submitted and not finished
             self._thread = threading.Thread(target=self._run_cpu, name="kvtier-worker", daemon=True)
             self._thread.start()
 
@@ -166,6 +166,8 @@ class OffloadingWorker:
                 log.exception("transfer %d failed to start", job_id)
                 return False
         else:
+            with self._cv:
+                self._inflight.add(job_id)
             self._jobs.put((job_id, store, gpu, slots))
         return True
 
@@ -187,7 +189,11 @@ class OffloadingWorker:
         return out
 
     def wait(self, job_ids: Iterable[int]) -> None:
-        """Block until the given transfers are finished (they are still reported once)."""
+        """Block until the given transfers are finished (they are still reported once).
+
+        Ids of transfers that already finished, or that this worker never started, return at
+        once: an engine may ask again for a job it flushed before it heard the job was done.
+        """
         ids = set(job_ids)
         if self.is_cuda:
             for job_id, ev, _t0, _n in self._pending:
@@ -195,8 +201,7 @@ class OffloadingWorker:
                     ev.synchronize()
             return
         with self._cv:
-            self._cv.wait_for(lambda: ids <= self._done_ids or self._closed)
-            self._done_ids -= ids
+            self._cv.wait_for(lambda: self._inflight.isdisjoint(ids) or self._closed)
 
     def shutdown(self) -> None:
         """Finish in-flight copies, stop the thread, unpin. Idempotent."""
@@ -234,7 +239,7 @@ class OffloadingWorker:
             nbytes = len(slots) * self.layout.slot_bytes
             self._finished.append(TransferResult(job_id, ok, nbytes, time.perf_counter() - t0))
             with self._cv:
-                self._done_ids.add(job_id)
+                self._inflight.discard(job_id)
                 self._cv.notify_all()
 
     def _copy_cpu(self, store: bool, gpu: np.ndarray, slots: np.ndarray) -> None:

@@ -124,8 +124,9 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
     expected[wrongtype] = "not a string value"
 
     args = ["--json", "--namespace", ns1, "--namespace", ns2]
-    rc, r, _ = kv(capsys, "fsck", url, *args)
-    assert rc == 1 and r["records_checked"] == 20 and r["records_bad"] == len(expected) == 7
+    rc, r, err = kv(capsys, "fsck", url, *args)
+    assert rc == 1, err
+    assert r["records_checked"] == 20 and r["records_bad"] == len(expected) == 7
     found = {bytes.fromhex(b["key"]): b for b in r["bad"]}
     assert set(found) == set(expected)
     for k, reason in expected.items():
@@ -147,6 +148,35 @@ def test_fsck_finds_exactly_what_was_corrupted_and_repair_makes_the_tier_serve(
         assert m.get_stats()["tiers"]["network0"]["corrupt"] == 0
     finally:
         m.shutdown()
+
+
+def test_a_damaged_value_never_decides_a_namespace_block_size(redis_server, namespace: str,
+                                                              capsys) -> None:
+    """Whichever key SCAN meets first, a truncated or non-string value there must not hide the
+    namespace from ``--namespace``: each key is damaged in turn, so one round damages the first."""
+    url = redis_server.url
+    client = redis_server.client()
+    try:
+        keys, _ = stored(url, namespace, 4, False)
+        p = prefix(namespace)
+        for bad in keys:
+            good = client.get(p + bad)
+            client.set(p + bad, good[: len(good) // 2])
+            rc, r, err = kv(capsys, "fsck", url, "--json", "--namespace", namespace)
+            assert rc == 1, err
+            assert r["records_checked"] == 4 and r["records_bad"] == 1
+            assert r["bad"][0]["key"] == bad.hex()
+            rc, r, err = kv(capsys, "du", url, "--json", "--namespace", namespace)
+            assert rc == 0, err
+            assert r["namespaces"][0]["namespace"] == namespace
+            client.delete(p + bad)
+            client.hset(p + bad, "f", "v")
+            rc, r, err = kv(capsys, "fsck", url, "--json", "--namespace", namespace)
+            assert rc == 1 and r["records_bad"] == 1, err
+            client.delete(p + bad)
+            client.set(p + bad, good)
+    finally:
+        client.close()
 
 
 def test_gc_drop_leaves_the_other_namespace_byte_for_byte(server, namespace: str,

@@ -1,12 +1,11 @@
 """kvtier behind vLLM 0.33's OffloadingConnector, driven by vLLM's own scheduler-side code.
 
 The connector's ``OffloadingConnectorScheduler`` and ``OffloadingConnectorWorker`` are real;
-the engine loop around them is the CPU stand-in in ``vllm_engine.py`` (see its docstring for
-exactly what stands in and why). What could not run here, and why:
+the engine loop around them is the CPU stand-in in ``vllm_engine.py`` (see its docstring), which
+lets these tests place single calls precisely and run vLLM's own spec side by side. The same
+adapter under vLLM's real ``Scheduler``/``AsyncScheduler`` and ``register_kv_caches`` is tested
+in ``test_real_scheduler.py`` and ``test_tp_processes.py``. What does not run here:
 
-* vLLM's ``Scheduler``/``EngineCore``: they need a model config (HF config and tokenizer).
-* vLLM's ``register_kv_caches``: it needs attention layers built by a model runner; the tests
-  hand the worker the canonical KV tensors that it would build (``CanonicalKVCaches``).
 * vLLM's own ``TieringOffloadingSpec`` worker: ``CPUOffloadingWorker`` asserts CUDA tensors, so
   the parity runs compare scheduler-side behaviour only (jobs are acknowledged unexecuted).
 * CUDA copies: ``benchmarks/cuda_check.py`` checks them on a GPU machine.
@@ -18,6 +17,7 @@ secondary tier is loadable, and the medium reported for the example tier's event
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from typing import Any
@@ -138,9 +138,25 @@ def test_bad_config_names_the_key() -> None:
     with pytest.raises(kvtier.ConfigError, match="secondary_tiers"):
         kv_vllm.KVTierOffloadingSpec(offloading_config(
             kvtier_extra(cpu_bytes_to_use=1 << 20, secondary_tiers=[{"type": "tape"}])))
-    with pytest.raises(kvtier.ConfigError, match="kv_cache_groups"):
-        kv_vllm.KVTierOffloadingSpec(offloading_config(
-            kvtier_extra(cpu_bytes_to_use=1 << 20), num_groups=2))
+    cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=1 << 20))
+    with pytest.raises(kvtier.ConfigError, match="canonical_layout"):
+        kv_vllm.KVTierOffloadingSpec(dataclasses.replace(cfg, canonical_layout=True))
+
+
+def test_hybrid_groups_get_their_own_geometry_in_the_namespace() -> None:
+    """Two KV cache groups build; the namespace names each group, one group's is unchanged."""
+    extra = kvtier_extra(cpu_bytes_to_use=1 << 20)
+    one = kv_vllm.KVTierOffloadingSpec(offloading_config(extra))
+    assert "groups-" not in one.namespace  # blocks stored before hybrid support stay valid
+    cfg = offloading_config(extra, num_groups=2)
+    full, window = cfg.groups
+    windowed = dataclasses.replace(window, sliding_window_size_in_chunks=4)
+    spec = kv_vllm.KVTierOffloadingSpec(dataclasses.replace(cfg, groups=(full, windowed)))
+    assert spec.namespace.startswith(one.namespace + "/groups-")
+    assert "g0-t16-full-2L" in spec.namespace and "g1-t16-win4-2L" in spec.namespace
+    other = kv_vllm.KVTierOffloadingSpec(dataclasses.replace(
+        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=8))))
+    assert other.namespace != spec.namespace
 
 
 # -- requests through the real connector scheduler ------------------------------------------
@@ -339,11 +355,13 @@ def test_events_map_media(engines: list[Engine], tmp_path: Any) -> None:
     kv._events.append(kvtier.OffloadingEvent([key], "NETWORK", False))
     kv._events.append(kvtier.OffloadingEvent([key], "STORAGE", True))
     kv._events.append(kvtier.OffloadingEvent([key], "CPU", False))
+    kv._events.append(kvtier.OffloadingEvent([key], "OBJECT", True))
     got = [(ev.medium, ev.locality, ev.removed, ev.ownership) for ev in e.manager.take_events()]
     assert got == [
         (Medium.STORAGE, kv_vllm.Locality.REMOTE, False, "network"),
         (Medium.STORAGE, kv_vllm.Locality.LOCAL, True, "storage"),
         (Medium.CPU, kv_vllm.Locality.LOCAL, False, None),
+        (Medium.STORAGE, kv_vllm.Locality.REMOTE, True, "object"),
     ]
 
 
@@ -429,3 +447,33 @@ def test_stats_reach_vllm_prometheus_metrics(engines: list[Engine]) -> None:
     assert sample("vllm:kvtier_promoted_blocks_total") >= 6
     assert sample("vllm:kvtier_evicted_blocks_total") >= 12
     assert 0.0 < sample("vllm:kvtier_primary_usage_perc") <= 1.0
+
+
+def test_store_under_pressure_keeps_the_leading_chunks() -> None:
+    """When not every new chunk fits, the leading ones are stored instead of none."""
+    spec = kv_vllm.KVTierOffloadingSpec(offloading_config(
+        kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK)))
+    manager = spec.get_manager()
+    try:
+        ctx = ReqContext(req_id="a")
+        manager.on_new_request(ctx)
+        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(5)]
+        out = manager.prepare_store(held, ctx)
+        assert out is not None and len(out.keys_to_store) == 5
+        manager.complete_store(held, ctx)
+        manager.prepare_load(held, ctx)  # pinned by a load in flight: not evictable
+        keys = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(6)]
+        for i, k in enumerate(keys):
+            ctx.set_offload_key_position(k, (i + 1) * TOKENS_PER_BLOCK)
+        out = manager.prepare_store(list(reversed(keys)), ctx)
+        assert out is not None
+        # The 3 free slots go to the leading chunks, listed in the order vLLM gave them (it pairs
+        # slots with its engine blocks in that order).
+        assert out.keys_to_store == list(reversed(keys[:3]))
+        assert manager.partial_stores == 1
+        # Every slot held (5 by the load, 3 being written): not one chunk fits, None.
+        assert manager.prepare_store([make_offload_key(b"\xee" * 32, 0)], ctx) is None
+        manager.complete_store(out.keys_to_store, ctx)
+        manager.complete_load(held, ctx)
+    finally:
+        manager.shutdown()

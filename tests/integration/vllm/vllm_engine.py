@@ -12,8 +12,9 @@ scheduler does (``get_num_new_matched_tokens`` -> ``update_state_after_alloc`` -
 ``build_connector_meta``; then the worker's ``handle_preemptions`` -> ``start_kv_transfers`` ->
 forward -> ``prepare_store_kv`` -> ``get_finished``; then ``update_connector_output``), hands
 out GPU block ids from a free list, and "computes" a prompt by writing bytes derived from each
-block's hash into the KV tensors. vLLM's own ``Scheduler`` is not used because it needs a model
-config (a tokenizer and a model's HF config), which cannot be loaded here.
+block's hash into the KV tensors. It runs one request at a time so that tests can place single
+calls precisely; ``real_engine.py`` drives the same connector halves from vLLM's real
+``Scheduler``.
 
 vLLM's ``TieringOffloadingSpec`` cannot run its worker here: ``CPUOffloadingWorker`` asserts
 CUDA (or XPU) KV tensors. For that spec the engine acknowledges each transfer job the

@@ -1,0 +1,415 @@
+"""Scheduler side: vLLM's ``OffloadingManager`` over kvtier's ``TieringManager``.
+
+vLLM asks ``lookup`` one key at a time, in prefix order, and stops at the first MISS. The adapter
+answers from a per-request verdict: the first key a request asks about in a step runs kvtier's
+batched lookup over the request's keys from there on (keys are recovered in order from the
+end-token positions vLLM records in ``ReqContext``); every later key of that step is answered
+from the verdict with one dict lookup. A verdict of "ask again" (a promotion or tier query in
+flight) answers RETRY for the first key and MISS after it, which defers the request without
+scanning the rest of its prefix.
+
+Hybrid models have several KV cache groups; vLLM's keys end with the group index. A
+full-attention group is looked up as above, one verdict per group. A windowed group
+(sliding-window, chunked-local or Mamba layers: vLLM only needs the last few chunks before the
+hit boundary) is scanned by vLLM from the right, key by key, until it finds a full window; the
+adapter answers each key from the primary tier and promotes from secondary tiers only the
+first few available keys of each scan (the window vLLM can use, plus slack), so a request
+never pulls a whole prefix of a windowed group up from storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import kvtier
+from kvtier.manager.primary import READY
+from kvtier.manager.tiering import TieringManager
+from kvtier.vllm._base import (
+    HIT,
+    MISS,
+    RETRY,
+    CacheHitSource,
+    KVTierLoadStoreSpec,
+    LookupResult,
+    OffloadingConnectorStats,
+    OffloadingEvent,
+    OffloadingManager,
+    OffloadKey,
+    PrepareStoreOutput,
+    ReqContext,
+    RequestOffloadingContext,
+    ScheduleEndContext,
+)
+from kvtier.vllm.events import hit_source, stats_since, to_vllm_events
+
+
+@dataclass(frozen=True)
+class GroupGeometry:
+    """One offloaded KV cache group as the lookup sees it."""
+
+    group_id: int  # vLLM's group index: the last 4 bytes of the group's keys
+    tokens_per_chunk: int  # tokens of one offloaded block of this group
+    window_chunks: int | None  # None: full attention; else the chunks vLLM loads at most
+
+    @property
+    def promote_limit(self) -> int:
+        """Available keys per right-to-left scan worth promoting: the window plus slack."""
+        # vLLM may need one chunk more for a partial rightmost chunk, and one for EAGLE.
+        return (self.window_chunks or 0) + 2
+
+
+class _GroupState:
+    """One group's lookup state for one request."""
+
+    __slots__ = ("keys", "step", "lo", "last_pos", "streak")
+
+    def __init__(self) -> None:
+        self.keys: list[bytes] = []  # the group's keys in prefix order
+        self.step = -1  # the step of the verdict (or of the windowed scan)
+        self.lo = 0  # end-token position of the verdict's first key
+        self.last_pos = 0  # windowed: position of the key asked last this step
+        self.streak = 0  # windowed: available keys in a row in this scan
+
+
+class _ReqState:
+    """Per-request scratch: the request's keys in prefix order and this step's verdict."""
+
+    __slots__ = ("ctx", "keys", "step", "lo", "answers", "sources", "groups", "npos")
+
+    def __init__(self, ctx: kvtier.ReqContext, num_groups: int) -> None:
+        self.ctx = ctx
+        self.keys: list[bytes] = []  # the request's keys in prefix order (one group)
+        self.step = -1  # the step of the verdict
+        self.lo = 0  # end-token position of the verdict's first key
+        # This step's answers: the leading run (HIT) and the key after it (MISS), or RETRY
+        # for the first key when kvtier asks to come back; None between steps.
+        self.answers: dict[bytes, LookupResult] | None = None
+        self.sources: dict[bytes, CacheHitSource] = {}  # keys promoted for this request
+        # Several groups: per-group state, and how many key positions they were built from.
+        self.groups = [_GroupState() for _ in range(num_groups)] if num_groups > 1 else None
+        self.npos = -1
+
+
+class KVTierManager(OffloadingManager):
+    """vLLM's ``OffloadingManager`` over kvtier's ``TieringManager``."""
+
+    def __init__(self, manager: TieringManager, groups: Sequence[GroupGeometry]) -> None:
+        if not groups:
+            raise ValueError("at least one KV cache group")
+        self.kv = manager
+        self.groups = tuple(groups)
+        self.tokens_per_chunk = groups[0].tokens_per_chunk
+        # Several groups, or one windowed group: keys are routed by their group suffix.
+        self._multi = len(groups) > 1 or groups[0].window_chunks is not None
+        self._group_of = {
+            g.group_id.to_bytes(4, "big", signed=False): i for i, g in enumerate(groups)
+        }
+        self._step = 0
+        self._last_counters: dict[str, float] = {}
+        self.partial_stores = 0  # stores cut to the leading keys that fit
+        self._live: list[_ReqState] = []  # states holding this step's answers
+        self._fast_lookup = self._make_fast_lookup()
+        # vLLM calls ``manager.lookup`` once per key: the instance attribute skips the method.
+        self.lookup = self._fast_lookup  # type: ignore[method-assign]
+
+    # -- request lifecycle ---------------------------------------------------------------
+    def _state(self, req_context: ReqContext) -> _ReqState:
+        st = req_context.get_state(_ReqState)
+        if st is None:
+            st = _ReqState(
+                kvtier.ReqContext(req_context.req_id, req_context.kv_transfer_params),
+                len(self.groups) if self._multi else 1,
+            )
+            req_context.set_state(st)
+        return st
+
+    def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        """Attach kvtier's per-request state."""
+        st = self._state(req_context)
+        self.kv.on_new_request(st.ctx)
+        return RequestOffloadingContext()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        """Forward to kvtier."""
+        self.kv.on_request_finished(self._state(req_context).ctx)
+
+    # -- lookup ------------------------------------------------------------------------------
+    def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        """One key's answer, from the request's per-step prefix verdict."""
+        return self._fast_lookup(key, req_context)
+
+    def _make_fast_lookup(self) -> Any:
+        """The per-key answer as a closure (the connector calls it once per key)."""
+        slow = self._lookup_slow
+        state_type = _ReqState
+
+        def lookup(key: OffloadKey, req_context: ReqContext) -> LookupResult:
+            try:  # this step's verdict answers the key: two dict lookups
+                return req_context._state[state_type].answers[key]
+            except (KeyError, TypeError):
+                return slow(key, req_context)
+
+        return lookup
+
+    def _lookup_slow(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        """A key this step's verdict does not list: past the run, or a new verdict."""
+        if self._multi:
+            return self._lookup_group(key, req_context)
+        pos = req_context._offload_key_positions.get(key)
+        if pos is None or pos % self.tokens_per_chunk:
+            return self._lookup_one(key, req_context)
+        st = self._state(req_context)
+        if st.answers is not None and st.step == self._step and pos >= st.lo:
+            return MISS  # after the verdict's first non-HIT key
+        self._verdict(st, req_context, pos // self.tokens_per_chunk - 1)
+        assert st.answers is not None
+        return st.answers.get(key, MISS)
+
+    def _verdict(self, st: _ReqState, req_context: ReqContext, base: int) -> None:
+        """Run kvtier's batched lookup over the request's keys from ``base`` on."""
+        keys = st.keys
+        positions = req_context._offload_key_positions
+        tpc = self.tokens_per_chunk
+        if len(keys) != len(positions):
+            if positions[next(reversed(positions))] == len(positions) * tpc:
+                keys[:] = positions  # one group, keys recorded in prefix order
+            else:
+                keys[:] = [k for p, k in sorted((p, k) for k, p in positions.items())
+                           if p % tpc == 0]
+        run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
+        if run is None:  # defer: RETRY for the first key, MISS after it
+            answers = {keys[base]: RETRY}
+            self._note_sources(st, keys, base)
+        else:
+            answers = dict.fromkeys(keys[base : base + run], HIT)
+            if base + run < len(keys):
+                answers[keys[base + run]] = MISS
+        if st.answers is None:
+            self._live.append(st)
+        st.answers = answers
+        st.step = self._step
+        st.lo = (base + 1) * tpc  # end-token position of the verdict's first key
+
+    # -- several groups -----------------------------------------------------------------------
+    def _lookup_group(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        """A key of a model with several groups (or one windowed group)."""
+        gi = self._group_of.get(key[-4:])
+        pos = req_context._offload_key_positions.get(key)
+        if gi is None or pos is None:
+            return self._lookup_one(key, req_context)
+        geo = self.groups[gi]
+        tpc = geo.tokens_per_chunk
+        if pos % tpc:  # a partial-tail key (Mamba "align" boundaries): on its own
+            return self._lookup_one(key, req_context)
+        st = self._state(req_context)
+        assert st.groups is not None
+        gst = st.groups[gi]
+        if geo.window_chunks is not None:
+            return self._lookup_windowed(st, gst, geo, key, pos)
+        if st.answers is not None and gst.step == self._step and pos >= gst.lo:
+            return MISS  # after the group's verdict's first non-HIT key
+        keys = self._group_keys(st, gi, req_context)
+        base = pos // tpc - 1
+        if base >= len(keys) or keys[base] != key:
+            return self._lookup_one(key, req_context)
+        run = self.kv.lookup(keys[base:] if base else keys, st.ctx)
+        if run is None:  # defer: RETRY for the first key, MISS after it
+            answers = {keys[base]: RETRY}
+            self._note_sources(st, keys, base)
+        else:
+            answers = dict.fromkeys(keys[base : base + run], HIT)
+            if base + run < len(keys):
+                answers[keys[base + run]] = MISS
+        if st.answers is None:
+            st.answers = answers
+            self._live.append(st)
+        else:
+            st.answers.update(answers)
+        gst.step = self._step
+        gst.lo = (base + 1) * tpc
+        return answers.get(key, MISS)
+
+    def _lookup_windowed(
+        self, st: _ReqState, gst: _GroupState, geo: GroupGeometry, key: bytes, pos: int
+    ) -> LookupResult:
+        """One key of a windowed group; vLLM scans these right to left."""
+        if gst.step != self._step or pos >= gst.last_pos:  # a new scan begins
+            gst.step = self._step
+            gst.streak = 0
+        gst.last_pos = pos
+        kv = self.kv
+        if gst.streak >= geo.promote_limit and not kv.primary.is_ready(key):
+            return MISS  # a usable window lies to the right: promote nothing more this scan
+        run = kv.lookup([key], st.ctx)
+        if run is None:
+            self._note_sources(st, [key], 0)
+            gst.streak += 1
+            return RETRY
+        if run:
+            gst.streak += 1
+            return HIT
+        if gst.streak < geo.promote_limit:
+            gst.streak = 0
+        return MISS
+
+    def _group_keys(self, st: _ReqState, gi: int, req_context: ReqContext) -> list[bytes]:
+        """Group ``gi``'s keys in prefix order (rebuilt when vLLM recorded new positions)."""
+        positions = req_context._offload_key_positions
+        assert st.groups is not None
+        if st.npos != len(positions):
+            per_group: list[list[tuple[int, bytes]]] = [[] for _ in self.groups]
+            group_of = self._group_of
+            for k, p in positions.items():
+                i = group_of.get(k[-4:])
+                if i is not None and p % self.groups[i].tokens_per_chunk == 0:
+                    per_group[i].append((p, k))
+            for gst, items in zip(st.groups, per_group):
+                if any(items[j][0] >= items[j + 1][0] for j in range(len(items) - 1)):
+                    items.sort()
+                gst.keys = [k for _, k in items]
+            st.npos = len(positions)
+        return st.groups[gi].keys
+
+    def _note_sources(self, st: _ReqState, keys: list[bytes], base: int) -> None:
+        """Remember which tier each of the request's keys is being promoted from."""
+        promoting = self.kv._promoting
+        if not promoting:
+            return
+        tiers = self.kv.tiers
+        for key in keys[base:]:
+            ti = promoting.get(key)
+            if ti is not None:
+                st.sources[key] = hit_source(tiers[ti].medium)
+
+    def get_load_source(self, key: OffloadKey, req_context: ReqContext) -> CacheHitSource:
+        """Where a loaded key came from: the CPU tier, or the tier it was promoted from."""
+        st = req_context.get_state(_ReqState)
+        if st is None:
+            return CacheHitSource.HOST
+        return st.sources.get(key, CacheHitSource.HOST)
+
+    def _lookup_one(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
+        r = self.kv.lookup([key], self._state(req_context).ctx)
+        if r is None:
+            return LookupResult.RETRY
+        return LookupResult.HIT if r else LookupResult.MISS
+
+    # -- loads and stores -------------------------------------------------------------------
+    def prepare_load(
+        self, keys: Collection[OffloadKey], req_context: ReqContext
+    ) -> KVTierLoadStoreSpec:
+        """Pin the keys in the primary tier; their slots."""
+        spec = self.kv.prepare_load(list(keys), self._state(req_context).ctx)
+        return KVTierLoadStoreSpec(spec.block_ids)  # type: ignore[arg-type]
+
+    def complete_load(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        """Unpin the keys."""
+        self.kv.complete_load(list(keys), self._state(req_context).ctx)
+
+    def touch(self, keys: Collection[OffloadKey], req_context: ReqContext) -> None:
+        """Recency hint."""
+        self.kv.touch(list(keys), self._state(req_context).ctx)
+
+    def prepare_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext
+    ) -> PrepareStoreOutput | None:
+        """Reserve slots for the keys not in the primary tier; when not all fit, the leading ones.
+
+        vLLM retries a refused store at its next step with the chunks computed since added, so
+        an all-or-nothing answer under pressure grows the batch until the request ends and
+        every chunk of it is lost. With one full-attention group, storing the leading keys that
+        fit keeps the prefix, which is what later requests can use. A windowed group also needs
+        the chunks right before a hit boundary, which a cut in token order can drop; until that
+        is measured, hybrid models keep vLLM's all-or-nothing retry. None: no room.
+        """
+        ctx = self._state(req_context).ctx
+        batch: list[bytes] = list(keys)
+        out = self.kv.prepare_store(batch, ctx)
+        if out is None and not self._multi:
+            part = self._fitting_prefix(batch, req_context)
+            if part:
+                out = self.kv.prepare_store(part, ctx)
+                if out is not None:
+                    self.partial_stores += 1
+        if out is None:
+            return None
+        return PrepareStoreOutput(
+            keys_to_store=list(out.keys_to_store),  # type: ignore[arg-type]
+            store_spec=KVTierLoadStoreSpec(out.store_spec.block_ids),  # type: ignore[arg-type]
+            evicted_keys=list(out.evicted_keys),  # type: ignore[arg-type]
+        )
+
+    def _fitting_prefix(self, keys: list[bytes], req_context: ReqContext) -> list[bytes]:
+        """The leading keys (by end-token position) whose new slots can be had now.
+
+        Returned in the caller's order: vLLM pairs the slots with its engine blocks in that
+        order.
+        """
+        primary = self.kv.primary
+        key_slot, state, ref = primary.key_slot, primary.state, primary.ref
+        positions = req_context._offload_key_positions
+        ordered = sorted(keys, key=lambda k: positions.get(k, 0))  # type: ignore[call-overload]
+        room = len(primary.free) + primary.evictable
+        take = 0
+        for key in ordered:
+            s = key_slot.get(key)
+            if s is None:
+                if room == 0:
+                    break
+                room -= 1
+            elif state[s] == READY and ref[s] == 0:
+                if room == 0:  # guarding it while slots are found takes it out of the room
+                    break
+                room -= 1
+            take += 1
+        if take == len(keys):
+            return []
+        chosen = set(ordered[:take])
+        return [k for k in keys if k in chosen]
+
+    def complete_store(
+        self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
+    ) -> None:
+        """The keys' bytes are in their slots (or the store failed)."""
+        self.kv.complete_store(list(keys), self._state(req_context).ctx, success)
+
+    # -- the step and housekeeping ------------------------------------------------------------
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        """End of a step: verdicts expire; kvtier collects and submits tier jobs."""
+        self._step += 1
+        self._drop_verdicts()
+        self.kv.on_schedule_end()
+
+    def has_pending_work(self) -> bool:
+        """Tier jobs in flight."""
+        return self.kv.has_pending_work()
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        """kvtier's events with vLLM's medium and locality."""
+        return to_vllm_events(self.kv.take_events())
+
+    def get_stats(self) -> OffloadingConnectorStats | None:
+        """Counter increments since the last call and the primary tier's usage."""
+        primary = self.kv.primary
+        usage = len(primary.key_slot) / primary.num_slots if primary.num_slots else 0.0
+        return stats_since(self.kv.counters, self._last_counters, usage)
+
+    def kvtier_stats(self) -> dict[str, Any]:
+        """kvtier's own counters per tier (the dict of ``TieringManager.get_stats``)."""
+        return self.kv.get_stats()
+
+    def _drop_verdicts(self) -> None:
+        for st in self._live:
+            st.answers = None
+        self._live.clear()
+
+    def reset_cache(self) -> None:
+        """Drop the primary tier (persistent tiers keep their data) and this step's verdicts."""
+        self._drop_verdicts()
+        self.kv.reset_cache()
+
+    def shutdown(self) -> None:
+        """Stop tiers and release the primary region; idempotent."""
+        self.kv.shutdown()

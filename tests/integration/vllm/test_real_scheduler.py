@@ -1,0 +1,201 @@
+"""kvtier under vLLM 0.33's real ``Scheduler`` and ``AsyncScheduler`` (see ``real_engine.py``).
+
+Every request's KV is checked token by token, in every layer, before every step: whatever the
+scheduler calls computed must hold exactly the bytes the stand-in model wrote for it, whether
+this engine computed it, loaded it from kvtier's CPU tier, or got it from a block promoted from
+storage or Redis. The CPU tier is smaller than the working set and the GPU pool small enough to
+evict prefix-cache blocks and preempt requests, so blocks take every path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from real_engine import BLOCK, HEAD_SIZE, HEADS, LAYOUTS, Job, RealEngine
+from vllm.v1.request import RequestStatus
+
+PAGE = 2 * BLOCK * HEADS * HEAD_SIZE * 2  # one attention layer's page of one block (fp16 K+V)
+
+
+def bytes_per_block(layout: str) -> int:
+    """KV bytes of one engine block id (all aliased layer positions)."""
+    specs = LAYOUTS[layout]()
+    groups = {"full": 1, "full+swa": 2, "gemma3": 6, "mamba": 4}[layout]
+    return PAGE * (len(specs) // groups)
+
+
+def extra(layout: str, cpu_blocks: int, tiers: list[dict[str, Any]]) -> dict[str, Any]:
+    """kv_connector_extra_config for kvtier with ``cpu_blocks`` primary slots."""
+    return {"spec_name": "KVTierOffloadingSpec", "spec_module_path": "kvtier.vllm",
+            "cpu_bytes_to_use": cpu_blocks * bytes_per_block(layout),
+            "secondary_tiers": tiers}
+
+
+def workload(seed: int, n: int, prefixes: int = 12) -> list[Job]:
+    """Requests sharing system prompts of 4-8 blocks, each with its own tail, arriving in turn.
+
+    The prompts are used in turn, so together they are more than the CPU tier holds.
+    """
+    rng = random.Random(seed)
+    systems = [[rng.randrange(32000) for _ in range(BLOCK * rng.randrange(4, 9))]
+               for _ in range(prefixes)]
+    return [Job(systems[i % prefixes] + [rng.randrange(32000)
+                                         for _ in range(rng.randrange(5, 40))],
+                max_tokens=3, arrive_step=i)
+            for i in range(n)]
+
+
+def again_reversed(engine: RealEngine, jobs: list[Job]) -> list[Job]:
+    """The same prompts, newest first: the recent ones are in the CPU tier, older in storage."""
+    return [Job(j.tokens, 2, engine.steps + i) for i, j in enumerate(reversed(jobs))]
+
+
+class Observed:
+    """What happened along the way (from the scheduler's outputs each step)."""
+
+    def __init__(self, engine: RealEngine) -> None:
+        self.preempted = 0
+        self.chunked = 0
+        self.finished_with_stores = 0
+        engine.on_step.append(self.see)
+
+    def see(self, engine: RealEngine, out: Any) -> None:
+        """Called with each step's SchedulerOutput before the runner executes it."""
+        self.preempted += len(out.preempted_req_ids or ())
+        for nr in out.scheduled_new_reqs:
+            n = out.num_scheduled_tokens[nr.req_id]
+            if nr.num_computed_tokens + n < len(nr.prompt_token_ids or ()):
+                self.chunked += 1
+        cs = engine.connector.connector_scheduler
+        for req_id in out.finished_req_ids:
+            st = cs._req_status.get(req_id)
+            if st is not None and any(cs._jobs[j].is_store for j in st.transfer_jobs):
+                self.finished_with_stores += 1
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Iterator[list[RealEngine]]:
+    """Engines a test builds; closed after it."""
+    engines: list[RealEngine] = []
+    yield engines
+    for e in engines:
+        e.close()
+
+
+def check_clean(engine: RealEngine) -> None:
+    """After settling: every pin released, the slot table consistent."""
+    engine.settle()
+    primary = engine.manager.kv.primary
+    primary.check()
+    assert not any(primary.ref), "a primary slot is still pinned"
+    assert not engine.connector.connector_scheduler._jobs
+
+
+@pytest.mark.parametrize("layout", ["full", "full+swa"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["Scheduler", "AsyncScheduler"])
+def test_every_request_right_from_cpu_and_storage(
+    layout: str, async_scheduling: bool, tmp_path: Path, made: list[RealEngine]
+) -> None:
+    tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
+    e = RealEngine(tmp_path, extra(layout, 48, tiers), layout=layout,
+                   async_scheduling=async_scheduling, num_gpu_blocks=20 if layout == "full" else 40,
+                   max_batched_tokens=64)
+    made.append(e)
+    seen = Observed(e)
+    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]  # decodes need blocks
+    e.run(jobs)
+    e.settle()
+    e.run(again_reversed(e, jobs))
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    assert e.runner.checked_tokens > 10_000
+    # Tokens loaded, by where kvtier says they came from (vLLM's hit sources).
+    assert e.hit_sources["host"] > 0, "nothing was served from blocks resident in the CPU tier"
+    assert e.hit_sources["disk"] > 0, "nothing was served from blocks promoted from storage"
+    assert e.manager.kvtier_stats()["tiers"]["storage0"]["hits"] > 0
+    assert sum(1 for n in e.hit_tokens.values() if n) > 10
+    assert seen.chunked > 0
+    if layout == "full":  # the hybrid pool is sized for its longest request, not to preempt
+        assert seen.preempted > 0
+    check_clean(e)
+
+
+def test_abort_while_load_in_flight(tmp_path: Path, made: list[RealEngine]) -> None:
+    """A request aborted after its load was issued: freed once the load lands, nothing leaks."""
+    e = RealEngine(tmp_path, extra("full", 256, []), num_gpu_blocks=20)
+    made.append(e)
+    jobs = workload(2, 24)
+    e.run(jobs)
+    e.settle()
+    aborted: list[str] = []
+
+    def abort_loading(engine: RealEngine, out: Any) -> None:
+        meta = out.kv_connector_metadata
+        for job in meta.load_jobs.values():
+            if len(aborted) < 3:
+                engine.scheduler.finish_requests(job.req_id, RequestStatus.FINISHED_ABORTED)
+                aborted.append(job.req_id)
+
+    e.on_step.append(abort_loading)
+    e.run(again_reversed(e, jobs))
+    assert len(aborted) == 3
+    assert all(r not in e.finished for r in aborted)  # aborted, never completed
+    e.on_step.clear()
+    e.run([Job(j.tokens, 2, e.steps) for j in jobs])  # the same prompts load fine afterwards
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    assert sum(1 for n in e.hit_tokens.values() if n) >= len(jobs)
+    check_clean(e)
+
+
+def test_finishing_while_stores_in_flight(tmp_path: Path, made: list[RealEngine]) -> None:
+    """Requests that finish with store jobs still running: the stores land and serve later."""
+    e = RealEngine(tmp_path, extra("full", 256, []), num_gpu_blocks=20)
+    made.append(e)
+    seen = Observed(e)
+    jobs = [Job(j.tokens, max_tokens=1, arrive_step=j.arrive_step) for j in workload(3, 24)]
+    e.run(jobs)
+    assert seen.finished_with_stores > 0
+    e.settle()
+    before = e.manager.kvtier_stats()["manager"]["primary_hit_blocks"]
+    e.run(again_reversed(e, jobs))
+    assert e.manager.kvtier_stats()["manager"]["primary_hit_blocks"] > before
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    check_clean(e)
+
+
+@pytest.mark.redis
+def test_loads_from_the_network_tier(tmp_path: Path, made: list[RealEngine],
+                                     redis_server: Any) -> None:
+    """Blocks evicted from the CPU tier come back from Redis, byte for byte."""
+    tiers = [{"type": "network", "url": redis_server.url, "key_prefix": f"rs-{tmp_path.name}:"}]
+    e = RealEngine(tmp_path, extra("full+swa", 40, tiers), layout="full+swa",
+                   num_gpu_blocks=48, max_batched_tokens=64)
+    made.append(e)
+    jobs = workload(4, 40)
+    e.run(jobs)
+    e.settle()
+    e.run([Job(j.tokens, 2, e.steps + i) for i, j in enumerate(jobs)])
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    assert e.manager.kvtier_stats()["tiers"]["network0"]["hits"] > 0
+    check_clean(e)
+
+
+@pytest.mark.parametrize("layout", ["gemma3", "mamba"])
+def test_more_hybrid_layouts(layout: str, tmp_path: Path, made: list[RealEngine]) -> None:
+    """Six groups (Gemma 3's 5:1 sliding/full) and Mamba "align" groups with an attention one."""
+    tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
+    e = RealEngine(tmp_path, extra(layout, 64, tiers), layout=layout, num_gpu_blocks=96,
+                   max_batched_tokens=64)
+    made.append(e)
+    jobs = workload(5, 30, prefixes=8)
+    e.run(jobs)
+    e.settle()
+    e.run([Job(j.tokens, 2, e.steps + i) for i, j in enumerate(jobs)])
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    assert sum(1 for n in e.hit_tokens.values() if n) > 5
+    check_clean(e)
