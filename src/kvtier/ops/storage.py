@@ -33,19 +33,17 @@ from kvtier.tiers.storage.scan import (
     PROBE_FILE,
     Lane,
     LaneLock,
-    Logged,
     SlotCheck,
     describe_lane,
     find_lanes,
-    index_key,
     intent_slots,
     lock_holders,
     newest_copies,
     process_name,
-    read_logs,
     read_slots,
     recheck,
 )
+from kvtier.tiers.storage.scan_logs import Logged, index_key, read_logs
 
 _SETTLE_S = 0.25  # pause before a bad slot of a lane in use is read again
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.layout import ALIGN, dir_usage, log_name, round_up, slab_name
-from kvtier.tiers.storage.scan import Lane, Logged, SlotCheck, recheck
+from kvtier.tiers.storage.scan import Lane, SlotCheck, recheck
+from kvtier.tiers.storage.scan_logs import Logged
 from kvtier.tiers.storage.slab import SLOT_HEADER
 
 

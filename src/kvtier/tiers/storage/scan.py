@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import xxhash
 
 from kvtier.format.record import FIXED_HEADER_SIZE, RecordError, parse_header
-from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.layout import Geometry, dir_usage, read_legacy_intents, read_pool
 from kvtier.tiers.storage.slab import (  # the formats SlabStore writes: sequences
     _SEQ,
@@ -400,51 +399,6 @@ def intent_slots(lane: Lane) -> set[int]:
     """Slots an engine of the single-engine layout said it is writing (or was, when it
     crashed). The region layout has no intent files: a slot being written is named by no log."""
     return read_legacy_intents(lane.path) if lane.pool is None else set()
-
-
-@dataclass
-class Logged:
-    """What a region-layout directory's logs say its slots hold."""
-
-    slots: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # slot -> (index key, seq)
-    without_log: set[int] = field(default_factory=set)  # regions with a slab file but no log
-
-    def region_of(self, lane: Lane, slot: int) -> int:
-        """The region a global slot lies in."""
-        assert lane.pool is not None
-        return slot // lane.pool.slots_per_region
-
-
-def read_logs(lane: Lane) -> Logged:
-    """Read every region log of a region-layout directory from its start (never writes)."""
-    assert lane.pool is not None
-    out = Logged()
-    spr = lane.pool.slots_per_region
-    have = set()
-    for path in lane.logs:
-        m = LOG_NAME.match(os.path.basename(path))
-        assert m is not None
-        region = int(m.group(1))
-        if region >= lane.pool.regions:
-            continue
-        got = ilog.LogTail(path).read()
-        if got is None:
-            continue
-        have.add(region)
-        base = region * spr
-        nslots = lane.pool.slots_in(region)
-        for kind, slot, _aux, value, key in got[1]:
-            if kind == ilog.PUT and slot < nslots:
-                out.slots[base + slot] = (key, value)
-            elif kind == ilog.DEL:
-                out.slots.pop(base + slot, None)
-    out.without_log = {s.index for s in lane.slabs if s.index not in have and s.size > 0}
-    return out
-
-
-def index_key(key: bytes) -> bytes:
-    """The form a log gives a key (itself, or its digest form for long keys)."""
-    return ilog.index_key(key)
 
 
 # -- reading slots ---------------------------------------------------------------------------
