@@ -36,7 +36,8 @@ from kvtier.bench.workload import Workload
 
 SCHEMA = "kvtier.bench/1"
 # Room per block a tier needs beyond its payload (record header, index) when a capacity is given
-# in blocks; the tier reports its real capacity and usage in its stats.
+# in blocks (a storage tier is given exactly the capacity that holds them); the tier reports its
+# real capacity and usage in its stats.
 TIER_BLOCK_OVERHEAD = 4096
 
 
@@ -99,7 +100,12 @@ def with_capacities(
     cfg = copy.deepcopy(config)
     cfg["cpu_bytes_to_use"] = cpu_blocks * block_bytes
     for t in cfg.get("secondary_tiers") or []:
-        if tier_blocks is not None and t.get("type") != "network":
+        if tier_blocks is not None and t.get("type") in ("storage", "fs"):
+            from kvtier.tiers.storage import StorageTier
+
+            slab = t.get("slab_bytes", StorageTier.DEFAULTS["slab_bytes"])
+            t["capacity_bytes"] = StorageTier.capacity_for(tier_blocks, block_bytes, int(slab))
+        elif tier_blocks is not None and t.get("type") != "network":
             t["capacity_bytes"] = tier_blocks * (block_bytes + TIER_BLOCK_OVERHEAD) + (1 << 20)
         if fresh_dirs is not None and t.get("type") in ("storage", "fs") and t.get("path"):
             base = str(t["path"])
