@@ -40,7 +40,7 @@ from kvtier.tiers.storage.layout import (
     dir_usage,
 )
 from kvtier.tiers.storage.shared import Shared
-from kvtier.tiers.storage.slab import MAX_KEY_BYTES
+from kvtier.tiers.storage.slab import MAX_KEY_BYTES, SlabStore
 
 log = logging.getLogger("kvtier.tiers.storage")
 
@@ -436,6 +436,11 @@ class StorageTier(SecondaryTier):
             return 1
         with sh.index.lock:
             return max(1, sh.index.usable_slots() // 2)
+
+    @property
+    def _store(self) -> SlabStore | None:
+        """The slab files once the directory is open (for tests and tools)."""
+        return self._sh.store if self._sh is not None else None
 
     def sync_now(self) -> None:
         """Run a sync pass now, on the calling thread (for tools, tests and benchmarks)."""
