@@ -62,7 +62,7 @@ def main() -> None:
             (good if ok else wrong).append(ident)
         return {"good": good, "wrong": wrong, "miss": miss}
 
-    reply({"ready": True, "stats": tier.stats()})
+    reply({"ready": True, "stats": tier.stats(), "region": spec.region_name})
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]
