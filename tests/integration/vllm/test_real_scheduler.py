@@ -133,6 +133,27 @@ def test_every_request_right_from_cpu_and_storage(
     check_clean(e)
 
 
+@pytest.mark.parametrize("layout", ["full", "full+swa"])
+def test_stores_under_a_cpu_tier_smaller_than_one_request(
+    layout: str, tmp_path: Path, made: list[RealEngine]
+) -> None:
+    """A CPU tier smaller than the store of one 64-token prefill chunk (4 chunks per group):
+    stores are cut to a prefix (with its window, for the hybrid), and every token stays right
+    while the same prompts come back."""
+    cpu_blocks = 3 if layout == "full" else 6
+    e = RealEngine(tmp_path, extra(layout, cpu_blocks, []), layout=layout, num_gpu_blocks=40,
+                   max_batched_tokens=64)
+    made.append(e)
+    jobs = workload(6, 16, prefixes=4)
+    e.run(jobs)
+    e.settle()
+    assert e.manager.kvtier_stats()["vllm"]["partial_stores"] > 0
+    e.run([Job(j.tokens, 2, e.steps + 4 * i) for i, j in enumerate(jobs)])
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    check_clean(e)
+
+
 def test_abort_while_load_in_flight(tmp_path: Path, made: list[RealEngine]) -> None:
     """A request aborted after its load was issued: freed once the load lands, nothing leaks."""
     e = RealEngine(tmp_path, extra("full", 256, []), num_gpu_blocks=20)
