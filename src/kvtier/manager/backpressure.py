@@ -9,7 +9,7 @@ the bound are not cascaded to that tier (they stay in the tiers above, where the
 and are counted as dropped.
 
 A second, earlier signal is the tier's store latency per byte: a fast EWMA of recent jobs against
-the tier's own healthy baseline (a floor that follows faster jobs at once and slower ones only
+the tier's own healthy baseline (a floor that follows faster jobs quickly and slower ones only
 slowly). While recent latency is over ``slow_store_factor`` times the baseline, the bound is
 halved, so a tier that is slowing down sheds load before it reaches the full bound.
 
@@ -36,6 +36,7 @@ DROP_MEMORY_S = 1.0  # a drop keeps the tier degraded this long
 LOG_EVERY_S = 10.0
 _FAST = 0.3  # EWMA weight of a new sample in the recent latency
 _FLOOR_UP = 0.01  # how fast the baseline follows slower samples
+_FLOOR_DOWN = 0.2  # and faster ones (not at once: one lucky job is not the baseline)
 _WARMUP_JOBS = 8  # samples before the latency signal counts
 
 
@@ -103,8 +104,10 @@ class TierBackpressure:
         x = seconds / nbytes
         self._samples += 1
         self.recent = x if self.recent is None else self.recent + _FAST * (x - self.recent)
-        if self.baseline is None or x < self.baseline:
+        if self.baseline is None:
             self.baseline = x
+        elif x < self.baseline:
+            self.baseline += _FLOOR_DOWN * (x - self.baseline)
         else:
             self.baseline += _FLOOR_UP * (min(x, self.slow_factor * self.baseline) - self.baseline)
 
