@@ -91,7 +91,9 @@ def bench_raw(server: S3Server, size: int, n: int, threads: int, tag: str) -> di
 
 def _manager(server: S3Server, size: int, slots: int, namespace: str, **params: Any) -> Any:
     spec = kvtier.TieringOffloadingSpec(
-        {"cpu_bytes_to_use": slots * size, "secondary_tiers": [server.tier_params(**params)]},
+        {"cpu_bytes_to_use": slots * size, "promotion_deadline_seconds": 300,
+         # Stores come as one burst: no backpressure bound, the tier's own speed is measured.
+         "secondary_tiers": [server.tier_params(**{"max_pinned_share": 1.0, **params})]},
         gpu_block_size=16, bytes_per_gpu_block=size, namespace=namespace,
     )
     return spec.get_manager()
