@@ -4,8 +4,9 @@ that uses the same directory and namespace.
 The scheduler thread owns the decisions: ``lookup`` answers from the in-memory index (this
 engine's blocks and those the other engines' logs announced), and ``submit_store`` picks (and,
 at capacity, evicts for) the slot of every new block in a region this engine owns, so capacity
-is enforced before any byte is written. The I/O threads (``io``) do the copying, one
-``preadv``/``pwritev`` per block; the sync thread (``fleet``) follows the other engines and
+is enforced before any byte is written. The I/O threads (``io``) do the copying (one
+``pwritev`` per stored block; loads read adjacent records together, in prefix order, and report
+blocks as they are verified: ``poll_loaded``); the sync thread (``fleet``) follows the other engines and
 shares the capacity with them. ``layout`` says what is on disk and why it stays bounded.
 """
 
@@ -170,7 +171,8 @@ class StorageTier(SecondaryTier):
             "recency_refreshes": 0, "start_verified": 0, "start_invalidated": 0,
             "index_rebuild_seconds": 0.0, "stale_misses": 0, "remote_hits": 0, "claims": 0,
             "releases": 0, "adopted_blocks": 0, "log_rewrites": 0, "sync_passes": 0,
-            "sync_failures": 0, "regions_rebuilt": 0,
+            "sync_failures": 0, "regions_rebuilt": 0, "load_chunks": 0, "load_wait_seconds": 0.0,
+            "load_read_seconds": 0.0, "load_check_seconds": 0.0, "load_other_seconds": 0.0,
         }
         self._done = Completions()
         self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
@@ -408,6 +410,18 @@ class StorageTier(SecondaryTier):
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
+
+    def poll_loaded(self) -> list[tuple[int, list[bytes]]]:
+        """Keys of load jobs in flight that are loaded and verified already (see the base class).
+
+        Reported from the first call on."""
+        io = self._io
+        io.report_loaded = True
+        q = io.loaded
+        out: list[tuple[int, list[bytes]]] = []
+        while q:
+            out.append(q.popleft())
+        return out
 
     def take_events(self) -> list[TierEvent]:
         sh = self._sh
