@@ -155,14 +155,14 @@ class TieringManager(OffloadingManager):
         pending = False
         plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
         while pos < n:
+            key = keys[pos]
+            if key in promoting:  # (never READY) checked first: a request waiting on its
+                pending = True  # promotion asks again every step
+                pos += 1
+                continue
             q = primary.run_length(keys, pos)
             if q:
                 pos += q
-                continue
-            key = keys[pos]
-            if key in promoting:
-                pending = True
-                pos += 1
                 continue
             if key in primary.key_slot:  # WRITING by an engine store: not loadable yet
                 break

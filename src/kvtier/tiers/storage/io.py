@@ -33,7 +33,8 @@ from kvtier.tiers.storage.slab import SLOT_HEADER, aligned_buffer
 
 log = logging.getLogger("kvtier.tiers.storage")
 
-CHUNK_MAX = 32  # blocks per store task
+CHUNK_MAX = 32  # blocks per I/O task
+LOAD_CHUNK_BYTES = 1 << 20  # payload bytes per load task (at least one block)
 MERGE_BYTES = 1 << 20  # a load reads adjacent records with one preadv up to this many payload bytes
 MERGE_MAX = 32  # and up to this many records (two iovecs each)
 
@@ -96,6 +97,8 @@ class IOPool:
             return
         n_threads = self.n_read if kind == "load" else self.n_write
         per = min(CHUNK_MAX, max(1, -(-len(work) // n_threads)))
+        if kind == "load" and self.sh is not None:  # small chunks, taken in prefix order
+            per = min(per, max(1, LOAD_CHUNK_BYTES // self.sh.store.block_bytes))
         chunks = [work[i : i + per] for i in range(0, len(work), per)]
         job = JobState(job_id, len(chunks), failed)
         q = self.load_q if kind == "load" else self.store_q
