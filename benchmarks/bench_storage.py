@@ -3,10 +3,11 @@
 For each block size (256 KiB and 2 MiB by default), on one directory:
 
 * raw O_DIRECT (the baseline): 16 threads (``--threads``) doing O_DIRECT ``preadv`` (then
-  ``pwritev``) of one block at a time, from an aligned buffer, each over its own contiguous part of
-  one preallocated file in the same directory (what ``fio --direct=1 --numjobs=16 --bs=<block>``
-  measures on one file). Measured once per round, rounds interleaved with the systems below; the
-  baseline is the best of the rounds.
+  ``pwritev``) of one block at a time, from an aligned buffer, on one preallocated (and written)
+  file in the same directory (what ``fio --direct=1 --numjobs=16 --bs=<block>`` measures on one
+  file), in two layouts: each thread over its own contiguous part of the file, and the threads
+  interleaved block by block. Measured once per round in each layout, rounds interleaved with the
+  systems below; the baseline is the best of all of these raw runs.
 * kvtier manager: the storage tier behind kvtier's manager, driven with the engine's calls, in
   steady state: the tier holds exactly the blocks of one measurement (``capacity_for``), is filled
   once, then stores as many blocks again (every store evicts an old block: the timed writes,
@@ -77,7 +78,7 @@ class RawFile:
             os.close(fd)
         self._run("w")  # written once: reads then come from the disk, not unwritten extents
 
-    def _run(self, mode: str) -> float:
+    def _run(self, mode: str, strided: bool = False) -> float:
         block, per, threads = self.block, self.per, self.threads
         self.cpu = time.process_time()
         barrier = threading.Barrier(threads + 1)
@@ -87,8 +88,9 @@ class RawFile:
             buf.write(os.urandom(block))
             fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
             barrier.wait()
+            blocks = range(i, per * threads, threads) if strided else range(i * per, (i + 1) * per)
             try:
-                for j in range(i * per, (i + 1) * per):
+                for j in blocks:
                     if mode == "w":
                         os.pwritev(fd, [buf], j * block)
                     else:
@@ -107,14 +109,19 @@ class RawFile:
         self.cpu = (time.process_time() - self.cpu) / (per * threads * block / 2**30)
         return per * threads * block / dt / 1e9
 
-    def measure(self, settle_s: float) -> Result:
-        """(write GB/s, read GB/s, {}): one read pass, then one overwrite pass."""
-        settle(settle_s)
-        r = self._run("r")
-        cpu = self.cpu
-        settle(settle_s)
-        w = self._run("w")
-        return w, r, {"cpu_s_per_gib": cpu}
+    def measure(self, settle_s: float) -> list[Result]:
+        """[(write GB/s, read GB/s, phases)] of each layout: each thread on its own contiguous
+        part of the file, then the threads interleaved block by block (a read pass, then an
+        overwrite pass, each)."""
+        out: list[Result] = []
+        for strided in (False, True):
+            settle(settle_s)
+            r = self._run("r", strided)
+            cpu = self.cpu
+            settle(settle_s)
+            w = self._run("w", strided)
+            out.append((w, r, {"cpu_s_per_gib": cpu}))
+        return out
 
     def close(self) -> None:
         """Remove the file."""
@@ -393,7 +400,7 @@ def main() -> None:
         try:
             for rep in range(args.repeat):
                 _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
-                runs["raw O_DIRECT"].append(raw.measure(args.settle))
+                runs["raw O_DIRECT"].extend(raw.measure(args.settle))
                 for name, fn in systems:
                     if name in failed:
                         continue

@@ -400,13 +400,14 @@ class StorageTier(SecondaryTier):
             if not self._opening and self._read_health.should_probe():
                 self._request_open()  # the directory could not be opened: retry off this thread
         elif not self._regrowing:
-            index = sh.index
-            short = any(r.limit < r.slots for r in index.regions.values())
             now = time.monotonic()
-            if short and now >= self._next_regrow:  # the disk filled up: look for room again
-                self._next_regrow = now + self.REGROW_CHECK_S
-                self._regrowing = True
-                self._io.housekeep("regrow")
+            if now >= self._next_regrow:  # the regions are looked at a few times a second at most
+                if any(r.limit < r.slots for r in sh.index.regions.values()):
+                    self._next_regrow = now + self.REGROW_CHECK_S  # the disk filled up: look for
+                    self._regrowing = True  # room again
+                    self._io.housekeep("regrow")
+                else:
+                    self._next_regrow = now + min(0.05, self.REGROW_CHECK_S)
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
