@@ -2,8 +2,9 @@
 
 A job's blocks are cut into tasks spread over the threads, loads before stores on the read
 threads and the other way round on the write threads. A store chunk logs a DEL for every slot
-whose old record it is about to overwrite, writes the records (one ``pwritev`` each), then logs a
-PUT for each record written: a record is named by a log only while it is whole.
+whose old record it is about to overwrite, writes the records (adjacent slots of one region with
+one ``pwritev``), then logs a PUT for each record written: a record is named by a log only while
+it is whole.
 
 A load job's chunks are queued in the job's (prefix) order; a chunk reads each run of adjacent
 slots of one region with one ``preadv`` (headers into the thread's buffer, payloads straight into
@@ -24,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvtier.tiers.base import Completions, TierJobResult
 from kvtier.tiers.storage import log as ilog
@@ -37,6 +38,7 @@ CHUNK_MAX = 32  # blocks per I/O task
 LOAD_CHUNK_BYTES = 1 << 20  # payload bytes per load task (at least one block)
 MERGE_BYTES = 1 << 20  # a load reads adjacent records with one preadv up to this many payload bytes
 MERGE_MAX = 32  # and up to this many records (two iovecs each)
+_T = TypeVar("_T", bound=tuple[Any, ...])
 
 
 @dataclass
@@ -107,10 +109,9 @@ class IOPool:
                 q.append(Task(kind, job, c))
             self.cond.notify(len(chunks))
 
-    def _runs(self, items: list[tuple[bytes, int, int, bool]]
-              ) -> list[list[tuple[bytes, int, int, bool]]]:
-        """A load chunk's blocks as runs, in order: adjacent slots of one region, up to
-        ``MERGE_BYTES`` and ``MERGE_MAX`` each (one ``preadv`` per run)."""
+    def _runs(self, items: list[_T]) -> list[list[_T]]:
+        """A chunk's blocks (``item[2]`` the slot) as runs, in order: adjacent slots of one
+        region, up to ``MERGE_BYTES`` and ``MERGE_MAX`` each (one ``preadv``/``pwritev`` each)."""
         sh = self.sh
         assert sh is not None
         store = sh.store
@@ -118,7 +119,7 @@ class IOPool:
         if per <= 1:
             return [[w] for w in items]
         spr = sh.geo.slots_per_region
-        runs: list[list[tuple[bytes, int, int, bool]]] = []
+        runs: list[list[_T]] = []
         cur = [items[0]]
         for item in items[1:]:
             prev, s = cur[-1][2], item[2]
@@ -389,13 +390,14 @@ class IOPool:
         # 2. the records
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
-        for key, ps, s, seq in ok_items:
+        for run in self._runs(ok_items):
             try:
-                written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
-                done.append((key, s, seq))
+                written.add(store.write_run(
+                    run[0][2], [(key, memoryview(primary[ps]), seq) for key, ps, _s, seq in run], hdr))
+                done.extend((key, s, seq) for key, _ps, s, seq in run)
             except OSError as e:
                 err = e
-                failed_items.append((key, s))
+                failed_items.extend((key, s) for key, _ps, s, _q in run)
         if done and sh.fsync == "batch":
             try:
                 store.sync_regions(written)

@@ -200,15 +200,30 @@ class SlabStore:
         self, slot: int, key: bytes, payload: memoryview, seq: int, hdr: mmap.mmap
     ) -> int:
         """Write one record into ``slot``; returns the region written (raises OSError)."""
-        head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
-        hdr[: len(head)] = head
-        hdr[SLOT_HEADER - _SEQ.size : SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
-        self.ensure_allocated(slot)
+        return self.write_run(slot, [(key, payload, seq)], hdr)
+
+    def write_run(self, slot: int, records: Sequence[tuple[bytes, memoryview, int]],
+                  hdr: mmap.mmap) -> int:
+        """Write ``(key, payload, seq)`` records into adjacent slots of one region, from ``slot``
+        on, with one ``pwritev`` (headers built in ``hdr``, ``SLOT_HEADER`` bytes each); returns
+        the region. More than one record needs ``mergeable``. Raises OSError (ENOSPC when short).
+        """
+        hv = memoryview(hdr)
+        iov: list[memoryview] = []
+        for i, (key, payload, seq) in enumerate(records):
+            b = i * SLOT_HEADER
+            head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
+            hdr[b : b + len(head)] = head
+            hdr[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+            iov.append(hv[b : b + SLOT_HEADER])
+            iov.append(payload)
+        self.ensure_allocated(slot + len(records) - 1)
         region, off = self.locate(slot)
         fd = self.fd(region, create=True)
-        n = os.pwritev(fd, [memoryview(hdr)[:SLOT_HEADER], payload], off)
-        if n != self.record_bytes:  # a short write to a regular file: out of space
-            raise OSError(errno.ENOSPC, f"short write ({n} of {self.record_bytes} bytes)")
+        want = self.record_bytes * len(records)
+        n = os.pwritev(fd, iov, off)
+        if n != want:  # a short write to a regular file: out of space
+            raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
         if self.fsync == "always":
             os.fdatasync(fd)
         return region
