@@ -37,8 +37,13 @@ KNOWN_KEYS = frozenset(
         "secondary_tiers",
         "cascade_policy",
         "cascade_policy_module_path",
+        "promotion_deadline_seconds",
     }
 )
+
+# Keys every secondary tier's dict accepts besides its own parameters: the manager reads them.
+MANAGER_TIER_KEYS = ("type", "module_path", "max_pinned_share", "slow_store_factor")
+DEFAULT_PROMOTION_DEADLINE_S = 0.5
 
 
 class ConfigError(ValueError):
@@ -141,6 +146,8 @@ class TierConfig:
     module_path: str | None
     params: dict[str, Any]
     index: int
+    max_pinned_share: float = 0.25
+    slow_store_factor: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,7 @@ class KVTierConfig:
     cascade_policy: str
     cascade_policy_module_path: str | None
     secondary_tiers: tuple[TierConfig, ...] = field(default_factory=tuple)
+    promotion_deadline_seconds: float = DEFAULT_PROMOTION_DEADLINE_S
 
 
 def parse_config(
@@ -228,8 +236,19 @@ def parse_config(
         module_path = entry.get("module_path")
         if module_path is not None and (not isinstance(module_path, str) or not module_path):
             raise ConfigError(f"{key}.module_path", "an importable module path", module_path)
-        params = {k: v for k, v in entry.items() if k not in ("type", "module_path")}
-        tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i))
+        share = optional_float(entry, "max_pinned_share", 0.25, label=f"{key}.max_pinned_share")
+        assert share is not None
+        if share > 1:
+            raise ConfigError(f"{key}.max_pinned_share", "a share of the CPU tier in (0, 1]", share)
+        factor = optional_float(entry, "slow_store_factor", 8.0, minimum=1.0,
+                                label=f"{key}.slow_store_factor")
+        assert factor is not None
+        params = {k: v for k, v in entry.items() if k not in MANAGER_TIER_KEYS}
+        tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i,
+                                max_pinned_share=share, slow_store_factor=factor))
+    deadline = optional_float(extra_config, "promotion_deadline_seconds",
+                              DEFAULT_PROMOTION_DEADLINE_S)
+    assert deadline is not None
 
     return KVTierConfig(
         cpu_bytes_to_use=cpu_bytes,
@@ -242,4 +261,5 @@ def parse_config(
         cascade_policy=cascade,
         cascade_policy_module_path=cascade_path,
         secondary_tiers=tuple(tiers),
+        promotion_deadline_seconds=deadline,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvtier.config import ConfigError, KVTierConfig, parse_config
 from kvtier.format.record import namespace_fingerprint, namespace_key
+from kvtier.manager.backpressure import TierBackpressure
 from kvtier.manager.cascade import resolve_cascade_policy
 from kvtier.manager.primary import PrimaryTier
 from kvtier.manager.tiering import TieringManager
@@ -129,8 +130,13 @@ class TieringOffloadingSpec:
             region.close()
             raise
         primary = PrimaryTier(cfg.num_slots, self._policy_cls(cfg.num_slots))
+        pressure = [
+            TierBackpressure(name, cfg.num_slots, t.max_pinned_share, t.slow_store_factor)
+            for (_, _, name), t in zip(self._tier_plan, cfg.secondary_tiers)
+        ]
         self._manager = TieringManager(
-            primary, region.array, tiers, self._cascade_cls(), on_shutdown=region.close
+            primary, region.array, tiers, self._cascade_cls(), on_shutdown=region.close,
+            backpressure=pressure, promotion_deadline_s=cfg.promotion_deadline_seconds,
         )
         log.info(
             "kvtier: %d primary slots of %d bytes, tiers: %s",
