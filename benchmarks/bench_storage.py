@@ -6,8 +6,8 @@ For each block size (256 KiB and 2 MiB by default), on one directory:
   ``pwritev``) of one block at a time, from an aligned buffer, on one preallocated (and written)
   file in the same directory (what ``fio --direct=1 --numjobs=16 --bs=<block>`` measures on one
   file), in two layouts: each thread over its own contiguous part of the file, and the threads
-  interleaved block by block. Measured once per round in each layout, rounds interleaved with the
-  systems below; the baseline is the best of all of these raw runs.
+  interleaved block by block. Measured once per round in each layout (a round's raw figure is the
+  better one), rounds interleaved with the systems below; the baseline is the best round.
 * kvtier manager: the storage tier behind kvtier's manager, driven with the engine's calls, in
   steady state: the tier holds exactly the blocks of one measurement (``capacity_for``), is filled
   once, then stores as many blocks again (every store evicts an old block: the timed writes,
@@ -22,7 +22,9 @@ For each block size (256 KiB and 2 MiB by default), on one directory:
   ``LocalDiskBackend`` (``storage_peers.py``), when available.
 
 Before each timed phase the disk is given a moment (``sync``, ``--settle`` seconds) to finish what
-the last phase wrote. Ratios: each run over the best raw run of the same block size. Then it times
+the last phase wrote. Ratios: each run over the best raw round of the same block size; and, as a
+shared disk drifts, also against the raw rounds' median and against the raw run of the same round.
+Then it times
 the index rebuild of a tier holding ``--rebuild-blocks`` small blocks. Usage::
 
     python benchmarks/bench_storage.py --dir /work/bench-storage [--sizes 262144,2097152]
@@ -406,7 +408,9 @@ def main() -> None:
         try:
             for rep in range(args.repeat):
                 _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
-                runs["raw O_DIRECT"].extend(raw.measure(args.settle))
+                layouts = raw.measure(args.settle)  # this round's raw: its better layout
+                runs["raw O_DIRECT"].append((max(x[0] for x in layouts), max(x[1] for x in layouts),
+                                             layouts[0][2]))
                 for name, fn in systems:
                     if name in failed:
                         continue
@@ -418,33 +422,42 @@ def main() -> None:
                         failed.add(name)
         finally:
             raw.close()
-        best_w = max(r[0] for r in runs["raw O_DIRECT"])
-        best_r = max(r[1] for r in runs["raw O_DIRECT"])
+        raws = runs["raw O_DIRECT"]
+        best_w, best_r = max(r[0] for r in raws), max(r[1] for r in raws)
+        med_w, med_r = statistics.median(r[0] for r in raws), statistics.median(r[1] for r in raws)
         for name, vals in runs.items():
             if not vals:
                 continue
             wr = [v[0] / best_w for v in vals]
             rr = [v[1] / best_r for v in vals]
+            paired = [(v[0] / raws[i][0], v[1] / raws[i][1]) for i, v in enumerate(vals)]
             rows.append({"block": block, "system": name,
                          "write_gbps": statistics.median(v[0] for v in vals),
                          "read_gbps": statistics.median(v[1] for v in vals),
                          "write_ratio": statistics.median(wr), "read_ratio": statistics.median(rr),
                          "write_ratios": wr, "read_ratios": rr,
+                         "write_x_median_raw": statistics.median(v[0] for v in vals) / med_w,
+                         "read_x_median_raw": statistics.median(v[1] for v in vals) / med_r,
+                         "write_x_same_round": statistics.median(p[0] for p in paired),
+                         "read_x_same_round": statistics.median(p[1] for p in paired),
                          "best_raw": [best_w, best_r], "runs": [list(v[:2]) for v in vals]})
             keys = [k for k, _ in PHASES if k in vals[0][2]]
             if keys:
                 phase_rows.append({"block": block, "system": name, **{
                     k: statistics.median(v[2][k] for v in vals) for k in keys}})
     print()
-    print("| block | system | write GB/s | x best raw | read GB/s | x best raw | per-run read x raw |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| block | system | write GB/s | x best raw | x median raw | x same round | read GB/s "
+          "| x best raw | x median raw | x same round | per-run read x best raw |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         per_run = ", ".join(f"{x:.2f}" for x in row["read_ratios"])
         print(f"| {row['block'] >> 10} KiB | {row['system']} | {row['write_gbps']:.2f} | "
-              f"{row['write_ratio']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} | "
-              f"{per_run} |")
-    print("(medians over the rounds; 'x best raw' is the median of each run's ratio to the best "
-          "raw run of its block size, raw rows included)")
+              f"{row['write_ratio']:.2f} | {row['write_x_median_raw']:.2f} | "
+              f"{row['write_x_same_round']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} | "
+              f"{row['read_x_median_raw']:.2f} | {row['read_x_same_round']:.2f} | {per_run} |")
+    print("(GB/s: medians over the rounds. Raw: each round's better layout. 'x best raw': median of "
+          "each run's ratio to the best raw round; 'x median raw': median GB/s over the raw rounds' "
+          "median; 'x same round': median of each run's ratio to the raw run of its round)")
     if phase_rows:
         print()
         print("Loads by phase (medians over the rounds):")
