@@ -197,9 +197,13 @@ def test_a_request_is_served_while_the_rest_of_its_promotion_runs(namespace: str
             assert np.array_equal(region[int(s)], block_bytes_for(k, 4096))
         m.complete_load(a_keys, a)
         m.primary.check()
+        held = [m.primary.key_slot[k] for k in a_keys]
+        # loadable, but not evictable while the rest of their job runs
+        assert all(m.primary.ref[s] == 1 for s in held)
         m.tiers[0].gate.set()  # type: ignore[attr-defined]
         assert lookup_until(m, b_keys, b) == 4
         settle(m)
+        assert all(m.primary.ref[s] == 0 for s in held)
         c = m.get_stats()["manager"]
         assert c["promoted_blocks"] == 8 and c["promotion_failures"] == 0
         m.primary.check()

@@ -497,6 +497,8 @@ class TieringManager(OffloadingManager):
             else:
                 loaded.append(key)
         self._promoted(job, loaded)
+        for key in ready:  # loadable since the tier reported them: now evictable too
+            primary.decref(primary.key_slot[key])
         c = self.counters
         c["promotion_failures"] += len(failed)
         c["promotion_steps_total"] += (self._step - job.step) * len(failed)
@@ -509,13 +511,15 @@ class TieringManager(OffloadingManager):
             return
         loaded = [k for k in keys if k not in job.ready and self._promoting.pop(k, None) is not None]
         job.ready.update(loaded)
-        self._promoted(job, loaded)
+        self._promoted(job, loaded, hold=True)
 
-    def _promoted(self, job: _Job, loaded: list[bytes]) -> None:
-        """Promoted keys whose bytes are in their slots: loadable from now on."""
+    def _promoted(self, job: _Job, loaded: list[bytes], hold: bool = False) -> None:
+        """Promoted keys whose bytes are in their slots: loadable from now on (``hold``: not
+        evictable before their job ends, so that a request's leading blocks, loadable early, are
+        not evicted while the rest of its promotion runs)."""
         if not loaded:
             return
-        self.primary.mark_ready_many(loaded)
+        self.primary.mark_ready_many(loaded, hold=hold)
         c = self.counters
         c["promoted_blocks"] += len(loaded)
         c["promotion_steps_total"] += (self._step - job.step) * len(loaded)
