@@ -1,22 +1,31 @@
-"""Storage tier throughput against raw parallel O_DIRECT I/O on the same disk, in the same run.
+"""Storage tier throughput in steady state against the disk's raw parallel O_DIRECT speed, in one run.
 
-For each block size (256 KiB and 2 MiB by default) it measures, on the same directory:
+For each block size (256 KiB and 2 MiB by default), on one directory:
 
-* raw: N threads, each writing then reading its own file (laid out with fallocate first, as fio
-  does) with O_DIRECT ``pwritev``/``preadv`` of one block at a time from an aligned buffer (what
-  ``fio --direct=1 --numjobs=N --rw=write`` then ``--rw=read`` measures); N is the number of I/O
-  threads the tier uses (readers + writers);
-* kvtier tier: the ``storage`` tier driven through its contract (``submit_store``/
-  ``submit_load``/``poll``), jobs of ``--job-blocks`` blocks, up to ``--jobs-in-flight`` jobs at a
-  time, polled like an engine step loop; loads verify every checksum;
-* kvtier manager: the same tier behind kvtier's manager, driven with the engine's calls
-  (``prepare_store``/``complete_store``, then ``lookup`` until promoted, one step at a time);
-* vLLM 0.33's ``fs`` tier (one file per block) through its ``TieringOffloadingManager``, when vLLM
-  imports;
-* LMCache 0.5.6's ``LocalDiskBackend``, run as a subprocess under ``--peers-python`` when given.
+* raw O_DIRECT (the baseline): 16 threads (``--threads``) doing O_DIRECT ``preadv`` (then
+  ``pwritev``) of one block at a time, from an aligned buffer, on one preallocated (and written)
+  file in the same directory (what ``fio --direct=1 --numjobs=16 --bs=<block>`` measures on one
+  file), in two layouts: each thread over its own contiguous part of the file, and the threads
+  interleaved block by block. Measured once per round in each layout (a round's raw figure is the
+  better one), rounds interleaved with the systems below; the baseline is the best round.
+* kvtier manager: the storage tier behind kvtier's manager, driven with the engine's calls, in
+  steady state: the tier holds exactly the blocks of one measurement (``capacity_for``), is filled
+  once, then stores as many blocks again (every store evicts an old block: the timed writes,
+  ``prepare_store``/``complete_store`` in requests of 32 blocks), then ``reset_cache`` and
+  ``lookup`` each step until every request's blocks are promoted back (the timed reads; 8 requests
+  of 32 blocks in flight). Every load verifies its checksums. Loads are split by phase: the
+  scheduler's calls, a request's wait from its first lookup to its answer, and per I/O chunk the
+  time queued, reading, verifying and in bookkeeping.
+* kvtier tier: the same steady state through the tier's own contract
+  (``submit_store``/``submit_load``/``poll``), jobs of 32 blocks, 8 in flight.
+* vLLM 0.33's ``fs`` tier through its ``TieringOffloadingManager`` and LMCache 0.5.6's
+  ``LocalDiskBackend`` (``storage_peers.py``), when available.
 
-Then it times the index rebuild of a tier holding ``--rebuild-blocks`` small blocks.
-Ratios are tier / raw from the same run. Usage::
+Before each timed phase the disk is given a moment (``sync``, ``--settle`` seconds) to finish what
+the last phase wrote. Ratios: each run over the best raw round of the same block size; and, as a
+shared disk drifts, also against the raw rounds' median and against the raw run of the same round.
+Then it times
+the index rebuild of a tier holding ``--rebuild-blocks`` small blocks. Usage::
 
     python benchmarks/bench_storage.py --dir /work/bench-storage [--sizes 262144,2097152]
 """
@@ -39,38 +48,51 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from storage_peers import LMCACHE_NOTES, lmcache_throughput, lmcache_worker, vllm_throughput
 
 MiB = 1 << 20
 JOB_BLOCKS = 32  # blocks per job / per request
+Result = tuple[float, float, dict[str, float]]  # write GB/s, read GB/s, load phases
 
 
 def _progress(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
-# -- raw ---------------------------------------------------------------------------------------
-def raw_throughput(directory: str, block: int, threads: int, total: int) -> tuple[float, float]:
-    """(write GB/s, read GB/s) of ``threads`` threads doing O_DIRECT I/O on their own files."""
-    per = max(1, total // threads // block)
-    paths = [os.path.join(directory, f"raw-{i}") for i in range(threads)]
+def settle(seconds: float) -> None:
+    """Let the disk finish what the last phase wrote before the next one is timed."""
+    os.sync()
+    time.sleep(seconds)
 
-    for p in paths:  # lay the files out first, as fio does (fallocate) before a write job
-        fd = os.open(p, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+
+# -- raw ---------------------------------------------------------------------------------------
+class RawFile:
+    """The baseline: ``threads`` threads of O_DIRECT I/O on one preallocated file."""
+
+    def __init__(self, directory: str, block: int, threads: int, total: int) -> None:
+        self.block, self.threads = block, threads
+        self.per = max(1, total // threads // block)
+        self.path = os.path.join(directory, "raw-baseline")
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
         try:
-            os.posix_fallocate(fd, 0, per * block)
+            os.posix_fallocate(fd, 0, self.per * threads * block)
         finally:
             os.close(fd)
+        self._run("w")  # written once: reads then come from the disk, not unwritten extents
 
-    def run(mode: str) -> float:
+    def _run(self, mode: str, strided: bool = False) -> float:
+        block, per, threads = self.block, self.per, self.threads
+        self.cpu = time.process_time()
         barrier = threading.Barrier(threads + 1)
 
         def work(i: int) -> None:
             buf = mmap.mmap(-1, block)
             buf.write(os.urandom(block))
-            fd = os.open(paths[i], os.O_RDWR | os.O_DIRECT)
+            fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
             barrier.wait()
+            blocks = range(i, per * threads, threads) if strided else range(i * per, (i + 1) * per)
             try:
-                for j in range(per):
+                for j in blocks:
                     if mode == "w":
                         os.pwritev(fd, [buf], j * block)
                     else:
@@ -85,14 +107,28 @@ def raw_throughput(directory: str, block: int, threads: int, total: int) -> tupl
         t0 = time.perf_counter()
         for t in ts:
             t.join()
-        return per * threads * block / (time.perf_counter() - t0) / 1e9
+        dt = time.perf_counter() - t0
+        self.cpu = (time.process_time() - self.cpu) / (per * threads * block / 2**30)
+        return per * threads * block / dt / 1e9
 
-    try:
-        return run("w"), run("r")
-    finally:
-        for p in paths:
-            if os.path.exists(p):
-                os.unlink(p)
+    def measure(self, settle_s: float) -> list[Result]:
+        """[(write GB/s, read GB/s, phases)] of each layout: each thread on its own contiguous
+        part of the file, then the threads interleaved block by block (a read pass, then an
+        overwrite pass, each)."""
+        out: list[Result] = []
+        for strided in (False, True):
+            settle(settle_s)
+            r = self._run("r", strided)
+            cpu = self.cpu
+            settle(settle_s)
+            w = self._run("w", strided)
+            out.append((w, r, {"cpu_s_per_gib": cpu}))
+        return out
+
+    def close(self) -> None:
+        """Remove the file."""
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 # -- kvtier ------------------------------------------------------------------------------------
@@ -101,6 +137,10 @@ def _primary(slots: int, block: int) -> np.ndarray:
     arr = np.frombuffer(buf, dtype=np.uint8).reshape(slots, block)
     arr[:] = np.random.default_rng(0).integers(0, 256, (slots, block), dtype=np.uint8)
     return arr
+
+
+def _keys(tag: str, n: int) -> list[bytes]:
+    return [tag.encode() + i.to_bytes(8, "little") * 3 + b"\0" * 7 for i in range(n)]
 
 
 def _drive(tier: Any, submit: Callable[[int, list[bytes], np.ndarray], None], keys: list[bytes],
@@ -127,9 +167,8 @@ def _drive(tier: Any, submit: Callable[[int, list[bytes], np.ndarray], None], ke
     return time.perf_counter() - t0, failed
 
 
-def kvtier_throughput(directory: str, block: int, total: int, args: argparse.Namespace
-                      ) -> tuple[float, float]:
-    """(write GB/s, read GB/s) of the storage tier through submit_store/submit_load/poll."""
+def kvtier_throughput(directory: str, block: int, total: int, args: argparse.Namespace) -> Result:
+    """Steady state through the storage tier's contract: (write GB/s, read GB/s, {})."""
     from kvtier.format.record import namespace_fingerprint
     from kvtier.tiers.base import TierContext
     from kvtier.tiers.storage import StorageTier
@@ -141,16 +180,20 @@ def kvtier_throughput(directory: str, block: int, total: int, args: argparse.Nam
     ctx = TierContext(ns, namespace_fingerprint(ns), block, primary, "storage0")
     path = os.path.join(directory, "kvtier")
     shutil.rmtree(path, ignore_errors=True)
-    tier = StorageTier(ctx, path=path, capacity_bytes=2 * n * (block + 8192),
-                       n_read_threads=args.threads // 2, n_write_threads=args.threads - args.threads // 2)
+    half = args.threads // 2
+    tier = StorageTier(ctx, path=path, capacity_bytes=StorageTier.capacity_for(n, block),
+                       n_read_threads=half, n_write_threads=args.threads - half)
     try:
-        keys = [i.to_bytes(8, "little") * 4 for i in range(n)]
+        fill, keys = _keys("f", n), _keys("s", n)
+        _, f0 = _drive(tier, tier.submit_store, fill, slots, args.job_blocks, args.jobs_in_flight)
+        settle(args.settle)
         dt_w, fw = _drive(tier, tier.submit_store, keys, slots, args.job_blocks, args.jobs_in_flight)
+        settle(args.settle)
         dt_r, fr = _drive(tier, tier.submit_load, keys, slots, args.job_blocks, args.jobs_in_flight)
         st = tier.stats()
-        if fw or fr or st["corrupt"]:
-            raise RuntimeError(f"storage tier failed keys: store {fw}, load {fr}, stats {st}")
-        return n * block / dt_w / 1e9, n * block / dt_r / 1e9
+        if f0 or fw or fr or st["corrupt"] or st["evictions"] < n:
+            raise RuntimeError(f"storage tier: failed keys {f0}/{fw}/{fr}, stats {st}")
+        return n * block / dt_w / 1e9, n * block / dt_r / 1e9, {}
     finally:
         tier.shutdown()
         shutil.rmtree(path, ignore_errors=True)
@@ -187,235 +230,117 @@ def rebuild_seconds(directory: str, blocks: int, block: int) -> float:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace
-                              ) -> tuple[float, float]:
-    """(write GB/s, read GB/s) through kvtier's manager: the engine's calls, cascades, promotions."""
+
+def _manager_store(m: Any, keys: list[bytes]) -> None:
     import kvtier
+
+    for j in range(0, len(keys), JOB_BLOCKS):
+        ctx = kvtier.ReqContext(f"w{j}")
+        batch = keys[j : j + JOB_BLOCKS]
+        out = m.prepare_store(batch, ctx)
+        while out is None:  # every slot is still being written out: next step
+            m.on_schedule_end()
+            time.sleep(0.0002)
+            out = m.prepare_store(batch, ctx)
+        m.complete_store(out.keys_to_store, ctx)
+        m.on_schedule_end()
+    while m.has_pending_work():
+        m.on_schedule_end()
+        time.sleep(0.0002)
+
+
+def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace
+                              ) -> Result:
+    """Steady state through kvtier's manager: (write GB/s, read GB/s, load phases)."""
+    import kvtier
+    from kvtier.tiers.storage import StorageTier
 
     n = max(1, total // block)
     path = os.path.join(directory, "kvtier-manager")
     shutil.rmtree(path, ignore_errors=True)
     half = args.threads // 2
-    cfg = {"cpu_bytes_to_use": 2 * args.jobs_in_flight * JOB_BLOCKS * block, "secondary_tiers": [
-        {"type": "storage", "path": path, "capacity_bytes": 2 * n * (block + 8192),
-         "n_read_threads": half, "n_write_threads": args.threads - half}]}
+    # This measures the tier's throughput, so every block goes to it (no backpressure drops: the
+    # writer waits for slots instead) and requests wait for all their blocks however long the
+    # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline.
+    cfg = {"cpu_bytes_to_use": 2 * args.jobs_in_flight * JOB_BLOCKS * block,
+           "promotion_deadline_seconds": 600, "secondary_tiers": [
+               {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
+                "n_read_threads": half, "n_write_threads": args.threads - half,
+                "max_pinned_share": 1.0, "slow_store_factor": 1e9}]}
     spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
                                         namespace=f"bench/{block}")
     m = spec.get_manager()
     m.primary_blocks()[:] = 1  # an engine's worker has written the slots before they are stored
-    keys = [i.to_bytes(8, "little") * 4 for i in range(n)]
+    fill, keys = _keys("f", n), _keys("s", n)
+    tier_name = m.tiers[0].name
     try:
+        _manager_store(m, fill)  # the slab files exist and the tier is full
+        settle(args.settle)
         t0 = time.perf_counter()
-        for j in range(0, n, JOB_BLOCKS):
-            ctx = kvtier.ReqContext(f"w{j}")
-            batch = keys[j : j + JOB_BLOCKS]
-            out = m.prepare_store(batch, ctx)
-            while out is None:  # every slot is still being written out: next step
-                m.on_schedule_end()
-                time.sleep(0.0002)
-                out = m.prepare_store(batch, ctx)
-            m.complete_store(out.keys_to_store, ctx)
-            m.on_schedule_end()
-        while m.has_pending_work():
-            m.on_schedule_end()
-            time.sleep(0.0002)
+        _manager_store(m, keys)  # every block stored evicts one
         dt_w = time.perf_counter() - t0
+        settle(args.settle)
         m.reset_cache()
+        st0 = m.get_stats()
         t0 = time.perf_counter()
-        pending: dict[str, list[bytes]] = {}
-        nxt = 0
-        served = 0
+        cpu0 = time.process_time()
+        pending: dict[str, tuple[list[bytes], float]] = {}
+        waits: list[float] = []
+        nxt = served = 0
+        sched = 0.0
         while nxt < n or pending:
+            ts = time.perf_counter()
             while nxt < n and len(pending) < args.jobs_in_flight:
-                pending[f"r{nxt}"] = keys[nxt : nxt + JOB_BLOCKS]
+                pending[f"r{nxt}"] = (keys[nxt : nxt + JOB_BLOCKS], ts)
                 nxt += JOB_BLOCKS
-            for rid, batch in list(pending.items()):
+            for rid, (batch, first) in list(pending.items()):
                 r = m.lookup(batch, kvtier.ReqContext(rid))
                 if r is not None:
                     served += r
+                    waits.append(time.perf_counter() - first)
                     del pending[rid]
             m.on_schedule_end()
-            time.sleep(0.0002)
+            sched += time.perf_counter() - ts
+            time.sleep(0.0002)  # the rest of an engine step
         dt_r = time.perf_counter() - t0
+        cpu = (time.process_time() - cpu0) / (n * block / 2**30)
+        st1 = m.get_stats()
         if served != n:
             raise RuntimeError(f"kvtier manager served {served} of {n} blocks")
-        return n * block / dt_w / 1e9, n * block / dt_r / 1e9
+        t0s, t1s = st0["tiers"][tier_name], st1["tiers"][tier_name]
+        if (t1s["corrupt"] or t1s["load_failures"] or t1s["evictions"] < n
+                or st1["manager"].get("backpressure_dropped", 0)):
+            raise RuntimeError(f"kvtier manager: stats {st1}")
+        d = {k: float(t1s.get(k, 0) - t0s.get(k, 0)) for k in (
+            "load_chunks", "load_wait_seconds", "load_read_seconds", "load_check_seconds",
+            "load_other_seconds", "hits")}
+        chunks = max(1.0, d["load_chunks"])
+        phases = {
+            "cpu_s_per_gib": cpu,
+            "request_wait_ms": 1e3 * statistics.mean(waits),
+            "scheduler_share": sched / dt_r,
+            "blocks_per_chunk": d["hits"] / chunks,
+            "chunk_wait_ms": 1e3 * d["load_wait_seconds"] / chunks,
+            "chunk_read_ms": 1e3 * d["load_read_seconds"] / chunks,
+            "chunk_check_ms": 1e3 * d["load_check_seconds"] / chunks,
+            "chunk_other_ms": 1e3 * d["load_other_seconds"] / chunks,
+        }
+        return n * block / dt_w / 1e9, n * block / dt_r / 1e9, phases
     finally:
         m.shutdown()
         shutil.rmtree(path, ignore_errors=True)
 
 
-def vllm_throughput(directory: str, block: int, total: int, args: argparse.Namespace
-                    ) -> tuple[float, float]:
-    """(write GB/s, read GB/s) of vLLM 0.33's fs tier through its TieringOffloadingManager."""
-    from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext, make_offload_key
-    from vllm.v1.kv_offload.config import (
-        OffloadingCacheConfig,
-        OffloadingConfig,
-        OffloadingGroupConfig,
-        OffloadingModelConfig,
-        OffloadingParallelConfig,
-    )
-    from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec as VllmSpec
-
-    n = max(1, total // block)
-    root = os.path.join(directory, "vllm-fs")
-    shutil.rmtree(root, ignore_errors=True)
-    half = args.threads // 2
-    extra = {"cpu_bytes_to_use": 2 * args.jobs_in_flight * JOB_BLOCKS * block, "secondary_tiers": [
-        {"type": "fs", "root_dir": root, "n_read_threads": half, "n_write_threads": args.threads - half}]}
-    cfg = OffloadingConfig(
-        groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("layer0",), group_id=0),),
-        worker_kv_bytes_per_block=block, enable_kv_cache_events=False, extra_config=extra,
-        engine_id=f"bench-storage-{os.getpid()}-{block}",
-        model=OffloadingModelConfig(name="bench", dtype="bfloat16"),
-        cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
-        parallel=OffloadingParallelConfig(
-            rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1, dcp_size=1,
-            data_parallel_index=0, data_parallel_size=1, data_parallel_rank_local=None,
-            is_parallelism_agnostic=True),
-    )
-    spec = VllmSpec(cfg)
-    m: Any = spec.get_manager()  # a TieringOffloadingManager
-    region = np.frombuffer(m.primary_tier.get_kv_memoryview().cast("B"), dtype=np.uint8)
-    region[:] = 1  # as for kvtier: the slots hold written KV data before they are stored
-    del region
-    step = ScheduleEndContext((), ())
-    keys = [make_offload_key(i.to_bytes(8, "little") * 4, 0) for i in range(n)]
-    try:
-        t0 = time.perf_counter()
-        for j in range(0, n, JOB_BLOCKS):
-            ctx = ReqContext(req_id=f"w{j}")
-            m.on_new_request(ctx)
-            batch = keys[j : j + JOB_BLOCKS]
-            out = m.prepare_store(batch, ctx)
-            while out is None:
-                m.on_schedule_end(step)
-                time.sleep(0.0002)
-                out = m.prepare_store(batch, ctx)
-            m.complete_store(out.keys_to_store, ctx)
-            m.on_request_finished(ctx)
-            m.on_schedule_end(step)
-        while m.has_pending_work():
-            m.on_schedule_end(step)
-            time.sleep(0.0002)
-        dt_w = time.perf_counter() - t0
-        m.reset_cache()
-        m.on_reset_flushed()
-        m.on_schedule_end(step)
-        t0 = time.perf_counter()
-        pending: dict[str, tuple[Any, list[Any]]] = {}
-        nxt = 0
-        hits = 0
-        while nxt < n or pending:
-            while nxt < n and len(pending) < args.jobs_in_flight:
-                ctx = ReqContext(req_id=f"r{nxt}")
-                m.on_new_request(ctx)
-                pending[ctx.req_id] = (ctx, list(keys[nxt : nxt + JOB_BLOCKS]))
-                nxt += JOB_BLOCKS
-            for rid, (ctx, batch) in list(pending.items()):
-                left = []
-                for k in batch:
-                    r = m.lookup(k, ctx)
-                    if r is LookupResult.HIT:
-                        hits += 1
-                    elif r is not LookupResult.MISS:
-                        left.append(k)
-                if left:
-                    pending[rid] = (ctx, left)
-                else:
-                    m.on_request_finished(ctx)
-                    del pending[rid]
-            m.on_schedule_end(step)
-            time.sleep(0.0002)
-        dt_r = time.perf_counter() - t0
-        if hits != n:
-            raise RuntimeError(f"vLLM fs tier served {hits} of {n} blocks")
-        return n * block / dt_w / 1e9, n * block / dt_r / 1e9
-    finally:
-        m.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def lmcache_worker(directory: str, block: int, total: int, threads: int) -> dict[str, Any]:
-    """Under LMCache's venv: its LocalDiskBackend's write/read GB/s and blocks found after restart."""
-    import asyncio
-
-    import torch
-    from lmcache.utils import CacheEngineKey
-    from lmcache.v1.config import LMCacheEngineConfig
-    from lmcache.v1.memory_allocators.host_memory_allocator import HostMemoryAllocator
-    from lmcache.v1.memory_management import MemoryFormat
-    from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
-    from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
-
-    logging.getLogger("lmcache").setLevel(logging.ERROR)
-    n = max(1, total // block)
-    path = os.path.join(directory, "lmcache") + "/"
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    cfg = LMCacheEngineConfig.from_defaults(
-        chunk_size=256, local_cpu=False, max_local_cpu_size=2.0, local_disk="file://" + path,
-        max_local_disk_size=2 * n * block / 2**30, extra_config={"disk_io_threads": threads})
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def backend() -> tuple[Any, Any]:
-        cpu = LocalCPUBackend(cfg, memory_allocator=HostMemoryAllocator(
-            2 * JOB_BLOCKS * 8 * block + (64 << 20)))
-        return cpu, LocalDiskBackend(cfg, loop, cpu, dst_device="cpu")
-
-    cpu, disk = backend()
-    shape, dtype = torch.Size([block // 2]), torch.bfloat16
-    keys = [CacheEngineKey("bench", 1, 0, i, dtype) for i in range(n)]
-    objs = [cpu.allocate(shape, dtype, MemoryFormat.KV_2LTD) for _ in range(JOB_BLOCKS * 8)]
-    t0 = time.perf_counter()
-    for i, k in enumerate(keys):
-        disk.submit_put_task(k, objs[i % len(objs)])
-    deadline = time.monotonic() + 300
-    while sum(1 for k in keys if disk.contains(k)) < n and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    dt_w = time.perf_counter() - t0
-    stored = sum(1 for k in keys if disk.contains(k))
-    os.sync()
-    for name in os.listdir(path):  # its files are buffered: read them from the disk, not the cache
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    t0 = time.perf_counter()
-    got = 0
-    for i in range(0, n, JOB_BLOCKS):
-        for r in disk.batched_get_blocking(keys[i : i + JOB_BLOCKS]):
-            if r is not None:
-                got += 1
-                r.ref_count_down()
-    dt_r = time.perf_counter() - t0
-    disk.close()
-    _cpu2, disk2 = backend()  # a restarted engine on the same directory
-    after = sum(1 for k in keys if disk2.contains(k))
-    disk2.close()
-    shutil.rmtree(path, ignore_errors=True)
-    return {"write_gbps": n * block / dt_w / 1e9, "read_gbps": n * block / dt_r / 1e9,
-            "stored": stored, "read": got, "after_restart": after, "blocks": n}
-
-
-def lmcache_throughput(directory: str, block: int, total: int, args: argparse.Namespace
-                       ) -> tuple[float, float]:
-    """Run ``lmcache_worker`` as a subprocess under ``--peers-python``."""
-    cmd = [args.peers_python, os.path.abspath(__file__), "--lmcache-worker", "--dir", directory,
-           "--sizes", str(block), "--total-mib", str(total // MiB), "--threads", str(args.threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"LMCache worker failed (rc={r.returncode}): {r.stderr.strip()[-400:]}")
-    res = json.loads(lines[-1])
-    LMCACHE_NOTES.append(
-        f"LMCache {block >> 10} KiB: wrote {res['stored']}/{res['blocks']} blocks, read back "
-        f"{res['read']}, found {res['after_restart']} after a restart on the same directory")
-    return res["write_gbps"], res["read_gbps"]
-
-
-LMCACHE_NOTES: list[str] = []
+PHASES = [
+    ("cpu_s_per_gib", "CPU seconds per GiB loaded (all threads)"),
+    ("request_wait_ms", "request: first lookup to answer (ms)"),
+    ("scheduler_share", "scheduler calls (lookup, on_schedule_end), share of wall time"),
+    ("blocks_per_chunk", "blocks per I/O chunk"),
+    ("chunk_wait_ms", "chunk: queued until a thread takes it (ms)"),
+    ("chunk_read_ms", "chunk: preadv (ms)"),
+    ("chunk_check_ms", "chunk: verifying headers and checksums (ms)"),
+    ("chunk_other_ms", "chunk: bookkeeping (ms)"),
+]
 
 
 def main() -> None:
@@ -428,7 +353,11 @@ def main() -> None:
     ap.add_argument("--job-blocks", type=int, default=JOB_BLOCKS, help="blocks per tier job")
     ap.add_argument("--jobs-in-flight", type=int, default=8)
     ap.add_argument("--rebuild-blocks", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per system, each paired with a raw run")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds: raw, then every system, once each")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds the disk gets (after a sync) before each timed phase")
+    ap.add_argument("--systems", default="manager,tier,vllm,lmcache",
+                    help="which systems to measure beside raw (manager, tier, vllm, lmcache)")
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                     help="python of a venv with lmcache==0.5.6 ('' to skip LMCache)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's fs tier")
@@ -446,63 +375,99 @@ def main() -> None:
     dev = " ".join(df.stdout.split()[2:4])
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-          f"{platform.platform()}")
+          f"{platform.platform()}; load average {os.getloadavg()[0]:.1f}")
     print(f"disk: {args.dir} on {dev}, free {st.f_bavail * st.f_frsize / 2**30:.1f} GiB")
     print(f"{args.threads} I/O threads everywhere; jobs of {args.job_blocks} blocks, "
-          f"{args.jobs_in_flight} in flight; {args.total_mib} MiB per measurement, {args.repeat} runs")
+          f"{args.jobs_in_flight} in flight; {args.total_mib} MiB per measurement, {args.repeat} rounds")
     total = args.total_mib * MiB
-    systems: list[tuple[str, Callable[..., tuple[float, float]]]] = [
-        ("raw O_DIRECT", lambda d, b, t, a: raw_throughput(d, b, a.threads, t)),
-        ("kvtier tier", kvtier_throughput),
-        ("kvtier manager", kvtier_manager_throughput),
-    ]
+    wanted = set(args.systems.split(","))
+    systems: list[tuple[str, Callable[..., Result]]] = []
+    if "manager" in wanted:
+        systems.append(("kvtier manager", kvtier_manager_throughput))
+    if "tier" in wanted:
+        systems.append(("kvtier tier", kvtier_throughput))
     skipped: list[str] = []
-    if not args.no_vllm:
+    if "vllm" in wanted and not args.no_vllm:
         try:
             import vllm.v1.kv_offload.tiering.spec  # noqa: F401
             systems.append(("vLLM fs (manager)", vllm_throughput))
         except Exception as e:
             skipped.append(f"vLLM 0.33 fs tier: cannot import ({type(e).__name__}: {e})")
-    if args.peers_python:
+    if "lmcache" in wanted and args.peers_python:
         if os.path.exists(args.peers_python):
             systems.append(("LMCache LocalDisk", lmcache_throughput))
         else:
             skipped.append(f"LMCache: {args.peers_python} does not exist")
     rows: list[dict[str, Any]] = []
-    raw_fn = systems[0][1]
+    phase_rows: list[dict[str, Any]] = []
     for block in [int(x) for x in args.sizes.split(",") if x]:
-        # Every system run is paired with a raw run just before it, and the ratio is taken per
-        # pair: this disk's speed drifts by tens of percent within minutes.
-        runs: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n, _ in systems}
+        raw = RawFile(args.dir, block, args.threads, total)
+        runs: dict[str, list[Result]] = {"raw O_DIRECT": []}
+        runs.update({name: [] for name, _ in systems})
         failed: set[str] = set()
-        for rep in range(args.repeat):
-            for name, fn in systems[1:]:
-                if name in failed:
-                    continue
-                _progress(f"{block >> 10} KiB, run {rep + 1}/{args.repeat}: raw, then {name}")
-                rw, rr = raw_fn(args.dir, block, total, args)
-                runs["raw O_DIRECT"].append((rw, rr, 1.0, 1.0))
-                try:
-                    w, r = fn(args.dir, block, total, args)
-                except Exception as e:
-                    skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
-                    failed.add(name)
-                    continue
-                runs[name].append((w, r, w / rw, r / rr))
+        try:
+            for rep in range(args.repeat):
+                _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
+                layouts = raw.measure(args.settle)  # this round's raw: its better layout
+                runs["raw O_DIRECT"].append((max(x[0] for x in layouts), max(x[1] for x in layouts),
+                                             layouts[0][2]))
+                for name, fn in systems:
+                    if name in failed:
+                        continue
+                    _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: {name}")
+                    try:
+                        runs[name].append(fn(args.dir, block, total, args))
+                    except Exception as e:
+                        skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
+                        failed.add(name)
+        finally:
+            raw.close()
+        raws = runs["raw O_DIRECT"]
+        best_w, best_r = max(r[0] for r in raws), max(r[1] for r in raws)
+        med_w, med_r = statistics.median(r[0] for r in raws), statistics.median(r[1] for r in raws)
         for name, vals in runs.items():
             if not vals:
                 continue
-            med = [statistics.median(v[i] for v in vals) for i in range(4)]
-            rows.append({"block": block, "system": name, "write_gbps": med[0], "read_gbps": med[1],
-                         "write_ratio": med[2], "read_ratio": med[3], "runs": vals})
+            wr = [v[0] / best_w for v in vals]
+            rr = [v[1] / best_r for v in vals]
+            paired = [(v[0] / raws[i][0], v[1] / raws[i][1]) for i, v in enumerate(vals)]
+            rows.append({"block": block, "system": name,
+                         "write_gbps": statistics.median(v[0] for v in vals),
+                         "read_gbps": statistics.median(v[1] for v in vals),
+                         "write_ratio": statistics.median(wr), "read_ratio": statistics.median(rr),
+                         "write_ratios": wr, "read_ratios": rr,
+                         "write_x_median_raw": statistics.median(v[0] for v in vals) / med_w,
+                         "read_x_median_raw": statistics.median(v[1] for v in vals) / med_r,
+                         "write_x_same_round": statistics.median(p[0] for p in paired),
+                         "read_x_same_round": statistics.median(p[1] for p in paired),
+                         "best_raw": [best_w, best_r], "runs": [list(v[:2]) for v in vals]})
+            keys = [k for k, _ in PHASES if k in vals[0][2]]
+            if keys:
+                phase_rows.append({"block": block, "system": name, **{
+                    k: statistics.median(v[2][k] for v in vals) for k in keys}})
     print()
-    print("| block | system | write GB/s | x raw | read GB/s | x raw |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| block | system | write GB/s | x best raw | x median raw | x same round | read GB/s "
+          "| x best raw | x median raw | x same round | per-run read x best raw |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
+        per_run = ", ".join(f"{x:.2f}" for x in row["read_ratios"])
         print(f"| {row['block'] >> 10} KiB | {row['system']} | {row['write_gbps']:.2f} | "
-              f"{row['write_ratio']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} |")
-    print("(medians over the runs; 'x raw' is the median of each run's ratio to the raw run just "
-          "before it)")
+              f"{row['write_ratio']:.2f} | {row['write_x_median_raw']:.2f} | "
+              f"{row['write_x_same_round']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} | "
+              f"{row['read_x_median_raw']:.2f} | {row['read_x_same_round']:.2f} | {per_run} |")
+    print("(GB/s: medians over the rounds. Raw: each round's better layout. 'x best raw': median of "
+          "each run's ratio to the best raw round; 'x median raw': median GB/s over the raw rounds' "
+          "median; 'x same round': median of each run's ratio to the raw run of its round)")
+    if phase_rows:
+        print()
+        print("Loads by phase (medians over the rounds):")
+        print()
+        print("| phase | " + " | ".join(f"{r['block'] >> 10} KiB {r['system']}" for r in phase_rows)
+              + " |")
+        print("|---|" + "---:|" * len(phase_rows))
+        for key, label in PHASES:
+            print(f"| {label} | " + " | ".join(f"{r[key]:.2f}" if key in r else "" for r in phase_rows)
+                  + " |")
     for note in dict.fromkeys(LMCACHE_NOTES + skipped):
         print(f"note: {note}")
     rebuilds: list[dict[str, float]] = []
@@ -515,7 +480,8 @@ def main() -> None:
               f"({rb / blocks * 1e6:.1f} us per block)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "rebuilds": rebuilds, "notes": LMCACHE_NOTES + skipped}, f, indent=2)
+            json.dump({"rows": rows, "phases": phase_rows, "rebuilds": rebuilds,
+                       "notes": LMCACHE_NOTES + skipped}, f, indent=2)
 
 
 if __name__ == "__main__":

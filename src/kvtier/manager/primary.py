@@ -113,16 +113,19 @@ class PrimaryTier:
             ref[s] = 1
         return slots, evicted
 
-    def mark_ready_many(self, keys: Sequence[bytes]) -> None:
+    def mark_ready_many(self, keys: Sequence[bytes], *, hold: bool = False) -> None:
         """WRITING keys whose bytes are in place: release each writer's reference, admit them.
 
-        One policy call for the batch, in order.
+        One policy call for the batch, in order. ``hold`` keeps the writers' references (the
+        keys are loadable but not evictable until each is released with ``decref``).
         """
         key_slot, state, ref = self.key_slot, self.state, self.ref
         released = 0
         for key in keys:
             s = key_slot[key]
             state[s] = READY
+            if hold:
+                continue
             r = ref[s] - 1
             ref[s] = r
             if r == 0:

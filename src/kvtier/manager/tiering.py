@@ -6,7 +6,9 @@ tier per step, holding each slot until every tier has read it.
 
 Loading: ``lookup`` finds the leading run in the primary tier; keys after it that a secondary tier
 holds get primary slots and are promoted, one batched job per tier per step. Requests that need
-the same blocks share one promotion. While a promotion is in flight ``lookup`` answers None.
+the same blocks share one promotion. While a promotion is in flight ``lookup`` answers None;
+keys that a tier reports loaded before its job ends (``poll_loaded``) are loadable at once, so a
+request whose blocks are all in waits for no one else's.
 
 Nothing here blocks: tiers do their I/O on their own threads and report through ``poll``.
 """
@@ -46,6 +48,7 @@ class _Job:
     slots: list[int]
     submitted: float = field(default_factory=time.monotonic)
     step: int = 0
+    ready: set[bytes] = field(default_factory=set)  # promoted keys reported before the job ended
 
 
 @dataclass
@@ -187,14 +190,14 @@ class TieringManager(OffloadingManager):
         pending = False
         plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
         while pos < n:
+            key = keys[pos]
+            if key in promoting:  # (never READY) checked first: a request waiting on its
+                pending = True  # promotion asks again every step
+                pos += 1
+                continue
             q = primary.run_length(keys, pos)
             if q:
                 pos += q
-                continue
-            key = keys[pos]
-            if key in promoting:
-                pending = True
-                pos += 1
                 continue
             if key in primary.key_slot:  # WRITING by an engine store: not loadable yet
                 break
@@ -454,10 +457,13 @@ class TieringManager(OffloadingManager):
     def _collect(self) -> None:
         for tier in self.tiers:
             try:
+                progress = tier.poll_loaded()
                 results = tier.poll()
             except Exception:
                 self._tier_raised(tier, "poll")
                 continue
+            for job_id, keys in progress:
+                self._promoted_early(job_id, keys)
             for res in results:
                 self._finish(res)
             try:
@@ -486,21 +492,45 @@ class TieringManager(OffloadingManager):
             return
         primary = self.primary
         loaded: list[bytes] = []
+        ready = job.ready
         for key in job.keys:
+            if key in ready:
+                continue
             self._promoting.pop(key, None)
             if key in failed:
                 primary.release(key)
             else:
                 loaded.append(key)
-        primary.mark_ready_many(loaded)
+        self._promoted(job, loaded)
+        for key in ready:  # loadable since the tier reported them: now evictable too
+            primary.decref(primary.key_slot[key])
+        c = self.counters
+        c["promotion_failures"] += len(failed)
+        c["promotion_steps_total"] += (self._step - job.step) * len(failed)
+        c["promotion_seconds_total"] += (time.monotonic() - job.submitted) * len(failed)
+
+    def _promoted_early(self, job_id: int, keys: list[bytes]) -> None:
+        """Keys of a promotion still in flight that its tier has loaded and verified already."""
+        job = self._jobs.get(job_id)
+        if job is None or job.kind != "promote":
+            return
+        loaded = [k for k in keys if k not in job.ready and self._promoting.pop(k, None) is not None]
+        job.ready.update(loaded)
+        self._promoted(job, loaded, hold=True)
+
+    def _promoted(self, job: _Job, loaded: list[bytes], hold: bool = False) -> None:
+        """Promoted keys whose bytes are in their slots: loadable from now on (``hold``: not
+        evictable before their job ends, so that a request's leading blocks, loadable early, are
+        not evicted while the rest of its promotion runs)."""
+        if not loaded:
+            return
+        self.primary.mark_ready_many(loaded, hold=hold)
         c = self.counters
         c["promoted_blocks"] += len(loaded)
-        c["promotion_failures"] += len(failed)
-        c["promotion_steps_total"] += (self._step - job.step) * len(job.keys)
-        c["promotion_seconds_total"] += (time.monotonic() - job.submitted) * len(job.keys)
-        if loaded:
-            self._events.append(OffloadingEvent(loaded, PRIMARY_MEDIUM, False))
-            self._queue_cascade(loaded, source_tier=job.tier)
+        c["promotion_steps_total"] += (self._step - job.step) * len(loaded)
+        c["promotion_seconds_total"] += (time.monotonic() - job.submitted) * len(loaded)
+        self._events.append(OffloadingEvent(loaded, PRIMARY_MEDIUM, False))
+        self._queue_cascade(loaded, source_tier=job.tier)
 
     def _release_cascade(self, ti: int, slots: list[int]) -> None:
         decref = self.primary.decref

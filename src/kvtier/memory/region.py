@@ -4,6 +4,10 @@ The manager's process and every worker process of one engine map the same segmen
 worker's copies land in the slots the scheduler assigned without any extra copy. The segment is
 page-aligned; with ``block_bytes`` a multiple of 4096 every slot is usable for O_DIRECT.
 
+The process that creates the segment populates it at once (``MADV_POPULATE_WRITE``): the engine's
+workers pin it for DMA (``cudaHostRegister``, which faults in every page anyway), and otherwise the
+first stores and loads after start would pay for faulting in the pages one at a time.
+
 Before Python 3.13, ``SharedMemory`` registers every segment it opens with the resource tracker,
 which unlinks it when that process exits, pulling the region out from under the others. This
 module unregisters it, and unlinking is explicit: the owner (the manager) unlinks at shutdown, and
@@ -17,7 +21,9 @@ any more, and that reclaims at its start segments whose creators are gone (see t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import weakref
 from multiprocessing import resource_tracker, shared_memory
 
@@ -26,6 +32,31 @@ import numpy as np
 from kvtier.memory.watchdog import Watchdog
 
 _PAGE = 4096
+_MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
+_POPULATE_STEP = 256 << 20  # bytes per call (the GIL is let go between calls)
+
+
+def populate(array: np.ndarray) -> bool:
+    """Fault in every page of ``array``'s memory now, writable, without touching its contents.
+
+    False where the kernel cannot (before Linux 5.14, or memory runs out): the pages then come in
+    on first use, as they would have anyway.
+    """
+    if not sys.platform.startswith("linux") or array.nbytes == 0:
+        return False
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    addr, size = array.ctypes.data, array.nbytes
+    if addr % _PAGE:
+        return False
+    for off in range(0, size, _POPULATE_STEP):
+        if madvise(addr + off, min(_POPULATE_STEP, size - off), _MADV_POPULATE_WRITE) != 0:
+            return False
+    return True
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
@@ -91,6 +122,7 @@ class BlockRegion:
         )
         self._finalizer = weakref.finalize(self, _cleanup, name, owner, self._watchdog)
         self._closed = False
+        self.populated = populate(self.array) if self.created else False
 
     def slot(self, slot_id: int) -> np.ndarray:
         """A writable view of one slot."""

@@ -199,7 +199,9 @@ class SecondaryTier(ABC):
         """Start copying ``keys`` from the medium into primary slots ``slots`` (same order).
 
         Every loaded block is verified before its slot counts as written; a block that fails
-        verification is a failed key (and is removed from the tier).
+        verification is a failed key (and is removed from the tier). Keys come in prefix order:
+        a tier that can finishes them in that order and reports them through ``poll_loaded`` as
+        they finish, so that the leading blocks of a request can be served before the job ends.
         """
 
     @abstractmethod
@@ -209,6 +211,16 @@ class SecondaryTier(ABC):
     @abstractmethod
     def poll(self) -> list[TierJobResult]:
         """Results of jobs finished since the last call (also completes lookup queries)."""
+
+    def poll_loaded(self) -> list[tuple[int, list[bytes]]]:
+        """Progress of load jobs still in flight: ``(job_id, keys)`` pairs, each naming keys of
+        that job loaded and verified since the last call (the tier writes their slots no more).
+
+        Optional (the default reports nothing): ``poll`` still reports every job's end, and its
+        failed keys never include a key reported here. A tier may start reporting only once
+        this has been called.
+        """
+        return []
 
     # -- hints and housekeeping ------------------------------------------------------------
     def touch(self, keys: Sequence[bytes]) -> None:

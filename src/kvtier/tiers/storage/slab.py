@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,6 +30,8 @@ import xxhash
 from kvtier.format.record import (
     FIXED_HEADER_SIZE,
     RecordError,
+    header_prefix,
+    match_header,
     pack_header,
     parse_header,
     verify,
@@ -106,6 +108,9 @@ class SlabStore:
         self._grow_lock = threading.Lock()
         self._open_lock = threading.Lock()
         self.grow_bytes = max(64 << 20, self.slot_size)
+        #: adjacent slots can be read with one preadv (no padding between records)
+        self.mergeable = self.slot_size == self.record_bytes
+        self._prefixes: dict[int, bytes] = {}  # key length -> the header prefix every record has
 
     # -- files -----------------------------------------------------------------------------
     def slab_path(self, region: int) -> str:
@@ -195,15 +200,30 @@ class SlabStore:
         self, slot: int, key: bytes, payload: memoryview, seq: int, hdr: mmap.mmap
     ) -> int:
         """Write one record into ``slot``; returns the region written (raises OSError)."""
-        head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
-        hdr[: len(head)] = head
-        hdr[SLOT_HEADER - _SEQ.size : SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
-        self.ensure_allocated(slot)
+        return self.write_run(slot, [(key, payload, seq)], hdr)
+
+    def write_run(self, slot: int, records: Sequence[tuple[bytes, memoryview, int]],
+                  hdr: mmap.mmap) -> int:
+        """Write ``(key, payload, seq)`` records into adjacent slots of one region, from ``slot``
+        on, with one ``pwritev`` (headers built in ``hdr``, ``SLOT_HEADER`` bytes each); returns
+        the region. More than one record needs ``mergeable``. Raises OSError (ENOSPC when short).
+        """
+        hv = memoryview(hdr)
+        iov: list[memoryview] = []
+        for i, (key, payload, seq) in enumerate(records):
+            b = i * SLOT_HEADER
+            head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
+            hdr[b : b + len(head)] = head
+            hdr[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+            iov.append(hv[b : b + SLOT_HEADER])
+            iov.append(payload)
+        self.ensure_allocated(slot + len(records) - 1)
         region, off = self.locate(slot)
         fd = self.fd(region, create=True)
-        n = os.pwritev(fd, [memoryview(hdr)[:SLOT_HEADER], payload], off)
-        if n != self.record_bytes:  # a short write to a regular file: out of space
-            raise OSError(errno.ENOSPC, f"short write ({n} of {self.record_bytes} bytes)")
+        want = self.record_bytes * len(records)
+        n = os.pwritev(fd, iov, off)
+        if n != want:  # a short write to a regular file: out of space
+            raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
         if self.fsync == "always":
             os.fdatasync(fd)
         return region
@@ -225,6 +245,48 @@ class SlabStore:
             return "truncated record"
         try:
             h = parse_header(memoryview(hdr))
+        except RecordError as e:
+            return str(e)
+        if h.header_len != SLOT_HEADER:
+            return "unexpected header length"
+        return verify(h, dest, namespace_fp=self.namespace_fp, key=key, payload_len=self.block_bytes)
+
+    def read_run(self, slot: int, dests: Sequence[memoryview], hdr: mmap.mmap) -> int:
+        """Read the records of ``len(dests)`` adjacent slots of one region, from ``slot`` on, with
+        one ``preadv``: headers into ``hdr`` (``SLOT_HEADER`` bytes each), payloads into ``dests``.
+
+        Returns how many records were read whole (a short read ends the run early); -1 when the
+        region has no slab file. More than one record needs ``mergeable``. Raises OSError.
+        """
+        region, off = self.locate(slot)
+        try:
+            fd = self.fd(region)
+        except FileNotFoundError:
+            return -1
+        hv = memoryview(hdr)
+        iov: list[memoryview] = []
+        for i, dest in enumerate(dests):
+            iov.append(hv[i * SLOT_HEADER : (i + 1) * SLOT_HEADER])
+            iov.append(dest)
+        n = os.preadv(fd, iov, off)
+        return min(n // self.slot_size if self.mergeable else n // self.record_bytes, len(dests))
+
+    def check_record(self, head: memoryview, key: bytes, dest: memoryview) -> str | None:
+        """Verify a record read into ``head`` (its header) and ``dest`` (its payload) as
+        ``key``'s; None when valid, else why not. The checks are those of ``read_record``."""
+        prefix = self._prefixes.get(len(key))
+        if prefix is None:
+            prefix = header_prefix(self.namespace_fp, len(key), self.block_bytes, align=SLOT_HEADER)
+            self._prefixes[len(key)] = prefix
+        pchk = match_header(head, prefix, key)
+        if pchk is not None:
+            if dest.nbytes != self.block_bytes:
+                return "length mismatch"
+            if xxhash.xxh3_64_intdigest(dest) != pchk:
+                return "payload checksum mismatch"
+            return None
+        try:  # not the header expected: learn why
+            h = parse_header(head)
         except RecordError as e:
             return str(e)
         if h.header_len != SLOT_HEADER:

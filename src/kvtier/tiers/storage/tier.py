@@ -4,8 +4,9 @@ that uses the same directory and namespace.
 The scheduler thread owns the decisions: ``lookup`` answers from the in-memory index (this
 engine's blocks and those the other engines' logs announced), and ``submit_store`` picks (and,
 at capacity, evicts for) the slot of every new block in a region this engine owns, so capacity
-is enforced before any byte is written. The I/O threads (``io``) do the copying, one
-``preadv``/``pwritev`` per block; the sync thread (``fleet``) follows the other engines and
+is enforced before any byte is written. The I/O threads (``io``) do the copying (one
+``pwritev`` per stored block; loads read adjacent records together, in prefix order, and report
+blocks as they are verified: ``poll_loaded``); the sync thread (``fleet``) follows the other engines and
 shares the capacity with them. ``layout`` says what is on disk and why it stays bounded.
 """
 
@@ -170,7 +171,8 @@ class StorageTier(SecondaryTier):
             "recency_refreshes": 0, "start_verified": 0, "start_invalidated": 0,
             "index_rebuild_seconds": 0.0, "stale_misses": 0, "remote_hits": 0, "claims": 0,
             "releases": 0, "adopted_blocks": 0, "log_rewrites": 0, "sync_passes": 0,
-            "sync_failures": 0, "regions_rebuilt": 0,
+            "sync_failures": 0, "regions_rebuilt": 0, "load_chunks": 0, "load_wait_seconds": 0.0,
+            "load_read_seconds": 0.0, "load_check_seconds": 0.0, "load_other_seconds": 0.0,
         }
         self._done = Completions()
         self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
@@ -398,16 +400,29 @@ class StorageTier(SecondaryTier):
             if not self._opening and self._read_health.should_probe():
                 self._request_open()  # the directory could not be opened: retry off this thread
         elif not self._regrowing:
-            index = sh.index
-            short = any(r.limit < r.slots for r in index.regions.values())
             now = time.monotonic()
-            if short and now >= self._next_regrow:  # the disk filled up: look for room again
-                self._next_regrow = now + self.REGROW_CHECK_S
-                self._regrowing = True
-                self._io.housekeep("regrow")
+            if now >= self._next_regrow:  # the regions are looked at a few times a second at most
+                if any(r.limit < r.slots for r in sh.index.regions.values()):
+                    self._next_regrow = now + self.REGROW_CHECK_S  # the disk filled up: look for
+                    self._regrowing = True  # room again
+                    self._io.housekeep("regrow")
+                else:
+                    self._next_regrow = now + min(0.05, self.REGROW_CHECK_S)
         done = self._done.drain()
         self._in_flight -= len(done)
         return done
+
+    def poll_loaded(self) -> list[tuple[int, list[bytes]]]:
+        """Keys of load jobs in flight that are loaded and verified already (see the base class).
+
+        Reported from the first call on."""
+        io = self._io
+        io.report_loaded = True
+        q = io.loaded
+        out: list[tuple[int, list[bytes]]] = []
+        while q:
+            out.append(q.popleft())
+        return out
 
     def take_events(self) -> list[TierEvent]:
         sh = self._sh
