@@ -41,6 +41,12 @@ KNOWN_KEYS = frozenset(
 )
 
 
+# Keys of a ``secondary_tiers`` entry that the manager reads; the tier gets the others.
+TIER_MANAGER_KEYS = frozenset(
+    {"type", "module_path", "write_policy", "admission_policy", "admission_policy_module_path"}
+)
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message names the offending key and what is expected."""
 
@@ -141,6 +147,9 @@ class TierConfig:
     module_path: str | None
     params: dict[str, Any]
     index: int
+    write_policy: str | None = None  # "through" or "back"; None: the tier type's default
+    admission_policy: str = "all"
+    admission_policy_module_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,8 +237,20 @@ def parse_config(
         module_path = entry.get("module_path")
         if module_path is not None and (not isinstance(module_path, str) or not module_path):
             raise ConfigError(f"{key}.module_path", "an importable module path", module_path)
-        params = {k: v for k, v in entry.items() if k not in ("type", "module_path")}
-        tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i))
+        write_policy = None
+        if entry.get("write_policy") is not None:
+            write_policy = require_str(entry, "write_policy", label=f"{key}.write_policy",
+                                       choices=("through", "back"))
+        admission = require_str(entry, "admission_policy", default="all",
+                                label=f"{key}.admission_policy")
+        adm_path = entry.get("admission_policy_module_path")
+        if adm_path is not None and (not isinstance(adm_path, str) or not adm_path):
+            raise ConfigError(f"{key}.admission_policy_module_path", "an importable module path",
+                              adm_path)
+        params = {k: v for k, v in entry.items() if k not in TIER_MANAGER_KEYS}
+        tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i,
+                                write_policy=write_policy, admission_policy=admission,
+                                admission_policy_module_path=adm_path))
 
     return KVTierConfig(
         cpu_bytes_to_use=cpu_bytes,

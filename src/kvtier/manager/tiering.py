@@ -25,6 +25,8 @@ import numpy as np
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
 from kvtier.manager.primary import READY, PrimaryTier
+from kvtier.manager.writeback import WriteBackMixin, WriteBackState
+from kvtier.policies.admission import AdmissionPolicy
 from kvtier.tiers.base import SecondaryTier, TierJobResult
 from kvtier.types import LoadStoreSpec, OffloadingEvent, PrepareStoreOutput, ReqContext
 
@@ -35,7 +37,7 @@ PRIMARY_MEDIUM = "CPU"
 
 @dataclass
 class _Job:
-    kind: str  # "promote" or "cascade"
+    kind: str  # "promote", "cascade" (write-through) or "writeback"
     tier: int
     keys: list[bytes]
     slots: list[int]
@@ -49,7 +51,7 @@ class _Batch:
     slots: list[int] = field(default_factory=list)
 
 
-class TieringManager(OffloadingManager):
+class TieringManager(WriteBackMixin, OffloadingManager):
     """A CPU primary tier plus any number of secondary tiers, in lookup order."""
 
     def __init__(
@@ -60,7 +62,11 @@ class TieringManager(OffloadingManager):
         cascade_policy: CascadePolicy,
         *,
         on_shutdown: Any = None,
+        write_policies: Sequence[str] | None = None,
+        admissions: Sequence[AdmissionPolicy | None] | None = None,
     ) -> None:
+        """``write_policies[i]`` is tier i's ``"through"`` (default) or ``"back"``;
+        ``admissions[i]`` filters what is written to tier i (None: everything)."""
         self.primary = primary
         self._region = region
         self.tiers = list(tiers)
@@ -71,6 +77,12 @@ class TieringManager(OffloadingManager):
         self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
         self._promote_batches = [_Batch() for _ in self.tiers]
         self._cascade_batches = [_Batch() for _ in self.tiers]
+        self._writeback_batches = [_Batch() for _ in self.tiers]
+        self.write_policies = list(write_policies or ["through"] * len(self.tiers))
+        self.admissions = list(admissions or [None] * len(self.tiers))
+        mask = sum(1 << i for i, wp in enumerate(self.write_policies) if wp == "back")
+        self._wb: WriteBackState | None = WriteBackState(mask) if mask else None
+        self._retry_lookup = False
         self._events: list[OffloadingEvent] = []
         self._step = 0
         self._closed = False
@@ -95,6 +107,10 @@ class TieringManager(OffloadingManager):
             "store_alloc_failures": 0,
             "evicted_blocks": 0,
             "loads_prepared_blocks": 0,
+            "written_back_blocks": 0,
+            "writeback_failures": 0,
+            "admission_declined_blocks": 0,
+            "writeback_skipped_blocks": 0,
         }
 
     # -- lookup and promotion --------------------------------------------------------------
@@ -103,6 +119,9 @@ class TieringManager(OffloadingManager):
         c["lookups"] += 1
         n = len(keys)
         c["lookup_keys"] += n
+        for adm in self.admissions:
+            if adm is not None:
+                adm.observe(keys)
         primary = self.primary
         r = primary.run_length(keys)
         if r < n and keys[r] in self._promoting:
@@ -184,8 +203,9 @@ class TieringManager(OffloadingManager):
                     pending = True
             pos += best
         if plan:
+            self._retry_lookup = False
             started = self._start_promotions(keys[:pos], plan)
-            if started == 0 and not pending:
+            if started == 0 and not pending and not self._retry_lookup:
                 # Nothing could be given a slot: the run ends at the first key to promote.
                 return _index_from(keys, plan[0][1], r)
             return None
@@ -230,12 +250,15 @@ class TieringManager(OffloadingManager):
         for s in guard:
             primary.incref(s)
         try:
-            result = primary.allocate([k for _, k in plan])
-            assert result is not None
-            slots, evicted = result
+            result = primary.allocate([k for _, k in plan], self._retainer())
         finally:
             for s in guard:
                 primary.decref(s)
+            self._start_writebacks()
+        if result is None:  # write-back victims keep their slots until written: ask again
+            self._retry_lookup = True
+            return 0
+        slots, evicted = result
         self._evicted(evicted)
         for (ti, key), slot in zip(plan, slots):
             self._promoting[key] = ti
@@ -294,10 +317,11 @@ class TieringManager(OffloadingManager):
         if new_keys and self._promised and len(primary.free) < len(new_keys):
             self._protect_promises()
         try:
-            result = primary.allocate(new_keys) if new_keys else ([], [])
+            result = primary.allocate(new_keys, self._retainer()) if new_keys else ([], [])
         finally:
             for s in guarded:
                 primary.decref(s)
+            self._start_writebacks()
         if result is None:
             self.counters["store_alloc_failures"] += 1
             return None
@@ -344,6 +368,10 @@ class TieringManager(OffloadingManager):
             chosen = self.cascade_policy.select(keys, ti, tier)
             if not chosen:
                 continue
+            if self._wb is not None and self.write_policies[ti] == "back":
+                self._wb.owe(chosen, 1 << ti)  # written when the CPU tier evicts them
+                continue
+            chosen = self._admit(ti, chosen)
             b = self._cascade_batches[ti]
             for key in chosen:
                 s = key_slot[key]
@@ -369,6 +397,13 @@ class TieringManager(OffloadingManager):
                     self.counters["cascade_failures"] += len(cb.keys)
                     self._release_cascade(cb.keys, cb.slots)
                 self._cascade_batches[ti] = _Batch()
+            wb = self._writeback_batches[ti]
+            if wb.keys:
+                self._writeback_batches[ti] = _Batch()
+                if tier.available:
+                    self._submit("writeback", ti, tier, wb)
+                else:  # the blocks stay in the CPU tier, still owed to the tier
+                    self._writeback_done(ti, wb.keys, frozenset(wb.keys))
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
@@ -400,12 +435,17 @@ class TieringManager(OffloadingManager):
             for ev in events:
                 if ev.keys:
                     self._events.append(OffloadingEvent(list(ev.keys), tier.medium, ev.removed))
+                    if ev.removed:
+                        self._owe_again(tier, ev.keys)
 
     def _finish(self, res: TierJobResult) -> None:
         job = self._jobs.pop(res.job_id, None)
         if job is None:
             return
         failed = res.failed_keys
+        if job.kind == "writeback":
+            self._writeback_done(job.tier, job.keys, failed)
+            return
         if job.kind == "cascade":
             self._release_cascade(job.keys, job.slots)
             ok = len(job.keys) - len(failed)
@@ -445,6 +485,8 @@ class TieringManager(OffloadingManager):
         if self._jobs:
             return True
         if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
+            return True
+        if any(b.keys for b in self._writeback_batches):
             return True
         return any(t.has_pending_work() for t in self.tiers)
 
@@ -489,6 +531,9 @@ class TieringManager(OffloadingManager):
         self._release_promises()
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
+        if self._wb is not None:
+            for k in dropped:
+                self._wb.forget(k)
         if dropped:
             self._events.append(OffloadingEvent(dropped, PRIMARY_MEDIUM, True))
 

@@ -1,0 +1,179 @@
+"""Write policies per secondary tier: when a block the CPU tier holds is written to a tier below.
+
+``through``: when the block becomes resident in the CPU tier (stored by the engine, or promoted
+from a tier further down). ``back``: when the CPU tier evicts it. An evicted block that a
+write-back tier still needs is *retained*: it keeps its primary slot, READY (so lookups still
+find it and loads still read it) and pinned, until every such tier has finished writing it;
+only then is the slot freed. A failed write returns the block to the CPU tier (still owed to
+that tier), so a block the manager acknowledged is never in no tier while an engine may ask for
+it. The manager moves blocks through primary slots only, so for every tier "the tier above" is
+the CPU tier.
+
+The cascade policy still decides *which* tiers a block goes to; the write policy decides *when*;
+a tier's admission policy (``kvtier.policies.admission``) decides, at that moment, whether the
+block is worth the write at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvtier.manager.cascade import CascadePolicy
+    from kvtier.manager.primary import PrimaryTier
+    from kvtier.policies.admission import AdmissionPolicy
+    from kvtier.tiers.base import SecondaryTier
+
+WRITE_POLICIES = ("through", "back")
+
+
+@dataclass
+class WriteBackState:
+    """Which resident blocks each write-back tier is still owed, and which victims wait."""
+
+    back_mask: int  # bit ti set: tier ti writes back
+    owed: dict[bytes, int] = field(default_factory=dict)  # key -> bits of tiers still owed it
+    waiting: dict[bytes, int] = field(default_factory=dict)  # retained key -> writes in flight
+    retiring: list[bytes] = field(default_factory=list)  # retained since the last drain
+
+    def owe(self, keys: Sequence[bytes], bit: int) -> None:
+        """``keys`` (resident in the CPU tier) must reach the tier of ``bit`` before eviction."""
+        owed = self.owed
+        for k in keys:
+            owed[k] = owed.get(k, 0) | bit
+
+    def settle(self, key: bytes, bit: int) -> None:
+        """The tier of ``bit`` has ``key`` now (or declined it)."""
+        b = self.owed.get(key)
+        if b is None:
+            return
+        b &= ~bit
+        if b:
+            self.owed[key] = b
+        else:
+            del self.owed[key]
+
+    def forget(self, key: bytes) -> None:
+        """``key`` left the CPU tier without being written (reset)."""
+        self.owed.pop(key, None)
+        self.waiting.pop(key, None)
+
+
+class WriteBackMixin:
+    """The manager's write-back steps (mixed into :class:`TieringManager`, which provides the
+    attributes named below)."""
+
+    primary: PrimaryTier
+    tiers: list[SecondaryTier]
+    counters: dict[str, float]
+    cascade_policy: CascadePolicy
+    admissions: list[AdmissionPolicy | None]
+    _wb: WriteBackState | None
+    _writeback_batches: list[Any]
+
+    def _evicted(self, keys: list[bytes]) -> None: ...  # provided by the manager
+
+    def _admit(self, ti: int, keys: Sequence[bytes]) -> Sequence[bytes]:
+        """The keys tier ``ti``'s admission policy finds worth writing."""
+        adm = self.admissions[ti]
+        if adm is None or not keys:
+            return keys
+        out = [k for k in keys if adm.admit(k)]
+        self.counters["admission_declined_blocks"] += len(keys) - len(out)
+        return out
+
+    def _retainer(self) -> Callable[[bytes], bool] | None:
+        """The eviction callback for one allocation: keep a victim while a write-back tier that
+        is up (and whose admission policy wants it) is owed it. Owed to a tier that is down, it
+        is evicted unwritten (counted in ``writeback_skipped_blocks``): the engine never waits
+        on a tier that cannot take writes."""
+        wb = self._wb
+        if wb is None:
+            return None
+        up = 0
+        for ti, tier in enumerate(self.tiers):
+            if wb.back_mask & (1 << ti) and tier.available:
+                up |= 1 << ti
+        owed, retiring, counters = wb.owed, wb.retiring, self.counters
+
+        def retain(key: bytes) -> bool:
+            bits = owed.pop(key, 0)
+            if not bits:
+                return False
+            if bits & ~up:
+                counters["writeback_skipped_blocks"] += 1
+            bits &= up
+            for ti in range(len(self.tiers)):
+                if bits & (1 << ti) and not self._admit(ti, [key]):
+                    bits &= ~(1 << ti)
+            if not bits:
+                return False
+            owed[key] = bits
+            retiring.append(key)
+            return True
+
+        return retain
+
+    def _start_writebacks(self) -> None:
+        """Report what the last allocation evicted; queue the victims it retained for the
+        write-back tiers owed them (written at the end of the step)."""
+        primary = self.primary
+        if primary.unreported:
+            gone, primary.unreported = primary.unreported, []
+            self._evicted(gone)
+        wb = self._wb
+        if wb is None or not wb.retiring:
+            return
+        key_slot = primary.key_slot
+        retiring, wb.retiring = wb.retiring, []
+        for key in retiring:
+            owed = wb.owed.get(key, 0)
+            n = 0
+            for ti in range(len(self.tiers)):
+                if owed & (1 << ti):
+                    b = self._writeback_batches[ti]
+                    b.keys.append(key)
+                    b.slots.append(key_slot[key])
+                    n += 1
+            wb.waiting[key] = n
+
+    def _retired(self, key: bytes) -> None:
+        """A retained key's writes are all done: free its slot unless it is owed or in use."""
+        wb = self._wb
+        assert wb is not None
+        wb.waiting.pop(key, None)
+        if wb.owed.get(key):  # a write failed: the block stays in the CPU tier, still owed
+            self.primary.readmit(key)
+        elif self.primary.finish_retained(key):
+            self._evicted([key])
+
+    def _writeback_done(self, tier_index: int, keys: list[bytes], failed: frozenset[bytes]) -> None:
+        """A write-back job ended: settle what was written, give back what was not."""
+        wb = self._wb
+        assert wb is not None
+        bit = 1 << tier_index
+        for key in keys:
+            if key not in failed:
+                wb.settle(key, bit)
+            left = wb.waiting.get(key, 1) - 1
+            if left > 0:
+                wb.waiting[key] = left
+            else:
+                self._retired(key)
+        self.counters["written_back_blocks"] += len(keys) - len(failed)
+        self.counters["writeback_failures"] += len(failed)
+
+    def _owe_again(self, tier: SecondaryTier, keys: Sequence[bytes]) -> None:
+        """A write-back tier dropped blocks the CPU tier still holds: owe them to it again."""
+        wb = self._wb
+        if wb is None:
+            return
+        ti = self.tiers.index(tier)
+        if not wb.back_mask & (1 << ti):
+            return
+        primary = self.primary
+        resident = [k for k in keys if primary.is_ready(k) and k not in primary.retained]
+        if resident:
+            wb.owe(self.cascade_policy.select(resident, ti, tier), 1 << ti)
