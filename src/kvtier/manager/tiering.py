@@ -121,7 +121,7 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         c["lookup_keys"] += n
         for adm in self.admissions:
             if adm is not None:
-                adm.observe(keys)
+                adm.observe(keys, ctx.req_id)
         primary = self.primary
         r = primary.run_length(keys)
         if r < n and keys[r] in self._promoting:

@@ -8,9 +8,12 @@ from kvtier.config import ConfigError
 from kvtier.plugins import load_class
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.chain import ChainPolicy
 from kvtier.policies.lru import LRUPolicy
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "arc": ARCPolicy}
+_POLICIES: dict[str, type[EvictionPolicy]] = {
+    "lru": LRUPolicy, "arc": ARCPolicy, "chain": ChainPolicy,
+}
 
 
 def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
@@ -45,6 +48,7 @@ def resolve_policy(
 
 __all__ = [
     "ARCPolicy",
+    "ChainPolicy",
     "EvictionPolicy",
     "LRUPolicy",
     "policy_names",

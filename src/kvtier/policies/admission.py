@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from kvtier.config import ConfigError
@@ -25,8 +26,9 @@ class AdmissionPolicy(ABC):
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
 
-    def observe(self, keys: Sequence[bytes]) -> None:
-        """A request references ``keys`` (prefix order, its end last); O(len(keys))."""
+    def observe(self, keys: Sequence[bytes], request: str | None = None) -> None:
+        """Request ``request`` references ``keys`` (prefix order, its end last); called on each
+        of its lookups (again when a lookup answered None); O(len(keys))."""
         return None
 
     @abstractmethod
@@ -73,3 +75,97 @@ def resolve_admission_policy(
             + " (or a class name with admission_policy_module_path)", name,
         )
     return cls
+
+
+class ReuseAdmission(AdmissionPolicy):
+    """Declines blocks predicted not to be reused, unless a shadow of the tier says declining
+    costs hits.
+
+    The prediction reads the prefix chains the tier's requests show: a block seen in a single
+    request so far, among the last ``tail_blocks`` blocks of that request, is the request's
+    own suffix (a question, a fresh turn) and is rarely asked for again; a block seen twice or
+    more, or deep inside a longer prompt's shared part, is written. Two metadata-only LRU
+    shadows of the tier's capacity replay what the tier would hold if it wrote everything
+    offered and if it wrote only what this policy admits; every ``window`` lookups their hit
+    counts are compared, and while the filtered shadow hits less than ``1 - slack`` times the
+    other one, every block is admitted. History is bounded (``history`` keys; shadows hold at
+    most the tier's capacity each).
+    """
+
+    name = "reuse"
+    tail_blocks = 32
+    window = 256
+    slack = 0.01
+
+    def __init__(self, capacity: int | None = None, *, history: int | None = None) -> None:
+        super().__init__(capacity)
+        self.history = history or max(4 * (capacity or 0), 1 << 16)
+        self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # key -> (sightings, from end)
+        self._last: tuple[str | None, bytes, int] | None = None
+        self.fallback = False
+        self.shadow_all: OrderedDict[bytes, None] | None = None
+        self.shadow_filtered: OrderedDict[bytes, None] | None = None
+        if capacity:
+            self.shadow_all = OrderedDict()
+            self.shadow_filtered = OrderedDict()
+        self._hits = [0, 0]
+        self._lookups = 0
+        self.declined = 0
+
+    def observe(self, keys: Sequence[bytes], request: str | None = None) -> None:
+        if not keys:
+            return
+        sig = (request, keys[-1], len(keys))
+        if request is not None and sig == self._last:  # the same request asking again
+            return
+        self._last = sig
+        seen = self._seen
+        n = len(keys)
+        for i, k in enumerate(keys):
+            prev = seen.pop(k, None)
+            seen[k] = ((prev[0] + 1) if prev else 1, n - 1 - i)
+        while len(seen) > self.history:
+            seen.popitem(last=False)
+        if self.shadow_all is not None and self.shadow_filtered is not None:
+            for j, shadow in enumerate((self.shadow_all, self.shadow_filtered)):
+                run = True
+                for k in keys:
+                    if k in shadow:
+                        shadow.move_to_end(k)
+                        if run:
+                            self._hits[j] += 1
+                    else:
+                        run = False
+            self._lookups += 1
+            if self._lookups >= self.window:
+                h_all, h_filt = self._hits
+                self.fallback = h_filt < (1.0 - self.slack) * h_all
+                self._hits = [0, 0]
+                self._lookups = 0
+
+    def predicts_reuse(self, key: bytes) -> bool:
+        """False for a block seen once, near the end of its request."""
+        info = self._seen.get(key)
+        if info is None:
+            return True
+        return not (info[0] == 1 and info[1] < self.tail_blocks)
+
+    def _shadow_put(self, shadow: OrderedDict[bytes, None], key: bytes) -> None:
+        shadow[key] = None
+        shadow.move_to_end(key)
+        if len(shadow) > (self.capacity or 0):
+            shadow.popitem(last=False)
+
+    def admit(self, key: bytes) -> bool:
+        ok = self.predicts_reuse(key)
+        if self.shadow_all is not None and self.shadow_filtered is not None:
+            self._shadow_put(self.shadow_all, key)
+            if ok:
+                self._shadow_put(self.shadow_filtered, key)
+        if ok or self.fallback:
+            return True
+        self.declined += 1
+        return False
+
+
+_ADMISSION["reuse"] = ReuseAdmission

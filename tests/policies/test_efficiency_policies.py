@@ -1,0 +1,138 @@
+"""Invariants of the chain eviction policy and the reuse admission policy (hypothesis)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtier.manager.primary import PrimaryTier
+from kvtier.policies import ChainPolicy, resolve_policy
+from kvtier.policies.admission import AdmitAll, ReuseAdmission, resolve_admission_policy
+
+requests = st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=12), min_size=1,
+                    max_size=80)
+
+
+def _chain(ids: list[int]) -> list[bytes]:
+    """Prefix-chained keys: a key names its whole prefix."""
+    out, prefix = [], b""
+    for i in ids:
+        prefix = prefix + bytes([i])
+        out.append(prefix[-4:] + len(prefix).to_bytes(2, "big"))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests, st.integers(1, 16), st.sets(st.integers(0, 60), max_size=6))
+def test_chain_never_exceeds_capacity_nor_evicts_pinned(reqs, capacity, pinned_ids) -> None:
+    p = ChainPolicy(capacity)
+    resident: set[bytes] = set()
+    pinned = {k for i in pinned_ids for k in _chain([i])}
+    for ids in reqs:
+        keys = list(dict.fromkeys(_chain(ids)))
+        p.access_many(keys)
+        new = [k for k in keys if k not in resident]
+        over = len(resident) + len(new) - capacity
+        if over > 0:
+            victims = p.evict_many(over, lambda k: k not in pinned)
+            assert not set(victims) & pinned, "a pinned key was evicted"
+            assert set(victims) <= resident
+            resident.difference_update(victims)
+        room = capacity - len(resident)
+        add = new[:room]
+        p.insert_many(add)
+        resident.update(add)
+        assert len(p) == len(resident) <= capacity
+        assert set(p.keys()) == resident
+        assert len(p.ghosts) <= p.ghost_limit, "the ghost list grew past its bound"
+
+
+def test_chain_evicts_the_leaf_before_its_prefix() -> None:
+    p = ChainPolicy(8)
+    keys = _chain([1, 2, 3, 4])
+    p.insert_many(keys)
+    assert p.evict(lambda k: True) == keys[-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, st.integers(1, 12), st.lists(st.integers(0, 60), max_size=40))
+def test_reuse_admission_bounds_its_history_and_shadows(reqs, capacity, offered) -> None:
+    adm = ReuseAdmission(capacity, history=32)
+    adm.window = 4
+    for j, ids in enumerate(reqs):
+        keys = _chain(ids)
+        adm.observe(keys)
+        for k in keys[: (offered[j] % 5) if j < len(offered) else 0]:
+            adm.admit(k)
+        assert len(adm._seen) <= 32
+        assert adm.shadow_all is not None and adm.shadow_filtered is not None
+        assert len(adm.shadow_all) <= capacity and len(adm.shadow_filtered) <= capacity
+        assert set(adm.shadow_filtered) <= set(adm.shadow_all) | set(adm.shadow_filtered)
+
+
+def test_reuse_admission_declines_a_fresh_suffix_and_admits_a_second_sighting() -> None:
+    adm = ReuseAdmission(None)
+    keys = _chain(list(range(10)))
+    adm.observe(keys)
+    assert not adm.admit(keys[-1]), "the end of a request seen once is predicted cold"
+    adm.observe(keys)
+    assert adm.admit(keys[-1]), "seen in two requests: written"
+    assert adm.admit(b"never-seen"), "nothing known: written"
+
+
+def test_reuse_admission_falls_back_when_filtering_costs_hits() -> None:
+    adm = ReuseAdmission(capacity=64)
+    adm.window = 8
+    # Every request is one fresh block followed by its immediate repeat: declining the fresh
+    # blocks loses every hit the tier could have had, and the shadows show it.
+    for i in range(64):
+        k = _chain([i % 50, 200])[-1:] + [bytes([i])]
+        adm.observe(k)
+        for key in k:
+            adm.admit(key)
+        adm.observe(k)
+    assert adm.fallback, "filtering cost hits in the shadow: admit everything"
+    assert adm.admit(_chain([7, 7, 7])[-1])
+
+
+def test_registries() -> None:
+    assert resolve_policy("chain") is ChainPolicy
+    assert resolve_admission_policy("reuse", None, "secondary_tiers[0]") is ReuseAdmission
+    assert resolve_admission_policy("all", None, "secondary_tiers[0]") is AdmitAll
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["store", "finish", "fail", "pin"]),
+                          st.lists(st.integers(0, 30), min_size=1, max_size=5)),
+                min_size=1, max_size=60),
+       st.integers(2, 8), st.sampled_from(["lru", "arc", "chain"]))
+def test_primary_tier_with_retained_victims_keeps_its_invariants(ops, slots, policy) -> None:
+    prim = PrimaryTier(slots, resolve_policy(policy)(slots))
+    owed: set[bytes] = set()
+    pins: list[bytes] = []
+    for op, ids in ops:
+        keys = [bytes([i]) for i in dict.fromkeys(ids)]
+        if op == "store":
+            new = [k for k in keys if k not in prim.key_slot][:slots]
+            got = prim.allocate(new, lambda k: k in owed)
+            if got is not None:
+                prim.mark_ready_many(new)
+                owed.update(new)
+        elif op == "pin":
+            ready = [k for k in keys if prim.is_ready(k)]
+            prim.pin_many(ready)
+            pins.extend(ready)
+        else:
+            for k in list(prim.retained)[: len(keys)]:
+                if op == "finish":
+                    owed.discard(k)
+                    prim.finish_retained(k)
+                else:
+                    prim.readmit(k)
+        for k in prim.retained:
+            assert prim.ref[prim.key_slot[k]] >= 1, "a retained victim lost its pin"
+        assert len(prim.key_slot) <= slots
+        prim.check()
+        if pins and op == "finish":
+            prim.unpin_many(pins)
+            pins.clear()
