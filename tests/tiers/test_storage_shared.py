@@ -183,6 +183,10 @@ def test_kill_minus_nine_while_writing_never_serves_a_torn_block(tmp_path: Path,
     b_ids = list(range(8))
     b.cmd(op="store", salt="b", ids=b_ids)
     a = engines(tmp_path, cap)
+    deadline = time.monotonic() + 30
+    while a.cmd(op="stats")["regions_owned"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # B hands A its share of the regions on a sync pass; A writes only then
+    assert a.cmd(op="stats")["regions_owned"] > 0, "A was never given a share of the capacity"
     a.send(op="stream", salt="a", start=0)
     stored = 0
     while stored < 200:
