@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.manager.primary import PrimaryTier
-from kvtier.policies import ChainPolicy, resolve_policy
+from kvtier.policies import AdaptivePolicy, ChainPolicy, resolve_policy
 from kvtier.policies.admission import AdmitAll, ReuseAdmission, resolve_admission_policy
 
 requests = st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=12), min_size=1,
@@ -64,7 +64,7 @@ def test_reuse_admission_bounds_its_history_and_shadows(reqs, capacity, offered)
         adm.observe(keys)
         for k in keys[: (offered[j] % 5) if j < len(offered) else 0]:
             adm.admit(k)
-        assert len(adm._seen) <= 32
+        assert len(adm.predictor.seen) <= 32
         assert adm.shadow_all is not None and adm.shadow_filtered is not None
         assert len(adm.shadow_all) <= capacity and len(adm.shadow_filtered) <= capacity
         assert set(adm.shadow_filtered) <= set(adm.shadow_all) | set(adm.shadow_filtered)
@@ -105,7 +105,7 @@ def test_registries() -> None:
 @given(st.lists(st.tuples(st.sampled_from(["store", "finish", "fail", "pin"]),
                           st.lists(st.integers(0, 30), min_size=1, max_size=5)),
                 min_size=1, max_size=60),
-       st.integers(2, 8), st.sampled_from(["lru", "arc", "chain"]))
+       st.integers(2, 8), st.sampled_from(["lru", "arc", "chain", "adaptive"]))
 def test_primary_tier_with_retained_victims_keeps_its_invariants(ops, slots, policy) -> None:
     prim = PrimaryTier(slots, resolve_policy(policy)(slots))
     owed: set[bytes] = set()
@@ -136,3 +136,57 @@ def test_primary_tier_with_retained_victims_keeps_its_invariants(ops, slots, pol
         if pins and op == "finish":
             prim.unpin_many(pins)
             pins.clear()
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, st.integers(1, 16), st.sets(st.integers(0, 60), max_size=6),
+       st.integers(1, 4))
+def test_adaptive_keeps_capacity_pins_and_bounded_shadows(reqs, capacity, pinned_ids,
+                                                          window) -> None:
+    p = AdaptivePolicy(capacity)
+    p.window = window
+    resident: set[bytes] = set()
+    pinned = {k for i in pinned_ids for k in _chain([i])}
+    leaders = set()
+    for j, ids in enumerate(reqs):
+        keys = list(dict.fromkeys(_chain(ids)))
+        p.observe(keys, f"r{j}")
+        p.access_many(keys)
+        new = [k for k in keys if k not in resident]
+        over = len(resident) + len(new) - capacity
+        if over > 0:
+            victims = p.evict_many(over, lambda k: k not in pinned)
+            assert not set(victims) & pinned
+            resident.difference_update(victims)
+        add = new[: capacity - len(resident)]
+        p.insert_many(add)
+        resident.update(add)
+        leaders.add(p.leader)
+        assert len(p) == len(resident) <= capacity
+        for live in p.live:  # both orderings hold exactly the resident keys
+            assert set(live.keys()) == resident
+        for sh in p.shadows:
+            assert len(sh) <= capacity, "a shadow cache grew past the capacity"
+        chain = p.live[0]
+        assert isinstance(chain, ChainPolicy) and len(chain.ghosts) <= chain.ghost_limit
+        assert len(chain.predictor.seen) <= chain.predictor.history
+
+
+def test_adaptive_follows_the_policy_whose_shadow_hits_more() -> None:
+    # A loop one block longer than the cache: LRU misses every time; chain's probation keeps
+    # most of it. Then the shadows say chain, and the real cache follows.
+    p = AdaptivePolicy(20)
+    p.window = 4
+    resident: set[bytes] = set()
+    loop = [bytes([i]) * 4 for i in range(21)]
+    for j in range(60):
+        keys = loop[j % 21 : j % 21 + 1]
+        p.observe(keys, f"r{j}")
+        p.access_many(keys)
+        new = [k for k in keys if k not in resident]
+        if len(resident) + len(new) > 20:
+            resident.difference_update(p.evict_many(1, lambda k: True))
+        p.insert_many(new)
+        resident.update(new)
+    assert p.hits[0] > p.hits[1]
+    assert p.leader == 0

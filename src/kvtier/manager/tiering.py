@@ -119,10 +119,11 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         c["lookups"] += 1
         n = len(keys)
         c["lookup_keys"] += n
+        primary = self.primary
+        primary.policy.observe(keys, ctx.req_id)
         for adm in self.admissions:
             if adm is not None:
                 adm.observe(keys, ctx.req_id)
-        primary = self.primary
         r = primary.run_length(keys)
         if r < n and keys[r] in self._promoting:
             self._collect()  # a promotion may have finished since the step began

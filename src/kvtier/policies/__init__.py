@@ -6,13 +6,14 @@ import inspect
 
 from kvtier.config import ConfigError
 from kvtier.plugins import load_class
+from kvtier.policies.adaptive import AdaptivePolicy
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import EvictionPolicy
 from kvtier.policies.chain import ChainPolicy
 from kvtier.policies.lru import LRUPolicy
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {
-    "lru": LRUPolicy, "arc": ARCPolicy, "chain": ChainPolicy,
+    "lru": LRUPolicy, "arc": ARCPolicy, "chain": ChainPolicy, "adaptive": AdaptivePolicy,
 }
 
 
@@ -48,6 +49,7 @@ def resolve_policy(
 
 __all__ = [
     "ARCPolicy",
+    "AdaptivePolicy",
     "ChainPolicy",
     "EvictionPolicy",
     "LRUPolicy",

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from kvtier.config import ConfigError
 from kvtier.plugins import load_class
+from kvtier.policies.reuse import ReusePredictor
 
 
 class AdmissionPolicy(ABC):
@@ -78,18 +79,17 @@ def resolve_admission_policy(
 
 
 class ReuseAdmission(AdmissionPolicy):
-    """Declines blocks predicted not to be reused, unless a shadow of the tier says declining
-    costs hits.
+    """Declines blocks the reuse predictor calls cold, unless a shadow of the tier says that
+    declining costs hits.
 
-    The prediction reads the prefix chains the tier's requests show: a block seen in a single
+    The prediction (:class:`kvtier.policies.reuse.ReusePredictor`): a block seen in a single
     request so far, among the last ``tail_blocks`` blocks of that request, is the request's
-    own suffix (a question, a fresh turn) and is rarely asked for again; a block seen twice or
-    more, or deep inside a longer prompt's shared part, is written. Two metadata-only LRU
-    shadows of the tier's capacity replay what the tier would hold if it wrote everything
-    offered and if it wrote only what this policy admits; every ``window`` lookups their hit
-    counts are compared, and while the filtered shadow hits less than ``1 - slack`` times the
-    other one, every block is admitted. History is bounded (``history`` keys; shadows hold at
-    most the tier's capacity each).
+    own suffix and is rarely asked for again; a block seen twice or more, or deep inside a
+    longer prompt, is written. Two metadata-only LRU shadows of the tier's capacity replay
+    what the tier would hold if it wrote everything offered and if it wrote only what this
+    policy admits; every ``window`` lookups their leading-run hits are compared, and while the
+    filtered shadow hits less than ``1 - slack`` times the other one, every block is admitted.
+    History is bounded (``history`` keys; the shadows hold at most the tier's capacity each).
     """
 
     name = "reuse"
@@ -99,9 +99,8 @@ class ReuseAdmission(AdmissionPolicy):
 
     def __init__(self, capacity: int | None = None, *, history: int | None = None) -> None:
         super().__init__(capacity)
-        self.history = history or max(4 * (capacity or 0), 1 << 16)
-        self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # key -> (sightings, from end)
-        self._last: tuple[str | None, bytes, int] | None = None
+        self.predictor = ReusePredictor(history or max(4 * (capacity or 0), 1 << 16),
+                                        self.tail_blocks)
         self.fallback = False
         self.shadow_all: OrderedDict[bytes, None] | None = None
         self.shadow_filtered: OrderedDict[bytes, None] | None = None
@@ -113,42 +112,25 @@ class ReuseAdmission(AdmissionPolicy):
         self.declined = 0
 
     def observe(self, keys: Sequence[bytes], request: str | None = None) -> None:
-        if not keys:
+        if not self.predictor.observe(keys, request):
             return
-        sig = (request, keys[-1], len(keys))
-        if request is not None and sig == self._last:  # the same request asking again
+        if self.shadow_all is None or self.shadow_filtered is None:
             return
-        self._last = sig
-        seen = self._seen
-        n = len(keys)
-        for i, k in enumerate(keys):
-            prev = seen.pop(k, None)
-            seen[k] = ((prev[0] + 1) if prev else 1, n - 1 - i)
-        while len(seen) > self.history:
-            seen.popitem(last=False)
-        if self.shadow_all is not None and self.shadow_filtered is not None:
-            for j, shadow in enumerate((self.shadow_all, self.shadow_filtered)):
-                run = True
-                for k in keys:
-                    if k in shadow:
-                        shadow.move_to_end(k)
-                        if run:
-                            self._hits[j] += 1
-                    else:
-                        run = False
-            self._lookups += 1
-            if self._lookups >= self.window:
-                h_all, h_filt = self._hits
-                self.fallback = h_filt < (1.0 - self.slack) * h_all
-                self._hits = [0, 0]
-                self._lookups = 0
-
-    def predicts_reuse(self, key: bytes) -> bool:
-        """False for a block seen once, near the end of its request."""
-        info = self._seen.get(key)
-        if info is None:
-            return True
-        return not (info[0] == 1 and info[1] < self.tail_blocks)
+        for j, shadow in enumerate((self.shadow_all, self.shadow_filtered)):
+            run = True
+            for k in keys:
+                if k in shadow:
+                    shadow.move_to_end(k)
+                    if run:
+                        self._hits[j] += 1
+                else:
+                    run = False
+        self._lookups += 1
+        if self._lookups >= self.window:
+            h_all, h_filt = self._hits
+            self.fallback = h_filt < (1.0 - self.slack) * h_all
+            self._hits = [0, 0]
+            self._lookups = 0
 
     def _shadow_put(self, shadow: OrderedDict[bytes, None], key: bytes) -> None:
         shadow[key] = None
@@ -157,7 +139,7 @@ class ReuseAdmission(AdmissionPolicy):
             shadow.popitem(last=False)
 
     def admit(self, key: bytes) -> bool:
-        ok = self.predicts_reuse(key)
+        ok = not self.predictor.cold(key)
         if self.shadow_all is not None and self.shadow_filtered is not None:
             self._shadow_put(self.shadow_all, key)
             if ok:
