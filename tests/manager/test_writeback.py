@@ -228,3 +228,48 @@ def test_region_bytes_are_the_stored_ones_after_write_back(namespace: str) -> No
         assert np.all(region.shape == (SLOTS, BLOCK))
     finally:
         m.shutdown()
+
+
+class EvenOnly(kvtier.CascadePolicy):
+    """A custom cascade policy: only blocks whose key starts with an even byte go down."""
+
+    def select(self, keys, tier_index, tier):
+        return [k for k in keys if k[0] % 2 == 0]
+
+
+@pytest.mark.parametrize("write_policy", ["through", "back"])
+def test_custom_cascade_policies_keep_working_with_either_write_policy(
+        namespace: str, write_policy: str) -> None:
+    cfg = {"cpu_bytes_to_use": SLOTS * BLOCK, "cascade_policy": "EvenOnly",
+           "cascade_policy_module_path": __name__,
+           "secondary_tiers": [{"type": "example", "write_policy": write_policy}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK,
+                                     namespace=namespace).get_manager()
+    try:
+        keys = [make_key(i, namespace) for i in range(32)]
+        store_blocks(m, keys)
+        settle(m)
+        tier = m.tiers[0]
+        in_tier = {k for k in keys if tier.lookup([k]) == 1}
+        assert in_tier, "the selected blocks reached the tier"
+        assert all(k[0] % 2 == 0 for k in in_tier), "only what the cascade policy selected"
+        evicted_even = {k for k in keys if k[0] % 2 == 0 and not m.primary.is_ready(k)}
+        assert evicted_even <= in_tier
+    finally:
+        m.shutdown()
+
+
+def test_first_tier_cascade_with_write_back_on_both_tiers(namespace: str) -> None:
+    cfg = {"cpu_bytes_to_use": SLOTS * BLOCK, "cascade_policy": "first", "secondary_tiers": [
+        {"type": "example", "write_policy": "back"}, {"type": "example", "write_policy": "back"}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK,
+                                     namespace=namespace).get_manager()
+    try:
+        keys = [make_key(i, namespace) for i in range(24)]
+        store_blocks(m, keys)
+        settle(m)
+        tiers = m.get_stats()["tiers"]
+        assert tiers["example0"]["blocks"] == 24 - SLOTS and tiers["example1"]["blocks"] == 0
+        assert load_and_check(m, keys) == 24
+    finally:
+        m.shutdown()
