@@ -7,7 +7,8 @@ Replays (engine simulator -> manager -> worker -> tiers, bytes checked on every 
 prefix cache off; full blocks only, as an engine stores them):
 
 1. the Mooncake trace, CPU 5% + storage 25% of its distinct blocks, storage tier written
-   through, back, and back with the ``reuse`` admission policy (and through with it);
+   through, back, and back with the ``reuse`` admission policy (and through with it), and back
+   with the storage tier evicting by ``adaptive`` (with and without admission);
 2. the same storage tier at CPU 1/5/10/25%, written through and back;
 3. the CPU tier alone at 1/5/10/25% under each eviction policy;
 4. the CPU tier alone on four generated workloads (the bench's synthetic chat generator with
@@ -73,10 +74,11 @@ def storage_point(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def storage_config(path: str, write_policy: str, admission: str) -> dict[str, Any]:
+def storage_config(path: str, write_policy: str, admission: str,
+                   eviction: str = "lru") -> dict[str, Any]:
     """CPU + one storage tier in ``path``."""
     return {"secondary_tiers": [{"type": "storage", "path": path, "write_policy": write_policy,
-                                 "admission_policy": admission}]}
+                                 "admission_policy": admission, "eviction_policy": eviction}]}
 
 
 def run_all(trace: str, quick: bool, progress: Any) -> dict[str, Any]:
@@ -90,12 +92,14 @@ def run_all(trace: str, quick: bool, progress: Any) -> dict[str, Any]:
                            "distinct_blocks": distinct, "machine": machine_info()}
     try:
         cpu5, st25 = round(0.05 * distinct), round(0.25 * distinct)
-        combos = [("through", "all"), ("back", "all"), ("back", "reuse"), ("through", "reuse")]
+        combos = [("through", "all", "lru"), ("back", "all", "lru"), ("back", "reuse", "lru"),
+                  ("through", "reuse", "lru"), ("back", "all", "adaptive"),
+                  ("back", "reuse", "adaptive")]
         out["tiers"] = {}
-        for wp, adm in combos:
-            progress(f"CPU 5% + storage 25%: {wp}, admission {adm}")
-            run = replay(wl, storage_config(tmp, wp, adm), cpu5, st25)
-            out["tiers"][f"{wp}/{adm}"] = storage_point(run)
+        for wp, adm, ev in combos:
+            progress(f"CPU 5% + storage 25%: {wp}, admission {adm}, storage eviction {ev}")
+            run = replay(wl, storage_config(tmp, wp, adm, ev), cpu5, st25)
+            out["tiers"][f"{wp}/{adm}/{ev}"] = storage_point(run)
         out["write_sweep"] = {}
         for frac in FRACS:
             for wp in ("through", "back"):
@@ -132,13 +136,16 @@ def run_all(trace: str, quick: bool, progress: Any) -> dict[str, Any]:
 def tables(res: dict[str, Any]) -> str:
     """The markdown tables of a result."""
     lines: list[str] = []
-    base = res["tiers"]["through/all"]
+    base = res["tiers"]["through/all/lru"]
     lines += ["CPU 5% + storage 25% of the distinct blocks:", "",
               "| storage tier | block hit | CPU hits | storage hits | storage writes (blocks) "
               "| writes vs through | written bytes per storage hit byte |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"through/all": '`"through"`', "back/all": '`"back"`',
-             "back/reuse": '`"back"` + `"reuse"`', "through/reuse": '`"through"` + `"reuse"`'}
+    names = {"through/all/lru": '`"through"`', "back/all/lru": '`"back"`',
+             "back/reuse/lru": '`"back"`, admission `"reuse"`',
+             "through/reuse/lru": '`"through"`, admission `"reuse"`',
+             "back/all/adaptive": '`"back"`, eviction `"adaptive"`',
+             "back/reuse/adaptive": '`"back"`, admission `"reuse"`, eviction `"adaptive"`'}
     for key, label in names.items():
         p = res["tiers"][key]
         ratio = p["storage_written_blocks"] / base["storage_written_blocks"] - 1
@@ -200,7 +207,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     a1.legend()
     for key, p in res["tiers"].items():
         a2.scatter(p["storage_written_blocks"] / 1000, p["block_hit_rate"], s=50)
-        a2.annotate(key.replace("/", " + "), (p["storage_written_blocks"] / 1000,
+        a2.annotate(key.replace("/all", "").replace("/lru", "").replace("/", " + "),
+                    (p["storage_written_blocks"] / 1000,
                                               p["block_hit_rate"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     a2.set_xlabel("storage writes (thousand blocks)")

@@ -80,19 +80,41 @@ def test_reuse_admission_declines_a_fresh_suffix_and_admits_a_second_sighting() 
     assert adm.admit(b"never-seen"), "nothing known: written"
 
 
+def _offer(adm: ReuseAdmission, keys: list[bytes], request: str) -> list[bool]:
+    adm.observe(keys, request)
+    return [adm.admit(k) for k in keys]
+
+
+def test_reuse_admission_filters_once_its_shadows_say_it_costs_nothing() -> None:
+    adm = ReuseAdmission(capacity=8)
+    adm.window = 4
+    prefix = _chain([1, 2, 3, 4])
+    assert adm.fallback, "until the shadows are full, everything is written"
+    decided = []
+    for i in range(64):  # a shared prefix, then a fresh 3-block tail nobody asks for again
+        tail = [bytes([200, i, j, 0]) for j in range(3)]
+        decided = _offer(adm, prefix + tail, f"r{i}")
+    assert not adm.fallback
+    assert decided[:4] == [True] * 4, "the shared prefix is written"
+    assert decided[4:] == [False] * 3, "the one-off tail is not"
+    assert adm.declined > 0
+
+
 def test_reuse_admission_falls_back_when_filtering_costs_hits() -> None:
-    adm = ReuseAdmission(capacity=64)
-    adm.window = 8
-    # Every request is one fresh block followed by its immediate repeat: declining the fresh
-    # blocks loses every hit the tier could have had, and the shadows show it.
+    adm = ReuseAdmission(capacity=8)
+    adm.window = 4
+    prefix = _chain([1, 2, 3, 4])
     for i in range(64):
-        k = _chain([i % 50, 200])[-1:] + [bytes([i])]
-        adm.observe(k)
-        for key in k:
-            adm.admit(key)
-        adm.observe(k)
-    assert adm.fallback, "filtering cost hits in the shadow: admit everything"
-    assert adm.admit(_chain([7, 7, 7])[-1])
+        _offer(adm, prefix + [bytes([200, i, j, 0]) for j in range(3)], f"a{i}")
+    assert not adm.fallback
+    # Now every fresh tail is asked for again at once: the shadow that wrote it hits, the
+    # filtered one does not, and the policy goes back to writing everything.
+    for i in range(64):
+        tail = [bytes([201, i, j, 0]) for j in range(3)]
+        _offer(adm, prefix + tail, f"b{i}")
+        adm.observe(prefix + tail, f"c{i}")
+    assert adm.fallback
+    assert adm.admit(bytes([202, 0, 0, 0]))
 
 
 def test_registries() -> None:

@@ -121,10 +121,10 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         c["lookup_keys"] += n
         primary = self.primary
         primary.policy.observe(keys, ctx.req_id)
+        r = primary.run_length(keys)
         for adm in self.admissions:
             if adm is not None:
-                adm.observe(keys, ctx.req_id)
-        r = primary.run_length(keys)
+                adm.observe(keys, ctx.req_id, r)
         if r < n and keys[r] in self._promoting:
             self._collect()  # a promotion may have finished since the step began
             r += primary.run_length(keys, r)

@@ -27,9 +27,10 @@ class AdmissionPolicy(ABC):
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
 
-    def observe(self, keys: Sequence[bytes], request: str | None = None) -> None:
-        """Request ``request`` references ``keys`` (prefix order, its end last); called on each
-        of its lookups (again when a lookup answered None); O(len(keys))."""
+    def observe(self, keys: Sequence[bytes], request: str | None = None, upper: int = 0) -> None:
+        """Request ``request`` references ``keys`` (prefix order, its end last), of which the
+        CPU tier holds the first ``upper``; called on each of its lookups (again when a lookup
+        answered None); O(len(keys))."""
         return None
 
     @abstractmethod
@@ -87,49 +88,61 @@ class ReuseAdmission(AdmissionPolicy):
     own suffix and is rarely asked for again; a block seen twice or more, or deep inside a
     longer prompt, is written. Two metadata-only LRU shadows of the tier's capacity replay
     what the tier would hold if it wrote everything offered and if it wrote only what this
-    policy admits; every ``window`` lookups their leading-run hits are compared, and while the
-    filtered shadow hits less than ``1 - slack`` times the other one, every block is admitted.
+    policy admits. Every ``window`` lookups their hits (the run of a request's blocks each would
+    serve after those the CPU tier serves; a count that decays by ``decay`` per window) are
+    compared; while the filtered shadow holds less than
+    ``1 - slack`` times the other one, every block is admitted, and so it is until the shadow of
+    all writes is full and a first window after that has been compared.
     History is bounded (``history`` keys; the shadows hold at most the tier's capacity each).
     """
 
     name = "reuse"
     tail_blocks = 32
-    window = 256
+    window = 64
+    decay = 0.75
     slack = 0.01
 
     def __init__(self, capacity: int | None = None, *, history: int | None = None) -> None:
         super().__init__(capacity)
         self.predictor = ReusePredictor(history or max(4 * (capacity or 0), 1 << 16),
                                         self.tail_blocks)
-        self.fallback = False
+        self.fallback = capacity is not None and capacity > 0  # until the shadows have spoken
         self.shadow_all: OrderedDict[bytes, None] | None = None
         self.shadow_filtered: OrderedDict[bytes, None] | None = None
         if capacity:
             self.shadow_all = OrderedDict()
             self.shadow_filtered = OrderedDict()
-        self._hits = [0, 0]
+        self._hits = [0.0, 0.0]
         self._lookups = 0
+        self._warm = False
         self.declined = 0
 
-    def observe(self, keys: Sequence[bytes], request: str | None = None) -> None:
+    def observe(self, keys: Sequence[bytes], request: str | None = None, upper: int = 0) -> None:
         if not self.predictor.observe(keys, request):
             return
         if self.shadow_all is None or self.shadow_filtered is None:
             return
+        # A shadow's hits: the run it would serve after what the CPU tier serves.
         for j, shadow in enumerate((self.shadow_all, self.shadow_filtered)):
             run = True
-            for k in keys:
+            for i, k in enumerate(keys):
                 if k in shadow:
                     shadow.move_to_end(k)
-                    if run:
+                    if run and i >= upper:
                         self._hits[j] += 1
-                else:
+                elif i >= upper:
                     run = False
         self._lookups += 1
         if self._lookups >= self.window:
             h_all, h_filt = self._hits
+            if not self._warm:  # a tier that is not full yet loses nothing to writes:
+                # compare only once the shadows are full, from then on
+                self._warm = len(self.shadow_all) >= (self.capacity or 0)
+                self._hits = [0.0, 0.0]
+                self._lookups = 0
+                return
             self.fallback = h_filt < (1.0 - self.slack) * h_all
-            self._hits = [0, 0]
+            self._hits = [h_all * self.decay, h_filt * self.decay]
             self._lookups = 0
 
     def _shadow_put(self, shadow: OrderedDict[bytes, None], key: bytes) -> None:
