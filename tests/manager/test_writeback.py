@@ -273,3 +273,37 @@ def test_first_tier_cascade_with_write_back_on_both_tiers(namespace: str) -> Non
         assert load_and_check(m, keys) == 24
     finally:
         m.shutdown()
+
+
+class DownTier(ExampleTier):
+    """The example tier with a switch for ``available`` (a medium that is down)."""
+
+    up = True
+
+    @property
+    def available(self) -> bool:
+        return self.up
+
+
+def test_a_tier_that_is_down_never_makes_the_engine_wait(namespace: str) -> None:
+    cfg = {"cpu_bytes_to_use": SLOTS * BLOCK, "secondary_tiers": [
+        {"type": "DownTier", "module_path": __name__, "write_policy": "back"}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK,
+                                     namespace=namespace).get_manager()
+    try:
+        keys = [make_key(i, namespace) for i in range(30)]
+        store_blocks(m, keys[:SLOTS])
+        m.tiers[0].up = False
+        store_blocks(m, keys[SLOTS:20])  # completes: the victims are let go unwritten
+        settle(m)
+        c = m.get_stats()["manager"]
+        assert c["writeback_skipped_blocks"] == 20 - SLOTS and c["written_back_blocks"] == 0
+        assert _tier_blocks(m) == 0
+        m.tiers[0].up = True
+        store_blocks(m, keys[20:])
+        settle(m)
+        assert m.get_stats()["manager"]["written_back_blocks"] == 10
+        assert load_and_check(m, keys[12:]) == 18  # the 10 written and the 8 resident
+        m.primary.check()
+    finally:
+        m.shutdown()

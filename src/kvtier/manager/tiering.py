@@ -403,8 +403,8 @@ class TieringManager(WriteBackMixin, OffloadingManager):
                 self._writeback_batches[ti] = _Batch()
                 if tier.available:
                     self._submit("writeback", ti, tier, wb)
-                else:  # the blocks stay in the CPU tier, still owed to the tier
-                    self._writeback_done(ti, wb.keys, frozenset(wb.keys))
+                else:  # a tier that is down takes no writes: let the victims go
+                    self._writeback_done(ti, wb.keys, frozenset(), skipped=True)
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)

@@ -6,8 +6,10 @@ write-back tier still needs is *retained*: it keeps its primary slot, READY (so 
 find it and loads still read it) and pinned, until every such tier has finished writing it;
 only then is the slot freed. A failed write returns the block to the CPU tier (still owed to
 that tier), so a block the manager acknowledged is never in no tier while an engine may ask for
-it. The manager moves blocks through primary slots only, so for every tier "the tier above" is
-the CPU tier.
+it. While a tier is down (``available`` is false when its batch is due) its victims are let go
+unwritten and counted, as write-through stores to a down tier are: the engine never waits on a
+tier that cannot take writes. The manager moves blocks through primary slots only, so for every
+tier "the tier above" is the CPU tier.
 
 The cascade policy still decides *which* tiers a block goes to; the write policy decides *when*;
 a tier's admission policy (``kvtier.policies.admission``) decides, at that moment, whether the
@@ -85,26 +87,17 @@ class WriteBackMixin:
         return out
 
     def _retainer(self) -> Callable[[bytes], bool] | None:
-        """The eviction callback for one allocation: keep a victim while a write-back tier that
-        is up (and whose admission policy wants it) is owed it. Owed to a tier that is down, it
-        is evicted unwritten (counted in ``writeback_skipped_blocks``): the engine never waits
-        on a tier that cannot take writes."""
+        """The eviction callback for one allocation: keep a victim while a write-back tier
+        (whose admission policy wants it) is owed it."""
         wb = self._wb
         if wb is None:
             return None
-        up = 0
-        for ti, tier in enumerate(self.tiers):
-            if wb.back_mask & (1 << ti) and tier.available:
-                up |= 1 << ti
-        owed, retiring, counters = wb.owed, wb.retiring, self.counters
+        owed, retiring = wb.owed, wb.retiring
 
         def retain(key: bytes) -> bool:
             bits = owed.pop(key, 0)
             if not bits:
                 return False
-            if bits & ~up:
-                counters["writeback_skipped_blocks"] += 1
-            bits &= up
             for ti in range(len(self.tiers)):
                 if bits & (1 << ti) and not self._admit(ti, [key]):
                     bits &= ~(1 << ti)
@@ -149,21 +142,28 @@ class WriteBackMixin:
         elif self.primary.finish_retained(key):
             self._evicted([key])
 
-    def _writeback_done(self, tier_index: int, keys: list[bytes], failed: frozenset[bytes]) -> None:
-        """A write-back job ended: settle what was written, give back what was not."""
+    def _writeback_done(self, tier_index: int, keys: list[bytes], failed: frozenset[bytes],
+                        *, skipped: bool = False) -> None:
+        """A write-back job ended: settle what was written, give back what was not. ``skipped``:
+        the tier was down when the job was due; its blocks are let go unwritten (the engine
+        never waits on a tier that cannot take writes, as a write-through store to a down tier
+        is dropped too)."""
         wb = self._wb
         assert wb is not None
         bit = 1 << tier_index
+        if skipped:
+            self.counters["writeback_skipped_blocks"] += len(keys)
         for key in keys:
-            if key not in failed:
+            if skipped or key not in failed:
                 wb.settle(key, bit)
             left = wb.waiting.get(key, 1) - 1
             if left > 0:
                 wb.waiting[key] = left
             else:
                 self._retired(key)
-        self.counters["written_back_blocks"] += len(keys) - len(failed)
-        self.counters["writeback_failures"] += len(failed)
+        if not skipped:
+            self.counters["written_back_blocks"] += len(keys) - len(failed)
+            self.counters["writeback_failures"] += len(failed)
 
     def _owe_again(self, tier: SecondaryTier, keys: Sequence[bytes]) -> None:
         """A write-back tier dropped blocks the CPU tier still holds: owe them to it again."""
