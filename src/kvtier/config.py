@@ -37,14 +37,14 @@ KNOWN_KEYS = frozenset(
         "secondary_tiers",
         "cascade_policy",
         "cascade_policy_module_path",
+        "promotion_deadline_seconds",
     }
 )
 
-
-# Keys of a ``secondary_tiers`` entry that the manager reads; the tier gets the others.
-TIER_MANAGER_KEYS = frozenset(
-    {"type", "module_path", "write_policy", "admission_policy", "admission_policy_module_path"}
-)
+# Keys every secondary tier's dict accepts besides its own parameters: the manager reads them.
+MANAGER_TIER_KEYS = ("type", "module_path", "max_pinned_share", "slow_store_factor",
+                     "write_policy", "admission_policy", "admission_policy_module_path")
+DEFAULT_PROMOTION_DEADLINE_S = 0.5
 
 
 class ConfigError(ValueError):
@@ -147,6 +147,8 @@ class TierConfig:
     module_path: str | None
     params: dict[str, Any]
     index: int
+    max_pinned_share: float = 0.25
+    slow_store_factor: float = 8.0
     write_policy: str | None = None  # "through" or "back"; None: the tier type's default
     admission_policy: str = "all"
     admission_policy_module_path: str | None = None
@@ -166,6 +168,7 @@ class KVTierConfig:
     cascade_policy: str
     cascade_policy_module_path: str | None
     secondary_tiers: tuple[TierConfig, ...] = field(default_factory=tuple)
+    promotion_deadline_seconds: float = DEFAULT_PROMOTION_DEADLINE_S
 
 
 def parse_config(
@@ -237,6 +240,13 @@ def parse_config(
         module_path = entry.get("module_path")
         if module_path is not None and (not isinstance(module_path, str) or not module_path):
             raise ConfigError(f"{key}.module_path", "an importable module path", module_path)
+        share = optional_float(entry, "max_pinned_share", 0.25, label=f"{key}.max_pinned_share")
+        assert share is not None
+        if share > 1:
+            raise ConfigError(f"{key}.max_pinned_share", "a share of the CPU tier in (0, 1]", share)
+        factor = optional_float(entry, "slow_store_factor", 8.0, minimum=1.0,
+                                label=f"{key}.slow_store_factor")
+        assert factor is not None
         write_policy = None
         if entry.get("write_policy") is not None:
             write_policy = require_str(entry, "write_policy", label=f"{key}.write_policy",
@@ -247,10 +257,14 @@ def parse_config(
         if adm_path is not None and (not isinstance(adm_path, str) or not adm_path):
             raise ConfigError(f"{key}.admission_policy_module_path", "an importable module path",
                               adm_path)
-        params = {k: v for k, v in entry.items() if k not in TIER_MANAGER_KEYS}
+        params = {k: v for k, v in entry.items() if k not in MANAGER_TIER_KEYS}
         tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i,
+                                max_pinned_share=share, slow_store_factor=factor,
                                 write_policy=write_policy, admission_policy=admission,
                                 admission_policy_module_path=adm_path))
+    deadline = optional_float(extra_config, "promotion_deadline_seconds",
+                              DEFAULT_PROMOTION_DEADLINE_S)
+    assert deadline is not None
 
     return KVTierConfig(
         cpu_bytes_to_use=cpu_bytes,
@@ -263,4 +277,5 @@ def parse_config(
         cascade_policy=cascade,
         cascade_policy_module_path=cascade_path,
         secondary_tiers=tuple(tiers),
+        promotion_deadline_seconds=deadline,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvtier.config import ConfigError, KVTierConfig, parse_config
 from kvtier.format.record import namespace_fingerprint, namespace_key
+from kvtier.manager.backpressure import TierBackpressure
 from kvtier.manager.cascade import resolve_cascade_policy
 from kvtier.manager.primary import PrimaryTier
 from kvtier.manager.tiering import TieringManager
@@ -138,8 +139,13 @@ class TieringOffloadingSpec:
         admissions: list[AdmissionPolicy | None] = []
         for tier, adm_cls in zip(tiers, self._admission_plan):
             admissions.append(None if adm_cls.name == "all" else adm_cls(tier.block_capacity()))
+        pressure = [
+            TierBackpressure(name, cfg.num_slots, t.max_pinned_share, t.slow_store_factor)
+            for (_, _, name), t in zip(self._tier_plan, cfg.secondary_tiers)
+        ]
         self._manager = TieringManager(
             primary, region.array, tiers, self._cascade_cls(), on_shutdown=region.close,
+            backpressure=pressure, promotion_deadline_s=cfg.promotion_deadline_seconds,
             write_policies=self._write_policies, admissions=admissions,
         )
         log.info(

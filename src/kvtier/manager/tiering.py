@@ -22,17 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.manager.backpressure import (
+    DEFAULT_MAX_PINNED_SHARE,
+    DEFAULT_SLOW_STORE_FACTOR,
+    TierBackpressure,
+)
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
 from kvtier.manager.primary import READY, PrimaryTier
-from kvtier.manager.writeback import WriteBackMixin, WriteBackState
+from kvtier.manager.stats import PRIMARY_MEDIUM, manager_stats
+from kvtier.manager.writeback import WriteBackMixin
 from kvtier.policies.admission import AdmissionPolicy
 from kvtier.tiers.base import SecondaryTier, TierJobResult
 from kvtier.types import LoadStoreSpec, OffloadingEvent, PrepareStoreOutput, ReqContext
 
 log = logging.getLogger("kvtier.manager")
 
-PRIMARY_MEDIUM = "CPU"
 
 
 @dataclass
@@ -62,6 +67,8 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         cascade_policy: CascadePolicy,
         *,
         on_shutdown: Any = None,
+        backpressure: Sequence[TierBackpressure] | None = None,
+        promotion_deadline_s: float = 0.5,
         write_policies: Sequence[str] | None = None,
         admissions: Sequence[AdmissionPolicy | None] | None = None,
     ) -> None:
@@ -77,18 +84,18 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
         self._promote_batches = [_Batch() for _ in self.tiers]
         self._cascade_batches = [_Batch() for _ in self.tiers]
-        self._writeback_batches = [_Batch() for _ in self.tiers]
-        self.write_policies = list(write_policies or ["through"] * len(self.tiers))
-        self.admissions = list(admissions or [None] * len(self.tiers))
-        mask = sum(1 << i for i, wp in enumerate(self.write_policies) if wp == "back")
-        self._wb: WriteBackState | None = WriteBackState(mask) if mask else None
-        self._retry_lookup = False
+        self._init_writeback(write_policies, admissions, _Batch)
         self._events: list[OffloadingEvent] = []
         self._step = 0
         self._closed = False
         self._raised: set[tuple[str, str]] = set()
         self._promised: list[tuple[Sequence[bytes], int]] = []  # this step's lookup answers
         self._promise_pins: list[int] = []
+        self._pressure = list(backpressure) if backpressure is not None else [
+            TierBackpressure(t.name, primary.num_slots, DEFAULT_MAX_PINNED_SHARE,
+                             DEFAULT_SLOW_STORE_FACTOR) for t in self.tiers]
+        self._deadline = promotion_deadline_s
+        self._waiting_since: dict[str, float] = {}  # req_id -> first None answer of this wait
         self.counters: dict[str, float] = {
             "tier_errors": 0,
             "lookup_miss_blocks": 0,
@@ -103,6 +110,9 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             "promotion_seconds_total": 0.0,
             "cascaded_blocks": 0,
             "cascade_failures": 0,
+            "backpressure_dropped": 0,
+            "promotion_deadline_misses": 0,
+            "promotions_preempted": 0,
             "stored_blocks": 0,
             "store_alloc_failures": 0,
             "evicted_blocks": 0,
@@ -131,12 +141,27 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         if r < n and self.tiers and (keys[r] not in primary.key_slot or keys[r] in self._promoting):
             answer = self._lookup_secondary(keys, r)
             if answer is None:
-                return None
+                answer = self._past_deadline(ctx.req_id, keys, r)
+                if answer is None:
+                    return None
             r = answer
+        if self._waiting_since:
+            self._waiting_since.pop(ctx.req_id, None)
         if r:
             self._promised.append((keys, r))
         self.counters["lookup_miss_blocks"] += n - r
         return r
+
+    def _past_deadline(self, req_id: str, keys: Sequence[bytes], r: int) -> int | None:
+        """None while the request has waited less than the promotion deadline; after it, the
+        run that is loadable now (the blocks still in flight are misses; their jobs go on)."""
+        now = time.monotonic()
+        since = self._waiting_since.setdefault(req_id, now)
+        if now - since < self._deadline:
+            return None
+        q = r + self.primary.run_length(keys, r)
+        self.counters["promotion_deadline_misses"] += len(keys) - q
+        return q
 
     def _protect_promises(self) -> None:
         """Pin, until the step ends, every block ``lookup`` answered as loadable this step.
@@ -319,6 +344,8 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             self._protect_promises()
         try:
             result = primary.allocate(new_keys, self._retainer()) if new_keys else ([], [])
+            if result is None and self._preempt_promotions(len(new_keys)):
+                result = primary.allocate(new_keys, self._retainer())
         finally:
             for s in guarded:
                 primary.decref(s)
@@ -333,6 +360,28 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             store_spec=LoadStoreSpec(np.asarray(slots, dtype=np.int64)),
             evicted_keys=evicted,
         )
+
+    def _preempt_promotions(self, need: int) -> bool:
+        """Give a running request's store the slots of promotions not yet submitted.
+
+        Stores come first: the engine has those blocks now, while a waiting request whose
+        promotion is cancelled asks again and finds a miss or a fresh promotion. True when
+        anything was released and ``need`` slots can now be had.
+        """
+        primary = self.primary
+        if primary.can_free(need) or not any(b.keys for b in self._promote_batches):
+            return False
+        released = 0
+        for ti in range(len(self.tiers)):
+            b = self._promote_batches[ti]
+            while b.keys and not primary.can_free(need):
+                key = b.keys.pop()
+                b.slots.pop()
+                self._promoting.pop(key, None)
+                primary.release(key)
+                released += 1
+        self.counters["promotions_preempted"] += released
+        return released > 0 and primary.can_free(need)
 
     def complete_store(
         self, keys: Sequence[bytes], ctx: ReqContext, success: bool = True
@@ -373,6 +422,12 @@ class TieringManager(WriteBackMixin, OffloadingManager):
                 self._wb.owe(chosen, 1 << ti)  # written when the CPU tier evicts them
                 continue
             chosen = self._admit(ti, chosen)
+            n = len(chosen)
+            chosen = self._pressure[ti].admit(chosen)
+            if len(chosen) < n:
+                self.counters["backpressure_dropped"] += n - len(chosen)
+            if not chosen:
+                continue
             b = self._cascade_batches[ti]
             for key in chosen:
                 s = key_slot[key]
@@ -385,6 +440,9 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         self._step += 1
         self._release_promises()
         self._collect()
+        now = time.monotonic()
+        for bp in self._pressure:
+            bp.tick(now)
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
             if pb.keys:
@@ -396,15 +454,9 @@ class TieringManager(WriteBackMixin, OffloadingManager):
                     self._submit("cascade", ti, tier, cb)
                 else:
                     self.counters["cascade_failures"] += len(cb.keys)
-                    self._release_cascade(cb.keys, cb.slots)
+                    self._release_cascade(ti, cb.slots)
                 self._cascade_batches[ti] = _Batch()
-            wb = self._writeback_batches[ti]
-            if wb.keys:
-                self._writeback_batches[ti] = _Batch()
-                if tier.available:
-                    self._submit("writeback", ti, tier, wb)
-                else:  # a tier that is down takes no writes: let the victims go
-                    self._writeback_done(ti, wb.keys, frozenset(), skipped=True)
+            self._submit_writebacks(ti, tier, _Batch)
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
@@ -448,7 +500,11 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             self._writeback_done(job.tier, job.keys, failed)
             return
         if job.kind == "cascade":
-            self._release_cascade(job.keys, job.slots)
+            self._release_cascade(job.tier, job.slots)
+            if not failed:
+                bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+                took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
+                self._pressure[job.tier].observe(took, len(job.keys) * bb)
             ok = len(job.keys) - len(failed)
             self.counters["cascaded_blocks"] += ok
             self.counters["cascade_failures"] += len(failed)
@@ -471,15 +527,19 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             self._events.append(OffloadingEvent(loaded, PRIMARY_MEDIUM, False))
             self._queue_cascade(loaded, source_tier=job.tier)
 
-    def _release_cascade(self, keys: list[bytes], slots: list[int]) -> None:
+    def _release_cascade(self, ti: int, slots: list[int]) -> None:
         decref = self.primary.decref
         for s in slots:
             decref(s)
+        self._pressure[ti].release(len(slots))
 
     def _evicted(self, keys: list[bytes]) -> None:
         if keys:
             self.counters["evicted_blocks"] += len(keys)
             self._events.append(OffloadingEvent(list(keys), PRIMARY_MEDIUM, True))
+
+    def on_request_finished(self, ctx: ReqContext) -> None:
+        self._waiting_since.pop(ctx.req_id, None)
 
     # -- housekeeping ----------------------------------------------------------------------
     def has_pending_work(self) -> bool:
@@ -496,37 +556,7 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         return ev
 
     def get_stats(self) -> dict[str, Any]:
-        p = self.primary
-        c = dict(self.counters)
-        promoted = c["promoted_blocks"] + c["promotion_failures"]
-        c["promotion_latency_steps_avg"] = c["promotion_steps_total"] / promoted if promoted else 0.0
-        c["promotion_latency_s_avg"] = c["promotion_seconds_total"] / promoted if promoted else 0.0
-        bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
-        tiers: dict[str, Any] = {
-            PRIMARY_MEDIUM: {
-                "medium": PRIMARY_MEDIUM,
-                "num_slots": p.num_slots,
-                "used_slots": len(p.key_slot),
-                "free_slots": len(p.free),
-                "usage_bytes": len(p.key_slot) * bb,
-                "capacity_bytes": p.num_slots * bb,
-                "policy": p.policy.name,
-                "hits": c["primary_hit_blocks"],
-                "misses": c["lookup_miss_blocks"],
-                "failures": c["store_alloc_failures"] + c["promotion_failures"],
-                "evictions": c["evicted_blocks"],
-                "bytes_written": (c["stored_blocks"] + c["promoted_blocks"]) * bb,
-                "bytes_read": c["loads_prepared_blocks"] * bb,
-            }
-        }
-        for tier in self.tiers:
-            st = {"medium": tier.medium, "available": tier.available}
-            try:
-                st.update(tier.stats())
-            except Exception:
-                log.exception("tier %s raised from stats", tier.name)
-            tiers[tier.name] = st
-        return {"manager": c, "tiers": tiers}
+        return manager_stats(self)
 
     def reset_cache(self) -> None:
         self._release_promises()

@@ -72,10 +72,37 @@ class WriteBackMixin:
     counters: dict[str, float]
     cascade_policy: CascadePolicy
     admissions: list[AdmissionPolicy | None]
+    write_policies: list[str]
     _wb: WriteBackState | None
     _writeback_batches: list[Any]
+    _retry_lookup: bool
 
     def _evicted(self, keys: list[bytes]) -> None: ...  # provided by the manager
+
+    def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: Any) -> None: ...
+
+    def _init_writeback(self, write_policies: Sequence[str] | None,
+                        admissions: Sequence[AdmissionPolicy | None] | None,
+                        batch: Callable[[], Any]) -> None:
+        """Set up per-tier write policies, admission policies and write-back batches."""
+        n = len(self.tiers)
+        self._writeback_batches = [batch() for _ in range(n)]
+        self.write_policies = list(write_policies or ["through"] * n)
+        self.admissions = list(admissions or [None] * n)
+        mask = sum(1 << i for i, wp in enumerate(self.write_policies) if wp == "back")
+        self._wb = WriteBackState(mask) if mask else None
+        self._retry_lookup = False
+
+    def _submit_writebacks(self, ti: int, tier: SecondaryTier, batch: Callable[[], Any]) -> None:
+        """End of step: hand tier ``ti`` the victims it is owed, or let them go if it is down."""
+        wb = self._writeback_batches[ti]
+        if not wb.keys:
+            return
+        self._writeback_batches[ti] = batch()
+        if tier.available:
+            self._submit("writeback", ti, tier, wb)
+        else:  # a tier that is down takes no writes: let the victims go
+            self._writeback_done(ti, wb.keys, frozenset(), skipped=True)
 
     def _admit(self, ti: int, keys: Sequence[bytes]) -> Sequence[bytes]:
         """The keys tier ``ti``'s admission policy finds worth writing."""

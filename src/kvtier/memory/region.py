@@ -8,15 +8,22 @@ Before Python 3.13, ``SharedMemory`` registers every segment it opens with the r
 which unlinks it when that process exits, pulling the region out from under the others. This
 module unregisters it, and unlinking is explicit: the owner (the manager) unlinks at shutdown, and
 a finalizer does it if the owner's process exits without shutting down.
+
+A process killed outright runs neither, so whoever creates the segment also starts a
+:class:`~kvtier.memory.watchdog.Watchdog`, a small process that unlinks it once no process uses it
+any more, and that reclaims at its start segments whose creators are gone (see that module).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
+
+from kvtier.memory.watchdog import Watchdog
 
 _PAGE = 4096
 
@@ -32,6 +39,14 @@ def _unlink_quietly(name: str) -> None:
 
     with contextlib.suppress(FileNotFoundError, OSError):
         _posixshmem.shm_unlink("/" + name.lstrip("/"))
+
+
+def _cleanup(name: str, owner: bool, watchdog: Watchdog | None) -> None:
+    """The owner unlinks; a watchdog is told whether the segment is gone or is its to watch."""
+    if owner:
+        _unlink_quietly(name)
+    if watchdog is not None:
+        watchdog.stop(unlinked=owner)
 
 
 class BlockRegion:
@@ -63,14 +78,18 @@ class BlockRegion:
                     f"{num_slots * block_bytes} needed: another engine uses this instance_id"
                 ) from None
         _untrack(self._shm)
+        self._watchdog: Watchdog | None = None
+        if self.created:
+            try:
+                self._watchdog = Watchdog(name, os.fstat(self._shm._fd).st_ino)  # type: ignore[attr-defined]
+            except OSError:
+                self._watchdog = None  # no watchdog: shutdown and the finalizer still unlink
         buf = self._shm.buf
         assert buf is not None
         self.array: np.ndarray = np.ndarray(
             (num_slots, block_bytes), dtype=np.uint8, buffer=buf
         )
-        self._finalizer = (
-            weakref.finalize(self, _unlink_quietly, name) if owner else None
-        )
+        self._finalizer = weakref.finalize(self, _cleanup, name, owner, self._watchdog)
         self._closed = False
 
     def slot(self, slot_id: int) -> np.ndarray:
@@ -85,7 +104,5 @@ class BlockRegion:
         self.array = np.empty((0, self.block_bytes), dtype=np.uint8)
         with contextlib.suppress(BufferError):
             self._shm.close()
-        if self.owner:
-            _unlink_quietly(self.name)
-            if self._finalizer is not None:
-                self._finalizer.detach()
+        self._finalizer.detach()
+        _cleanup(self.name, self.owner, self._watchdog)

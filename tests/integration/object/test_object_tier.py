@@ -35,8 +35,10 @@ SLOTS = 16
 def make_manager(server: S3Server, namespace: str, *, slots: int = SLOTS, block: int = BLOCK,
                  **params: object) -> kvtier.TieringManager:
     """A manager with a CPU primary tier of ``slots`` blocks and one object tier."""
+    # These tests check what the tier serves and what it costs, not how long a request may wait
+    # for it: a generous promotion deadline keeps a loaded machine from turning hits into misses.
     spec = kvtier.TieringOffloadingSpec(
-        {"cpu_bytes_to_use": slots * block,
+        {"cpu_bytes_to_use": slots * block, "promotion_deadline_seconds": 60,
          "secondary_tiers": [server.tier_params(**{"threads": 4, **params})]},
         gpu_block_size=16, bytes_per_gpu_block=block, namespace=namespace,
     )

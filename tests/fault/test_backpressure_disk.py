@@ -1,0 +1,104 @@
+"""A storage tier on a disk the kernel throttles to a tenth of the store rate: the CPU tier keeps
+taking the engine's stores, the slow tier pins no more than its bound, the other tier's hits are
+unchanged, and the slow tier comes back to full use when the throttle ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import block_bytes_for, make_key, settle
+
+import kvtier
+from kvtier.bench.faults import ThrottledDisk, throttle_unavailable
+
+BB = 64 << 10
+SLOTS = 256
+BLOCKS_PER_REQ = 16
+WRITE_IOPS = 50  # the disk's limit, about 50 blocks a second
+STEP_S = BLOCKS_PER_REQ / (10 * WRITE_IOPS)  # the engine stores ten times what the disk takes
+
+
+@pytest.fixture
+def disk() -> Iterator[ThrottledDisk]:
+    why = throttle_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with ThrottledDisk(256 << 20) as d:
+        yield d
+
+
+def _manager(path: str, namespace: str) -> kvtier.TieringManager:
+    cfg = {"cpu_bytes_to_use": SLOTS * BB, "secondary_tiers": [
+        {"type": "storage", "path": path, "capacity_bytes": 200 << 20, "direct_io": True,
+         "n_read_threads": 2, "n_write_threads": 2},
+        {"type": "example"}]}
+    return kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB,
+                                        namespace=namespace).get_manager()
+
+
+def _serve(m: kvtier.TieringManager, reqs: list[list[bytes]], peak: list[int]) -> int:
+    """Store each request's blocks as an engine does, one request per step, paced; returns the
+    blocks the CPU tier refused. ``peak`` collects the slow tier's pinned slots per step."""
+    region = m.primary_blocks()
+    refused = 0
+    for i, keys in enumerate(reqs):
+        t0 = time.monotonic()
+        ctx = kvtier.ReqContext(f"r{i}")
+        out = m.prepare_store(keys, ctx)
+        if out is None:
+            refused += len(keys)
+        else:
+            for key, slot in zip(out.keys_to_store, out.store_spec.block_ids):
+                region[slot] = block_bytes_for(key, BB)
+            m.complete_store(out.keys_to_store, ctx)
+        m.on_schedule_end()
+        peak.append(m.get_stats()["tiers"]["storage0"]["pinned_slots"])
+        time.sleep(max(0.0, STEP_S - (time.monotonic() - t0)))
+    return refused
+
+
+def test_throttled_disk_does_not_stall_the_cpu_tier(disk: ThrottledDisk, namespace: str) -> None:
+    m = _manager(str(disk.path), namespace)
+    try:
+        storage, example = m.tiers
+        bound = m.get_stats()["tiers"]["storage0"]["max_pinned_slots"]
+        assert bound == SLOTS // 4
+        disk.set_iops(WRITE_IOPS)
+        reqs = [[make_key(r * BLOCKS_PER_REQ + j, namespace) for j in range(BLOCKS_PER_REQ)]
+                for r in range(120)]
+        peak: list[int] = []
+        refused = _serve(m, reqs, peak)
+        total = len(reqs) * BLOCKS_PER_REQ
+        st = m.get_stats()["tiers"]["storage0"]
+        assert refused <= 0.03 * total, f"the CPU tier refused {refused} of {total} blocks"
+        assert max(peak) <= bound
+        assert st["backpressure_dropped"] > 0 and st["degraded"]
+        # The example tier, which keeps up, got every block, throttle or not.
+        assert sum(example.lookup(k) or 0 for k in reqs) == total
+        assert m.get_stats()["manager"]["backpressure_dropped"] == st["backpressure_dropped"]
+
+        # The throttle ends: the tier drains, and as its stores run fast again it recovers by
+        # itself and takes every block.
+        disk.set_iops(None)
+        settle(m, timeout=120)
+        deadline = time.monotonic() + 120
+        r = 0
+        while m.get_stats()["tiers"]["storage0"]["degraded"]:
+            assert time.monotonic() < deadline, "the tier stayed degraded"
+            r += 1
+            _serve(m, [[make_key(-r * 100 - j, namespace) for j in range(BLOCKS_PER_REQ)]], [])
+            settle(m, timeout=60)
+        dropped = m.get_stats()["tiers"]["storage0"]["backpressure_dropped"]
+        more = [[make_key(10_000 + r * BLOCKS_PER_REQ + j, namespace)
+                 for j in range(BLOCKS_PER_REQ)] for r in range(4)]
+        for keys in more:
+            assert _serve(m, [keys], []) == 0
+            settle(m, timeout=60)
+        assert m.get_stats()["tiers"]["storage0"]["backpressure_dropped"] == dropped
+        assert sum(storage.lookup(k) or 0 for k in more) == 4 * BLOCKS_PER_REQ
+        assert not m.get_stats()["tiers"]["storage0"]["degraded"]
+        m.primary.check()
+    finally:
+        m.shutdown()

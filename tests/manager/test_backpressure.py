@@ -1,0 +1,191 @@
+"""Backpressure, the promotion deadline and stores before promotions, on a tier whose jobs the test
+holds: a stuck tier pins at most its bound, requests stop waiting at the deadline, and a running
+request's store takes the slots of promotions that have not started."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from helpers import lookup_until, make_key, settle, store_blocks
+
+import kvtier
+from kvtier.manager.backpressure import TierBackpressure
+from kvtier.tiers.example import ExampleTier
+
+BLOCK = 4096
+
+
+class GatedTier(ExampleTier):
+    """The example tier, with store and load jobs held until the test opens their gate."""
+
+    def __init__(self, ctx, **params):
+        super().__init__(ctx, **params)
+        self.store_gate = threading.Event()
+        self.load_gate = threading.Event()
+        self.store_gate.set()
+        self.load_gate.set()
+        self.threads: list[threading.Thread] = []
+
+    def _later(self, gate: threading.Event, fn, *args) -> None:
+        def run() -> None:
+            gate.wait(30)
+            fn(self, *args)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def submit_store(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
+        self._later(self.store_gate, ExampleTier.submit_store, job_id, list(keys), slots)
+
+    def submit_load(self, job_id: int, keys: Sequence[bytes], slots: np.ndarray) -> None:
+        self._later(self.load_gate, ExampleTier.submit_load, job_id, list(keys), slots)
+
+
+kvtier.register_tier("gated-example", GatedTier)
+
+
+def _manager(namespace: str, slots: int, tier: dict | None = None, **extra) -> kvtier.TieringManager:
+    cfg = {"cpu_bytes_to_use": slots * BLOCK,
+           "secondary_tiers": [{"type": "gated-example", **(tier or {})}], **extra}
+    return kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK,
+                                        namespace=namespace).get_manager()
+
+
+def _store(m: kvtier.TieringManager, keys: list[bytes], req: str) -> bool:
+    ctx = kvtier.ReqContext(req)
+    out = m.prepare_store(keys, ctx)
+    if out is None:
+        return False
+    m.complete_store(out.keys_to_store, ctx)
+    m.on_schedule_end()
+    return True
+
+
+def test_a_stuck_tier_pins_at_most_its_share_and_recovers(namespace: str) -> None:
+    m = _manager(namespace, 512, {"max_pinned_share": 0.125})
+    try:
+        tier = m.tiers[0]
+        assert isinstance(tier, GatedTier)
+        tier.store_gate.clear()
+        keys = [make_key(i, namespace) for i in range(192)]
+        for i in range(0, 192, 16):
+            assert _store(m, keys[i:i + 16], f"r{i}"), "the CPU tier refused a store"
+            st = m.get_stats()["tiers"]["gated-example0"]
+            assert st["pinned_slots"] <= 64
+        st = m.get_stats()["tiers"]["gated-example0"]
+        assert st["max_pinned_slots"] == 64 and st["pinned_slots"] == 64
+        assert st["backpressure_dropped"] == 128 and st["degraded"]
+        assert m.get_stats()["manager"]["backpressure_dropped"] == 128
+        # Dropped blocks stay loadable from the CPU tier.
+        assert lookup_until(m, keys) == 192
+
+        tier.store_gate.set()
+        settle(m)
+        deadline = time.monotonic() + 30
+        while m.get_stats()["tiers"]["gated-example0"]["degraded"]:
+            assert time.monotonic() < deadline, "the tier stayed degraded"
+            m.on_schedule_end()
+            time.sleep(0.02)
+        more = [make_key(1000 + i, namespace) for i in range(16)]
+        assert _store(m, more, "after")
+        settle(m)
+        st = m.get_stats()["tiers"]["gated-example0"]
+        assert st["backpressure_dropped"] == 128 and st["pinned_slots"] == 0
+        assert tier.lookup(more) == 16
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_latency_signal_halves_the_bound_while_the_tier_is_slow() -> None:
+    bp = TierBackpressure("t", 400, 0.25, 8.0)
+    assert TierBackpressure("small", 16, 0.25, 8.0).bound == 16  # never below 64 or all slots
+    assert bp.limit == 100
+    for _ in range(20):
+        bp.observe(0.001, 1 << 20)
+    assert not bp.slow
+    for _ in range(10):
+        bp.observe(0.1, 1 << 20)  # 100x slower per byte
+    assert bp.slow and bp.limit == 50
+    bp.tick(time.monotonic())
+    assert bp.degraded and bp.stats()["store_latency_ratio"] > 8
+    for _ in range(20):
+        bp.observe(0.001, 1 << 20)
+    assert not bp.slow and bp.limit == 100
+    bp.tick(time.monotonic())
+    assert not bp.degraded
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_pinned_share", 0), ("max_pinned_share", 1.5), ("max_pinned_share", "half"),
+    ("slow_store_factor", 1), ("slow_store_factor", True),
+])
+def test_tier_backpressure_keys_are_checked(key: str, value: object) -> None:
+    cfg = {"cpu_bytes_to_use": 16 * BLOCK, "secondary_tiers": [{"type": "example", key: value}]}
+    with pytest.raises(kvtier.ConfigError, match=rf"secondary_tiers\[0\]\.{key}"):
+        kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK)
+
+
+def test_promotion_deadline_is_checked() -> None:
+    cfg = {"cpu_bytes_to_use": 16 * BLOCK, "promotion_deadline_seconds": 0}
+    with pytest.raises(kvtier.ConfigError, match="promotion_deadline_seconds"):
+        kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK)
+
+
+def test_a_late_promotion_is_a_miss_and_its_slots_come_back(namespace: str) -> None:
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0}, promotion_deadline_seconds=0.2)
+    try:
+        tier = m.tiers[0]
+        assert isinstance(tier, GatedTier)
+        keys = [make_key(i, namespace) for i in range(32)]
+        store_blocks(m, keys)
+        settle(m)
+        want = [k for k in keys if k not in m.primary.key_slot][:4]  # only in the tier
+        assert m.primary.run_length(want) == 0 and tier.lookup(want) == 4
+        tier.load_gate.clear()
+        ctx = kvtier.ReqContext("late")
+        t0 = time.monotonic()
+        assert m.lookup(want, ctx) is None
+        m.on_schedule_end()
+        answer = lookup_until(m, want, ctx)
+        assert answer == 0, "blocks still in flight after the deadline are misses"
+        assert time.monotonic() - t0 >= 0.2
+        assert m.get_stats()["manager"]["promotion_deadline_misses"] == 4
+        assert m.has_pending_work()
+        tier.load_gate.set()
+        settle(m)
+        m.primary.check()
+        # The late job finished: its blocks are in the CPU tier, nothing stays pinned.
+        assert m.lookup(want, kvtier.ReqContext("next")) == 4
+        assert m.primary.evictable == len(m.primary.key_slot)
+    finally:
+        m.shutdown()
+
+
+def test_running_stores_take_slots_before_queued_promotions(namespace: str) -> None:
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0})
+    try:
+        keys = [make_key(i, namespace) for i in range(32)]
+        store_blocks(m, keys)
+        settle(m)
+        # A waiting request's promotion takes every slot (queued until the step ends).
+        assert m.lookup(keys[:16], kvtier.ReqContext("waiting")) is None
+        assert m.primary.can_free(1) is False
+        # A running request's store still gets its slots: the queued promotion gives way.
+        new = [make_key(100 + i, namespace) for i in range(4)]
+        out = m.prepare_store(new, kvtier.ReqContext("running"))
+        assert out is not None and out.keys_to_store == new
+        assert m.get_stats()["manager"]["promotions_preempted"] == 4
+        m.complete_store(out.keys_to_store, kvtier.ReqContext("running"))
+        settle(m)
+        # The waiting request asks again and gets what was promoted.
+        got = lookup_until(m, keys[:16], kvtier.ReqContext("waiting"))
+        assert got >= 12
+        m.primary.check()
+    finally:
+        m.shutdown()
