@@ -307,3 +307,52 @@ def test_a_tier_that_is_down_never_makes_the_engine_wait(namespace: str) -> None
         m.primary.check()
     finally:
         m.shutdown()
+
+
+class GatedTier(ExampleTier):
+    """The example tier whose store jobs wait until ``gate`` is set (a stalled device)."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.gate = threading.Event()
+
+    def submit_store(self, job_id, keys, slots) -> None:
+        self._in_flight += 1
+        keys, slots = list(keys), slots.copy()
+
+        def later() -> None:
+            self.gate.wait(30)
+            self._in_flight -= 1
+            ExampleTier.submit_store(self, job_id, keys, slots)
+
+        threading.Thread(target=later, daemon=True).start()
+
+
+def test_a_stalled_write_back_tier_pins_at_most_its_share(namespace: str) -> None:
+    slots = 256
+    cfg = {"cpu_bytes_to_use": slots * BLOCK, "secondary_tiers": [
+        {"type": "GatedTier", "module_path": __name__, "write_policy": "back",
+         "max_pinned_share": 0.25}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BLOCK,
+                                     namespace=namespace).get_manager()
+    tier = m.tiers[0]
+    try:
+        keys = [make_key(i, namespace) for i in range(slots + 160)]
+        store_blocks(m, keys[:slots])
+        # The tier takes no write now: 64 victims (a quarter of 256) wait for it, the others
+        # are let go, and the engine's stores go on.
+        store_blocks(m, keys[slots:])
+        st = m.get_stats()
+        assert len(m.primary.retained) <= 64
+        assert st["tiers"][tier.name]["pinned_slots"] <= 64
+        assert st["manager"]["backpressure_dropped"] > 0
+        assert all(m.primary.is_ready(k) for k in keys[-8:])
+        tier.gate.set()
+        settle(m)
+        assert not m.primary.retained
+        assert m.get_stats()["manager"]["written_back_blocks"] == len(
+            [k for k in keys if tier.lookup([k]) == 1])
+        m.primary.check()
+    finally:
+        tier.gate.set()
+        m.shutdown()

@@ -84,6 +84,7 @@ class PrimaryTier:
 
     def allocate(
         self, keys: Sequence[bytes], retain: Callable[[bytes], bool] | None = None,
+        wait: bool = True,
     ) -> tuple[list[int], list[bytes]] | None:
         """Reserve one WRITING slot per key (held by one reference), evicting as needed.
 
@@ -91,8 +92,9 @@ class PrimaryTier:
         must not be in the table. ``retain`` (write-back): a victim it is true for keeps its
         slot, READY and pinned once, and joins ``retained`` (the caller writes it to a lower
         tier and then calls :meth:`finish_retained`); more victims are taken in its place, as
-        many as victims already waiting do not make up for. None changes nothing unless victims
-        were retained.
+        many as victims waiting for their writes do not make up for (with ``wait`` false, only
+        those retained by this call count: the writes in flight are not expected soon). None
+        changes nothing unless victims were retained.
         """
         n = len(keys)
         free = self.free
@@ -105,10 +107,11 @@ class PrimaryTier:
             slot_key, ref = self.slot_key, self.ref
             retained = self.retained
             freed = 0
-            # Victims already waiting for their writes will free their slots: take no more.
-            while freed + len(retained) < need:
+            base = 0 if wait else len(retained)
+            # Victims waiting for their writes will free their slots: take no more.
+            while freed + len(retained) - base < need:
                 # Keys take free slots first; the ones after them are what evictions make room for.
-                want = need - freed - len(retained)
+                want = need - freed - len(retained) + base
                 start = len(free)
                 victims = self.policy.evict_many(want, self._evictable_key, keys[start:start + want])
                 if not victims:

@@ -276,7 +276,8 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         for s in guard:
             primary.incref(s)
         try:
-            result = primary.allocate([k for _, k in plan], self._retainer())
+            result = primary.allocate([k for _, k in plan], self._retainer(),
+                                      self._wb is None or self._wait_for_writebacks())
         finally:
             for s in guard:
                 primary.decref(s)
@@ -343,9 +344,10 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         if new_keys and self._promised and len(primary.free) < len(new_keys):
             self._protect_promises()
         try:
-            result = primary.allocate(new_keys, self._retainer()) if new_keys else ([], [])
+            wait = self._wb is None or self._wait_for_writebacks()
+            result = primary.allocate(new_keys, self._retainer(), wait) if new_keys else ([], [])
             if result is None and self._preempt_promotions(len(new_keys)):
-                result = primary.allocate(new_keys, self._retainer())
+                result = primary.allocate(new_keys, self._retainer(), wait)
         finally:
             for s in guarded:
                 primary.decref(s)
@@ -497,7 +499,8 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             return
         failed = res.failed_keys
         if job.kind == "writeback":
-            self._writeback_done(job.tier, job.keys, failed)
+            took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
+            self._writeback_done(job.tier, job.keys, failed, seconds=took)
             return
         if job.kind == "cascade":
             self._release_cascade(job.tier, job.slots)

@@ -18,11 +18,13 @@ block is worth the write at all.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kvtier.manager.backpressure import TierBackpressure
     from kvtier.manager.cascade import CascadePolicy
     from kvtier.manager.primary import PrimaryTier
     from kvtier.policies.admission import AdmissionPolicy
@@ -76,6 +78,11 @@ class WriteBackMixin:
     _wb: WriteBackState | None
     _writeback_batches: list[Any]
     _retry_lookup: bool
+    _jobs: dict[int, Any]
+    #: how long allocations wait for a write-back job before taking more victims instead
+    WRITEBACK_WAIT_S = 0.05
+    _pressure: list[TierBackpressure]
+    _region: Any
 
     def _evicted(self, keys: list[bytes]) -> None: ...  # provided by the manager
 
@@ -113,21 +120,36 @@ class WriteBackMixin:
         self.counters["admission_declined_blocks"] += len(keys) - len(out)
         return out
 
+    def _wait_for_writebacks(self) -> bool:
+        """Whether an allocation may count on the victims waiting for their writes: not once a
+        write-back job has been in flight for ``WRITEBACK_WAIT_S`` (the tier is behind; more
+        victims are taken, and past the tier's backpressure bound they go unwritten)."""
+        now = time.monotonic()
+        for job in self._jobs.values():
+            if job.kind == "writeback" and now - job.submitted > self.WRITEBACK_WAIT_S:
+                return False
+        return True
+
     def _retainer(self) -> Callable[[bytes], bool] | None:
         """The eviction callback for one allocation: keep a victim while a write-back tier
-        (whose admission policy wants it) is owed it."""
+        (whose admission policy wants it, and whose backpressure bound has room) is owed it."""
         wb = self._wb
         if wb is None:
             return None
-        owed, retiring = wb.owed, wb.retiring
+        owed, retiring, pressure = wb.owed, wb.retiring, self._pressure
 
         def retain(key: bytes) -> bool:
             bits = owed.pop(key, 0)
             if not bits:
                 return False
             for ti in range(len(self.tiers)):
-                if bits & (1 << ti) and not self._admit(ti, [key]):
+                if not bits & (1 << ti):
+                    continue
+                if not self._admit(ti, [key]):
                     bits &= ~(1 << ti)
+                elif not pressure[ti].admit([key]):  # the tier is behind: let it go
+                    bits &= ~(1 << ti)
+                    self.counters["backpressure_dropped"] += 1
             if not bits:
                 return False
             owed[key] = bits
@@ -170,7 +192,7 @@ class WriteBackMixin:
             self._evicted([key])
 
     def _writeback_done(self, tier_index: int, keys: list[bytes], failed: frozenset[bytes],
-                        *, skipped: bool = False) -> None:
+                        *, skipped: bool = False, seconds: float = 0.0) -> None:
         """A write-back job ended: settle what was written, give back what was not. ``skipped``:
         the tier was down when the job was due; its blocks are let go unwritten (the engine
         never waits on a tier that cannot take writes, as a write-through store to a down tier
@@ -178,8 +200,13 @@ class WriteBackMixin:
         wb = self._wb
         assert wb is not None
         bit = 1 << tier_index
+        bp = self._pressure[tier_index]
+        bp.release(len(keys))
         if skipped:
             self.counters["writeback_skipped_blocks"] += len(keys)
+        elif not failed and seconds > 0:
+            bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+            bp.observe(seconds, len(keys) * bb)
         for key in keys:
             if skipped or key not in failed:
                 wb.settle(key, bit)
