@@ -74,11 +74,17 @@ def storage_point(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Backpressure off: on a shared machine its latency signal reacts to other jobs' load and drops
+# stores, which would mix the machine's load into a comparison of policies.
+NO_BACKPRESSURE = {"max_pinned_share": 1.0, "slow_store_factor": 1e9}
+
+
 def storage_config(path: str, write_policy: str, admission: str,
                    eviction: str = "lru") -> dict[str, Any]:
-    """CPU + one storage tier in ``path``."""
+    """CPU + one storage tier in ``path`` (backpressure off)."""
     return {"secondary_tiers": [{"type": "storage", "path": path, "write_policy": write_policy,
-                                 "admission_policy": admission, "eviction_policy": eviction}]}
+                                 "admission_policy": admission, "eviction_policy": eviction,
+                                 **NO_BACKPRESSURE}]}
 
 
 def run_all(trace: str, quick: bool, progress: Any) -> dict[str, Any]:

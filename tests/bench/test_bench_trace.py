@@ -123,7 +123,9 @@ def test_write_back_and_admission_on_the_trace(trace_path: Path, tmp_path: Path)
                         ("back", {"write_policy": "back"}),
                         ("tuned", {"write_policy": "back", "admission_policy": "reuse",
                                    "eviction_policy": "adaptive"})):
-        cfg = {"secondary_tiers": [{"type": "storage", "path": str(tmp_path / name), **extra}]}
+        # backpressure off: its latency signal would drop stores when the machine is busy
+        cfg = {"secondary_tiers": [{"type": "storage", "path": str(tmp_path / name), **extra,
+                                    "max_pinned_share": 1.0, "slow_store_factor": 1e9}]}
         plan = Plan(engine=opts, config=cfg, cpu_blocks=round(0.05 * d),
                     tier_blocks=round(0.25 * d), baselines=False, reference=False)
         run = BenchRunner(wl, plan).run()["runs"][0]

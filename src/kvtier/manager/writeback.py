@@ -8,8 +8,11 @@ only then is the slot freed. A failed write returns the block to the CPU tier (s
 that tier), so a block the manager acknowledged is never in no tier while an engine may ask for
 it. While a tier is down (``available`` is false when its batch is due) its victims are let go
 unwritten and counted, as write-through stores to a down tier are: the engine never waits on a
-tier that cannot take writes. The manager moves blocks through primary slots only, so for every
-tier "the tier above" is the CPU tier.
+tier that cannot take writes. Victims waiting for a tier count against its backpressure bound
+(``max_pinned_share``; past it they go unwritten), and an allocation stops waiting for them once
+a write-back job has been in flight for ``WRITEBACK_WAIT_S``, so a stalled tier never stalls the
+engine's stores. The manager moves blocks through primary slots only, so for every tier "the
+tier above" is the CPU tier.
 
 The cascade policy still decides *which* tiers a block goes to; the write policy decides *when*;
 a tier's admission policy (``kvtier.policies.admission``) decides, at that moment, whether the
@@ -29,9 +32,6 @@ if TYPE_CHECKING:
     from kvtier.manager.primary import PrimaryTier
     from kvtier.policies.admission import AdmissionPolicy
     from kvtier.tiers.base import SecondaryTier
-
-WRITE_POLICIES = ("through", "back")
-
 
 @dataclass
 class WriteBackState:
