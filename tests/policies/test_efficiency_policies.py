@@ -212,3 +212,31 @@ def test_adaptive_follows_the_policy_whose_shadow_hits_more() -> None:
         resident.update(new)
     assert p.hits[0] > p.hits[1]
     assert p.leader == 0
+
+
+def test_every_policy_bounds_the_example_tier(namespace: str) -> None:
+    """The example tier takes any registered ``eviction_policy`` and stays within capacity."""
+    from helpers import load_and_check, make_key, settle, store_blocks
+
+    import kvtier
+
+    for policy in ("lru", "arc", "chain", "adaptive"):
+        cfg = {"cpu_bytes_to_use": 8 * 4096, "secondary_tiers": [
+            {"type": "example", "capacity_bytes": 12 * 4096, "eviction_policy": policy}]}
+        m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=4096,
+                                         namespace=f"{namespace}/{policy}").get_manager()
+        try:
+            keys = [make_key(i, policy) for i in range(40)]
+            store_blocks(m, keys)
+            settle(m)
+            tier = m.tiers[0]
+            assert tier.stats()["blocks"] <= 12
+            assert "eviction_policy" not in tier.stats()["custom_params"]
+            if tier.policy is not None:
+                assert set(tier.policy.keys()) == set(tier._blocks)
+            held = [k for k in keys if tier.lookup([k]) == 1]
+            assert 0 < len(held) <= 12
+            m.reset_cache()
+            assert load_and_check(m, held) == len(held)
+        finally:
+            m.shutdown()
