@@ -32,11 +32,12 @@ def main() -> int:
     report = Soak(args.seconds, seed=args.seed, progress=progress).run()
     print(f"soak: {report['seconds']:.0f} s, {report['requests']} requests, "
           f"throttle: {report['throttle']}")
-    print(f"{'phase':<22}{'requests':>10}{'hit rate':>10}{'refused':>9}{'max call':>10}"
-          f"{'RSS MiB':>9}  notes")
+    print(f"{'phase':<20}{'requests':>9}{'hit rate':>9}{'refused':>8}{'max call':>10}"
+          f"{'its CPU':>9}{'>10ms':>7}{'max GC':>8}{'RSS MiB':>8}  notes")
     for p in report["phases"]:
-        print(f"{p['phase']:<22}{p['requests']:>10}{p['hit_rate']:>10.1%}"
-              f"{p['blocks_refused']:>9}{p['max_call_ms']:>8.1f}ms{p['rss_mib']:>9.1f}  "
+        print(f"{p['phase']:<20}{p['requests']:>9}{p['hit_rate']:>9.1%}"
+              f"{p['blocks_refused']:>8}{p['max_call_ms']:>8.1f}ms{p['slowest_call_cpu_ms']:>7.1f}ms"
+              f"{p['calls_over_10ms']:>7}{p['max_gc_pause_ms']:>6.1f}ms{p['rss_mib']:>8.1f}  "
               f"{p['slowest_call']}; {'; '.join(p['notes'])}")
     lat, rss = report["call_latency_ms"], report["rss_mib"]
     print(f"wrong blocks served: {report['wrong_blocks']}; exceptions escaped: "

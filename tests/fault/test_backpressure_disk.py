@@ -4,6 +4,7 @@ unchanged, and the slow tier comes back to full use when the throttle ends."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -26,7 +27,11 @@ def disk() -> Iterator[ThrottledDisk]:
     if why is not None:
         pytest.skip(why)
     with ThrottledDisk(256 << 20) as d:
+        cgroup, mount = d._cgroup, d.path
         yield d
+    # Closing leaves nothing: the cgroup (processes started meanwhile moved out), the mount.
+    assert cgroup is not None and not cgroup.exists()
+    assert not os.path.ismount(mount)
 
 
 def _manager(path: str, namespace: str) -> kvtier.TieringManager:

@@ -103,20 +103,26 @@ def test_a_stuck_tier_pins_at_most_its_share_and_recovers(namespace: str) -> Non
 
 
 def test_latency_signal_halves_the_bound_while_the_tier_is_slow() -> None:
-    bp = TierBackpressure("t", 400, 0.25, 8.0)
-    assert TierBackpressure("small", 16, 0.25, 8.0).bound == 16  # never below 64 or all slots
-    assert bp.limit == 100
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    small = TierBackpressure("small", 16, 0.25, 8.0)
+    assert small.bound == 16  # never below 64 slots, or all of them
+    for _ in range(10):
+        small.observe(0.001, 1 << 20)
+    for _ in range(10):
+        small.observe(0.1, 1 << 20)
+    assert small.slow and small.limit == 16  # halving stops at that floor
+    assert bp.limit == 200
     for _ in range(20):
         bp.observe(0.001, 1 << 20)
     assert not bp.slow
     for _ in range(10):
         bp.observe(0.1, 1 << 20)  # 100x slower per byte
-    assert bp.slow and bp.limit == 50
+    assert bp.slow and bp.limit == 100
     bp.tick(time.monotonic())
     assert bp.degraded and bp.stats()["store_latency_ratio"] > 8
     for _ in range(20):
         bp.observe(0.001, 1 << 20)
-    assert not bp.slow and bp.limit == 100
+    assert not bp.slow and bp.limit == 200
     bp.tick(time.monotonic())
     assert not bp.degraded
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 _V2 = Path("/sys/fs/cgroup")
@@ -116,11 +117,25 @@ class ThrottledDisk:
     def close(self) -> None:
         """Leave the cgroup, unmount, detach the loop device, delete the image. Idempotent."""
         if self._cgroup is not None:
-            with contextlib.suppress(OSError):
-                if self._home is not None:
-                    (self._home / "cgroup.procs").write_text(str(os.getpid()))
-            with contextlib.suppress(OSError):
-                self._cgroup.rmdir()
+            # This process goes home, and so do processes it started meanwhile that still run
+            # (a cgroup with members cannot be removed).
+            deadline = time.monotonic() + 5
+            while True:
+                with contextlib.suppress(OSError):
+                    pids = (self._cgroup / "cgroup.procs").read_text().split()
+                    for pid in pids:
+                        with contextlib.suppress(OSError):
+                            if self._home is not None:
+                                (self._home / "cgroup.procs").write_text(pid)
+                try:
+                    self._cgroup.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
             self._cgroup = None
         if self._mounted:
             with contextlib.suppress(subprocess.CalledProcessError):

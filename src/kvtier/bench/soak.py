@@ -155,6 +155,9 @@ class PhaseStats:
     refused: int = 0
     max_call_ms: float = 0.0
     slowest_call: str = ""
+    slowest_cpu_ms: float = 0.0  # CPU time the slowest call used: the rest it waited
+    calls_over_10ms: int = 0
+    max_gc_ms: float = 0.0
     rss_mib: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -164,7 +167,9 @@ class PhaseStats:
                 "blocks_hit": self.hit,
                 "hit_rate": self.hit / self.looked_up if self.looked_up else 0.0,
                 "blocks_refused": self.refused, "max_call_ms": self.max_call_ms,
-                "slowest_call": self.slowest_call, "rss_mib": self.rss_mib, "notes": self.notes}
+                "slowest_call": self.slowest_call, "slowest_call_cpu_ms": self.slowest_cpu_ms,
+                "calls_over_10ms": self.calls_over_10ms, "max_gc_pause_ms": self.max_gc_ms,
+                "rss_mib": self.rss_mib, "notes": self.notes}
 
 
 class _Latency:
@@ -217,6 +222,7 @@ class Soak:
 
     # -- the stand-in engine ---------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         try:
             return fn(*args)
@@ -232,6 +238,9 @@ class Soak:
             if us > ph.max_call_ms * 1000:
                 ph.max_call_ms = us / 1000
                 ph.slowest_call = what
+                ph.slowest_cpu_ms = (time.thread_time() - c0) * 1000
+            if us > 10_000:
+                ph.calls_over_10ms += 1
 
     def _request(self, n: int) -> list[bytes]:
         # A shared prefix (skewed choice among 300 conversations of 8 blocks), then 4 new blocks.
@@ -377,7 +386,9 @@ class Soak:
                "secondary_tiers": [
                    {"type": "storage", "path": str(root), "capacity_bytes": self.storage_bytes,
                     "n_read_threads": 2, "n_write_threads": 2},
-                   {"type": "network", "url": redis.url}]}
+                   # Sized to what the server holds (a few thousand blocks): the default
+                   # remembers 262,144 keys, tens of MiB the run would spend filling.
+                   {"type": "network", "url": redis.url, "presence_cache_keys": 16384}]}
         spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16,
                                             bytes_per_gpu_block=self.block_bytes,
                                             namespace="soak")
@@ -389,6 +400,16 @@ class Soak:
         n = 0
         pending: list[tuple[list[bytes], Any]] = []
         rss_warm = peak_rss = 0
+        gc_t0 = [0.0]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_t0[0] = time.perf_counter()
+            elif self.phases:
+                ms = (time.perf_counter() - gc_t0[0]) * 1000
+                self.phases[-1].max_gc_ms = max(self.phases[-1].max_gc_ms, ms)
+
+        gc.callbacks.append(on_gc)
         try:
             for i, name in enumerate(PHASES):
                 ph = PhaseStats(name)
@@ -428,6 +449,7 @@ class Soak:
                     rss_warm = rss
             final_stats = m.get_stats()
         finally:
+            gc.callbacks.remove(on_gc)
             rss_final, peak_rss = _rss_kib()
             m.shutdown()
         del m, spec

@@ -11,7 +11,8 @@ and are counted as dropped.
 A second, earlier signal is the tier's store latency per byte: a fast EWMA of recent jobs against
 the tier's own healthy baseline (a floor that follows faster jobs quickly and slower ones only
 slowly). While recent latency is over ``slow_store_factor`` times the baseline, the bound is
-halved, so a tier that is slowing down sheds load before it reaches the full bound.
+halved (not below the 64-slot floor), so a tier that is slowing down sheds load before it reaches
+the full bound.
 
 A tier that dropped a block in the last second, or whose latency is high, is *degraded*: reported
 in ``get_stats()``, logged when it starts (at most once every 10 s per tier) and when it ends. It
@@ -46,7 +47,8 @@ class TierBackpressure:
     def __init__(self, name: str, num_slots: int, max_pinned_share: float,
                  slow_store_factor: float) -> None:
         self.name = name
-        self.bound = min(num_slots, max(MIN_BOUND_SLOTS, int(num_slots * max_pinned_share)))
+        self.floor = min(num_slots, MIN_BOUND_SLOTS)
+        self.bound = max(self.floor, int(num_slots * max_pinned_share))
         self.slow_factor = slow_store_factor
         self.pinned = 0
         self.max_pinned_seen = 0
@@ -69,7 +71,7 @@ class TierBackpressure:
     @property
     def limit(self) -> int:
         """Slots the tier's cascades may pin now."""
-        return max(1, self.bound // 2) if self.slow else self.bound
+        return max(self.floor, self.bound // 2) if self.slow else self.bound
 
     def admit(self, keys: Sequence[bytes]) -> Sequence[bytes]:
         """The leading part of ``keys`` that fits under the limit; counts them as pinned.

@@ -156,7 +156,12 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         """None while the request has waited less than the promotion deadline; after it, the
         run that is loadable now (the blocks still in flight are misses; their jobs go on)."""
         now = time.monotonic()
-        since = self._waiting_since.setdefault(req_id, now)
+        waiting = self._waiting_since
+        if len(waiting) > 4096 and req_id not in waiting:
+            # Requests dropped by an engine that never said they finished: forget old waits.
+            for rid in [r for r, t in waiting.items() if now - t > 60 + 10 * self._deadline]:
+                del waiting[rid]
+        since = waiting.setdefault(req_id, now)
         if now - since < self._deadline:
             return None
         q = r + self.primary.run_length(keys, r)

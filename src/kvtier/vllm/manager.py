@@ -19,6 +19,7 @@ never pulls a whole prefix of a windowed group up from storage.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,9 @@ class KVTierManager(OffloadingManager):
         }
         self._step = 0
         self._last_counters: dict[str, float] = {}
-        self.partial_stores = 0  # stores cut to the leading keys that fit
+        self.partial_stores = 0  # stores cut to the longest prefix that fits
+        self.cut_store_keys = 0  # keys those cuts left out (vLLM does not offer them again)
+        self.refused_stores = 0  # stores answered None: not one chunk fits
         self._live: list[_ReqState] = []  # states holding this step's answers
         self._fast_lookup = self._make_fast_lookup()
         # vLLM calls ``manager.lookup`` once per key: the instance attribute skips the method.
@@ -315,25 +318,26 @@ class KVTierManager(OffloadingManager):
     def prepare_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext
     ) -> PrepareStoreOutput | None:
-        """Reserve slots for the keys not in the primary tier; when not all fit, the leading ones.
+        """Reserve slots for the keys not in the primary tier; when not all fit, a cut of them.
 
         vLLM retries a refused store at its next step with the chunks computed since added, so
         an all-or-nothing answer under pressure grows the batch until the request ends and
-        every chunk of it is lost. With one full-attention group, storing the leading keys that
-        fit keeps the prefix, which is what later requests can use. A windowed group also needs
-        the chunks right before a hit boundary, which a cut in token order can drop; until that
-        is measured, hybrid models keep vLLM's all-or-nothing retry. None: no room.
+        every chunk of it is lost. When not every key fits, the adapter stores the longest
+        prefix that does (see ``_fitting_cut``): what later requests can load. vLLM records
+        the keys left out as done and does not offer them again. None: not one chunk fits.
         """
         ctx = self._state(req_context).ctx
         batch: list[bytes] = list(keys)
         out = self.kv.prepare_store(batch, ctx)
-        if out is None and not self._multi:
-            part = self._fitting_prefix(batch, req_context)
+        if out is None:
+            part = self._fitting_cut(batch, req_context)
             if part:
                 out = self.kv.prepare_store(part, ctx)
                 if out is not None:
                     self.partial_stores += 1
+                    self.cut_store_keys += len(batch) - len(part)
         if out is None:
+            self.refused_stores += 1
             return None
         return PrepareStoreOutput(
             keys_to_store=list(out.keys_to_store),  # type: ignore[arg-type]
@@ -341,33 +345,69 @@ class KVTierManager(OffloadingManager):
             evicted_keys=list(out.evicted_keys),  # type: ignore[arg-type]
         )
 
-    def _fitting_prefix(self, keys: list[bytes], req_context: ReqContext) -> list[bytes]:
-        """The leading keys (by end-token position) whose new slots can be had now.
+    def _fitting_cut(self, keys: list[bytes], req_context: ReqContext) -> list[bytes]:
+        """The keys of the longest prefix whose new slots can be had now; [] if none or all.
 
+        The cut is a token position P, the largest for which the keys it keeps fit: every
+        full-attention group keeps its keys ending at or before P (the prefix), and every
+        windowed group (sliding window, Mamba) only its keys ending in the last window before P
+        plus one chunk (what vLLM loads from it for a hit at P; keys past P serve no hit
+        without the full groups' keys, and keys further left none that the window at P does
+        not serve better). A key costs a slot unless it is already resident and held.
         Returned in the caller's order: vLLM pairs the slots with its engine blocks in that
-        order.
+        order (group after group).
         """
         primary = self.kv.primary
         key_slot, state, ref = primary.key_slot, primary.state, primary.ref
-        positions = req_context._offload_key_positions
-        ordered = sorted(keys, key=lambda k: positions.get(k, 0))  # type: ignore[call-overload]
         room = len(primary.free) + primary.evictable
-        take = 0
-        for key in ordered:
+        positions = req_context._offload_key_positions
+        group_of = self._group_of if self._multi else None
+        groups = self.groups
+        # Per group: end-token positions of its keys (all, and the ones that cost a slot).
+        pos_all: list[list[int]] = [[] for _ in groups]
+        pos_cost: list[list[int]] = [[] for _ in groups]
+        fixed_cost = 0  # keys without a known position or group: kept whatever the cut
+        for key in keys:
             s = key_slot.get(key)
-            if s is None:
-                if room == 0:
-                    break
-                room -= 1
-            elif state[s] == READY and ref[s] == 0:
-                if room == 0:  # guarding it while slots are found takes it out of the room
-                    break
-                room -= 1
-            take += 1
-        if take == len(keys):
+            costs = s is None or (state[s] == READY and ref[s] == 0)
+            gi = 0 if group_of is None else group_of.get(key[-4:])
+            pos = positions.get(key)  # type: ignore[call-overload]
+            if gi is None or pos is None:
+                fixed_cost += costs
+                continue
+            pos_all[gi].append(pos)
+            if costs:
+                pos_cost[gi].append(pos)
+        spans = [
+            None if g.window_chunks is None else (g.window_chunks + 1) * g.tokens_per_chunk
+            for g in groups
+        ]
+        for lst in (*pos_all, *pos_cost):
+            lst.sort()
+
+        def kept(lst: list[int], span: int | None, cut: int) -> int:
+            hi = bisect_right(lst, cut)
+            return hi if span is None else hi - bisect_right(lst, cut - span)
+
+        best = None
+        for cut in sorted({p for lst in pos_all for p in lst}, reverse=True):
+            cost = fixed_cost + sum(kept(lst, span, cut) for lst, span in zip(pos_cost, spans))
+            if cost <= room:
+                best = cut
+                break
+        if best is None:
             return []
-        chosen = set(ordered[:take])
-        return [k for k in keys if k in chosen]
+        out: list[bytes] = []
+        for key in keys:
+            gi = 0 if group_of is None else group_of.get(key[-4:])
+            pos = positions.get(key)  # type: ignore[call-overload]
+            if gi is None or pos is None:
+                out.append(key)
+                continue
+            span = spans[gi]
+            if pos <= best and (span is None or pos > best - span):
+                out.append(key)
+        return out if len(out) < len(keys) else []  # all of it: the batch that did not fit
 
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
@@ -397,8 +437,14 @@ class KVTierManager(OffloadingManager):
         return stats_since(self.kv.counters, self._last_counters, usage)
 
     def kvtier_stats(self) -> dict[str, Any]:
-        """kvtier's own counters per tier (the dict of ``TieringManager.get_stats``)."""
-        return self.kv.get_stats()
+        """kvtier's own counters per tier (``TieringManager.get_stats``) and the adapter's."""
+        stats = self.kv.get_stats()
+        stats["vllm"] = {
+            "partial_stores": self.partial_stores,
+            "cut_store_keys": self.cut_store_keys,
+            "refused_stores": self.refused_stores,
+        }
+        return stats
 
     def _drop_verdicts(self) -> None:
         for st in self._live:

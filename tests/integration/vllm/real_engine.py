@@ -42,6 +42,9 @@ from vllm.config import (
     VllmConfig,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import (
+    OffloadingWorkerMetadata,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
     OffloadingConnector,
 )
@@ -216,8 +219,13 @@ class StandInRunner:
     """Writes and checks per-token KV bytes; drives the connector's worker half."""
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
-                 connector: OffloadingConnector | None, salt: int = 0) -> None:
+                 connector: OffloadingConnector | None, salt: int = 0,
+                 acknowledge: bool = False) -> None:
         self.cfg = kv_cache_config
+        # No worker half: report every transfer job done without copying (for vLLM's own
+        # specs, whose worker needs CUDA); loaded tokens then hold no bytes, so nothing is
+        # checked and only the scheduler's behaviour is observed.
+        self.acknowledge = acknowledge
         self.salt = salt  # a tensor-parallel rank's bytes differ from another rank's
         self.kv = allocate_kv_cache(kv_cache_config, torch.device("cpu"), LAYOUT)
         self.connector = connector
@@ -276,7 +284,7 @@ class StandInRunner:
                     view.reshape(-1)[:] = self._pattern(values[pos : pos + 1], li, view.size)[0]
 
     def _check(self, req_id: str, r: RunnerRequest, computed: int) -> None:
-        if computed == 0:
+        if computed == 0 or self.acknowledge:
             return
         values = r.value_range(0, computed)
         for gi, ((spec, layers), blocks) in enumerate(zip(self.groups, r.block_ids)):
@@ -373,6 +381,14 @@ class StandInRunner:
                 kv_connector_worker_meta=conn.build_connector_worker_meta(),
             )
             conn.clear_connector_metadata()
+        elif self.acknowledge and meta is not None:
+            done = OffloadingWorkerMetadata()
+            for job_id in [*meta.store_jobs, *meta.load_jobs]:
+                done.mark_completed(job_id)
+            kv_out = KVConnectorOutput(
+                finished_recving={j.req_id for j in meta.load_jobs.values() if not j.sync},
+                kv_connector_worker_meta=done,
+            )
         return ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled, kv_connector_output=kv_out,
@@ -394,7 +410,8 @@ class RealEngine:
     def __init__(self, root: Path, extra: dict[str, Any] | None, *, layout: str = "full",
                  async_scheduling: bool = False, num_gpu_blocks: int = 256,
                  max_num_seqs: int = 8, max_batched_tokens: int = 128,
-                 world_size: int = 1, max_model_len: int = 256) -> None:
+                 world_size: int = 1, max_model_len: int = 256,
+                 worker_half: bool = True) -> None:
         self.layout = layout
         self.vllm_config = make_vllm_config(
             model_dir(root), extra or {}, layout=layout, async_scheduling=async_scheduling,
@@ -439,10 +456,11 @@ class RealEngine:
         self.worker_connector: OffloadingConnector | None = None
         self.runner: Any = None  # set by the caller when the workers live elsewhere
         if world_size == 1:
-            if extra is not None:
+            if extra is not None and worker_half:
                 self.worker_connector = OffloadingConnector(
                     self.vllm_config, KVConnectorRole.WORKER, worker_cfg)
-            self.runner = StandInRunner(self.vllm_config, worker_cfg, self.worker_connector)
+            self.runner = StandInRunner(self.vllm_config, worker_cfg, self.worker_connector,
+                                        acknowledge=extra is not None and not worker_half)
         self.hasher = get_request_block_hasher(hash_block_size, sha256)
         self.async_scheduling = async_scheduling
         self.prompts: dict[str, list[int]] = {}

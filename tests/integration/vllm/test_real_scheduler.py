@@ -95,15 +95,24 @@ def check_clean(engine: RealEngine) -> None:
     assert not engine.connector.connector_scheduler._jobs
 
 
-@pytest.mark.parametrize("layout", ["full", "full+swa"])
+# (layout, GPU blocks, sync loads). A hybrid pool this tight needs vLLM's synchronous loads:
+# with asynchronous ones vLLM 0.33's scheduler can stall (see test_hybrid_tight_pool_stall).
+POOLS = [("full", 20, False), ("full+swa", 40, False), ("full+swa", 26, True)]
+
+
+@pytest.mark.parametrize(("layout", "gpu_blocks", "sync_loads"), POOLS,
+                         ids=[f"{p[0]}-{p[1]}blocks{'-sync' if p[2] else ''}" for p in POOLS])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["Scheduler", "AsyncScheduler"])
 def test_every_request_right_from_cpu_and_storage(
-    layout: str, async_scheduling: bool, tmp_path: Path, made: list[RealEngine]
+    layout: str, gpu_blocks: int, sync_loads: bool, async_scheduling: bool, tmp_path: Path,
+    made: list[RealEngine],
 ) -> None:
     tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
-    e = RealEngine(tmp_path, extra(layout, 48, tiers), layout=layout,
-                   async_scheduling=async_scheduling, num_gpu_blocks=20 if layout == "full" else 40,
-                   max_batched_tokens=64)
+    ex = extra(layout, 48, tiers)
+    if sync_loads:  # vLLM's own key: loads up to this many bytes a step complete in the step
+        ex["sync_load_budget_bytes"] = 1 << 30
+    e = RealEngine(tmp_path, ex, layout=layout, async_scheduling=async_scheduling,
+                   num_gpu_blocks=gpu_blocks, max_batched_tokens=64)
     made.append(e)
     seen = Observed(e)
     jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]  # decodes need blocks
@@ -119,8 +128,29 @@ def test_every_request_right_from_cpu_and_storage(
     assert e.manager.kvtier_stats()["tiers"]["storage0"]["hits"] > 0
     assert sum(1 for n in e.hit_tokens.values() if n) > 10
     assert seen.chunked > 0
-    if layout == "full":  # the hybrid pool is sized for its longest request, not to preempt
+    if gpu_blocks < 40:  # the 40-block hybrid pool holds every running request: no preemption
         assert seen.preempted > 0
+    check_clean(e)
+
+
+@pytest.mark.parametrize("layout", ["full", "full+swa"])
+def test_stores_under_a_cpu_tier_smaller_than_one_request(
+    layout: str, tmp_path: Path, made: list[RealEngine]
+) -> None:
+    """A CPU tier smaller than the store of one 64-token prefill chunk (4 chunks per group):
+    stores are cut to a prefix (with its window, for the hybrid), and every token stays right
+    while the same prompts come back."""
+    cpu_blocks = 3 if layout == "full" else 6
+    e = RealEngine(tmp_path, extra(layout, cpu_blocks, []), layout=layout, num_gpu_blocks=40,
+                   max_batched_tokens=64)
+    made.append(e)
+    jobs = workload(6, 16, prefixes=4)
+    e.run(jobs)
+    e.settle()
+    assert e.manager.kvtier_stats()["vllm"]["partial_stores"] > 0
+    e.run([Job(j.tokens, 2, e.steps + 4 * i) for i, j in enumerate(jobs)])
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
     check_clean(e)
 
 

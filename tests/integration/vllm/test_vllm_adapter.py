@@ -477,3 +477,38 @@ def test_store_under_pressure_keeps_the_leading_chunks() -> None:
         manager.complete_load(held, ctx)
     finally:
         manager.shutdown()
+
+
+def test_hybrid_store_under_pressure_keeps_a_prefix_with_its_window() -> None:
+    """A hybrid's cut: the full group's leading chunks and the windowed group's last window."""
+    cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK), num_groups=2)
+    full, window = cfg.groups
+    cfg = dataclasses.replace(
+        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=1)))
+    manager = kv_vllm.KVTierOffloadingSpec(cfg).get_manager()
+    try:
+        ctx = ReqContext(req_id="a")
+        manager.on_new_request(ctx)
+        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(2)]
+        assert manager.prepare_store(held, ctx) is not None
+        manager.complete_store(held, ctx)
+        manager.prepare_load(held, ctx)  # pinned by a load in flight: 6 slots left
+        # Six chunks of each group, listed as vLLM lists them: group 0's, then group 1's.
+        keys = [[make_offload_key(bytes([100 + 16 * g + i]) * 32, g) for i in range(6)]
+                for g in range(2)]
+        for g in range(2):
+            for i, k in enumerate(keys[g]):
+                ctx.set_offload_key_position(k, (i + 1) * TOKENS_PER_BLOCK)
+        out = manager.prepare_store(keys[0] + keys[1], ctx)
+        assert out is not None
+        # The longest prefix that fits in 6 slots: 4 full chunks and the window chunk (plus
+        # one) before the cut at chunk 4, in vLLM's order, group after group.
+        assert out.keys_to_store == keys[0][:4] + keys[1][2:4]
+        assert manager.partial_stores == 1 and manager.cut_store_keys == 6
+        # Every slot held (2 by the load, 6 being written): not one chunk fits, None (counted).
+        assert manager.prepare_store([make_offload_key(b"\xee" * 32, 0)], ctx) is None
+        assert manager.refused_stores == 1
+        manager.complete_store(out.keys_to_store, ctx)
+        manager.complete_load(held, ctx)
+    finally:
+        manager.shutdown()
