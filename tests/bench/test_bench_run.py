@@ -131,9 +131,12 @@ def test_version(capsys) -> None:
 
 def test_sweep_varies_the_write_policy(tmp_path) -> None:
     out = tmp_path / "w.json"
+    # backpressure off: its latency signal would drop stores when the machine is busy
+    tier = {"type": "storage", "path": str(tmp_path / "st"), "max_pinned_share": 1.0,
+            "slow_store_factor": 1e9}
     rc = main(["bench", "--quiet", "--sessions", "20", "--no-prefix-cache", "--sweep", "0.05",
                "--tier-fraction", "0.3", "--sweep-write-policy", "through,back",
-               "--json", str(out)])
+               "--config", json.dumps({"secondary_tiers": [tier]}), "--json", str(out)])
     assert rc == 0
     pts = {p["config"]: p for p in json.loads(out.read_text())["sweep"]}
     through, back = pts["cpu+storage[through]"], pts["cpu+storage[back]"]
