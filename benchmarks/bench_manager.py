@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     print(f"{'policy':<8} {'lookup':>10} {'load pin+unpin':>15} {'store+evict':>12}   (us per block)")
-    for policy in ("lru", "arc"):
+    for policy in ("lru", "arc", "chain", "adaptive"):
         r = bench(policy, args.blocks, args.repeat)
         print(f"{policy:<8} {r['lookup']:>10.3f} {r['load']:>15.3f} {r['store_evict']:>12.3f}")
 

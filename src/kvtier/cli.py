@@ -35,6 +35,14 @@ def _fractions(text: str) -> list[float]:
     return vals
 
 
+def _write_policies(text: str) -> list[str]:
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals or any(v not in ("through", "back") for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"expected write policies from through,back (comma-separated), got {text!r}")
+    return vals
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -102,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "distinct blocks; default 0.01,0.05,0.1,0.25,0.5)")
     c.add_argument("--sweep-tier", type=_fractions, metavar="F,F,...",
                    help="with --sweep: also vary the secondary tier capacity (shares)")
+    c.add_argument("--sweep-write-policy", type=_write_policies, metavar="P,P",
+                   help="with --sweep: replay the tiers with each write policy (through, back)")
     c.add_argument("--vllm", action="store_true",
                    help="also replay through vLLM 0.33's own TieringOffloadingManager (CPU + fs)")
     c.add_argument("--no-baselines", action="store_true",
@@ -248,6 +258,7 @@ def bench(args: argparse.Namespace) -> int:
             reference=not args.no_reference,
             sweep_cpu=args.sweep or [],
             sweep_tier=args.sweep_tier or [],
+            sweep_write=args.sweep_write_policy or [],
             engines=args.engines,
             sync_seconds=args.sync_seconds,
         )

@@ -42,7 +42,8 @@ KNOWN_KEYS = frozenset(
 )
 
 # Keys every secondary tier's dict accepts besides its own parameters: the manager reads them.
-MANAGER_TIER_KEYS = ("type", "module_path", "max_pinned_share", "slow_store_factor")
+MANAGER_TIER_KEYS = ("type", "module_path", "max_pinned_share", "slow_store_factor",
+                     "write_policy", "admission_policy", "admission_policy_module_path")
 DEFAULT_PROMOTION_DEADLINE_S = 0.5
 
 
@@ -148,6 +149,9 @@ class TierConfig:
     index: int
     max_pinned_share: float = 0.25
     slow_store_factor: float = 8.0
+    write_policy: str | None = None  # "through" or "back"; None: the tier type's default
+    admission_policy: str = "all"
+    admission_policy_module_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,9 +247,21 @@ def parse_config(
         factor = optional_float(entry, "slow_store_factor", 8.0, minimum=1.0,
                                 label=f"{key}.slow_store_factor")
         assert factor is not None
+        write_policy = None
+        if entry.get("write_policy") is not None:
+            write_policy = require_str(entry, "write_policy", label=f"{key}.write_policy",
+                                       choices=("through", "back"))
+        admission = require_str(entry, "admission_policy", default="all",
+                                label=f"{key}.admission_policy")
+        adm_path = entry.get("admission_policy_module_path")
+        if adm_path is not None and (not isinstance(adm_path, str) or not adm_path):
+            raise ConfigError(f"{key}.admission_policy_module_path", "an importable module path",
+                              adm_path)
         params = {k: v for k, v in entry.items() if k not in MANAGER_TIER_KEYS}
         tiers.append(TierConfig(type=ttype, module_path=module_path, params=params, index=i,
-                                max_pinned_share=share, slow_store_factor=factor))
+                                max_pinned_share=share, slow_store_factor=factor,
+                                write_policy=write_policy, admission_policy=admission,
+                                admission_policy_module_path=adm_path))
     deadline = optional_float(extra_config, "promotion_deadline_seconds",
                               DEFAULT_PROMOTION_DEADLINE_S)
     assert deadline is not None

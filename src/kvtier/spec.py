@@ -15,6 +15,7 @@ from kvtier.manager.primary import PrimaryTier
 from kvtier.manager.tiering import TieringManager
 from kvtier.memory.region import BlockRegion
 from kvtier.policies import resolve_policy
+from kvtier.policies.admission import AdmissionPolicy, resolve_admission_policy
 from kvtier.tiers.base import SecondaryTier, TierContext
 from kvtier.tiers.registry import resolve_tier
 
@@ -59,11 +60,16 @@ class TieringOffloadingSpec:
             cfg.cascade_policy, cfg.cascade_policy_module_path
         )
         self._tier_plan: list[tuple[type[SecondaryTier], dict[str, Any], str]] = []
+        self._write_policies: list[str] = []
+        self._admission_plan: list[type[AdmissionPolicy]] = []
         for t in cfg.secondary_tiers:
             label = f"secondary_tiers[{t.index}]"
             cls = resolve_tier(t.type, t.module_path, label)
             params = cls.validate_params(t.params, label)
             self._tier_plan.append((cls, params, f"{t.type.lower()}{t.index}"))
+            self._write_policies.append(t.write_policy or cls.DEFAULT_WRITE_POLICY)
+            self._admission_plan.append(resolve_admission_policy(
+                t.admission_policy, t.admission_policy_module_path, label))
 
     # -- pickling: a worker process rebuilds from the same arguments -----------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -130,6 +136,9 @@ class TieringOffloadingSpec:
             region.close()
             raise
         primary = PrimaryTier(cfg.num_slots, self._policy_cls(cfg.num_slots))
+        admissions: list[AdmissionPolicy | None] = []
+        for tier, adm_cls in zip(tiers, self._admission_plan):
+            admissions.append(None if adm_cls.name == "all" else adm_cls(tier.block_capacity()))
         pressure = [
             TierBackpressure(name, cfg.num_slots, t.max_pinned_share, t.slow_store_factor)
             for (_, _, name), t in zip(self._tier_plan, cfg.secondary_tiers)
@@ -137,6 +146,7 @@ class TieringOffloadingSpec:
         self._manager = TieringManager(
             primary, region.array, tiers, self._cascade_cls(), on_shutdown=region.close,
             backpressure=pressure, promotion_deadline_s=cfg.promotion_deadline_seconds,
+            write_policies=self._write_policies, admissions=admissions,
         )
         log.info(
             "kvtier: %d primary slots of %d bytes, tiers: %s",

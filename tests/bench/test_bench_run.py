@@ -129,7 +129,29 @@ def test_version(capsys) -> None:
     assert capsys.readouterr().out.startswith("kvtier ")
 
 
-@pytest.mark.parametrize("policy", ["lru", "arc"])
+def test_sweep_varies_the_write_policy(tmp_path) -> None:
+    out = tmp_path / "w.json"
+    # backpressure off: its latency signal would drop stores when the machine is busy
+    tier = {"type": "storage", "path": str(tmp_path / "st"), "max_pinned_share": 1.0,
+            "slow_store_factor": 1e9}
+    rc = main(["bench", "--quiet", "--sessions", "20", "--no-prefix-cache", "--sweep", "0.05",
+               "--tier-fraction", "0.3", "--sweep-write-policy", "through,back",
+               "--config", json.dumps({"secondary_tiers": [tier]}), "--json", str(out)])
+    assert rc == 0
+    pts = {p["config"]: p for p in json.loads(out.read_text())["sweep"]}
+    through, back = pts["cpu+storage[through]"], pts["cpu+storage[back]"]
+    assert through["wrong_blocks"] == 0 and back["wrong_blocks"] == 0
+    # Write-back writes only what the CPU tier evicts: never more than write-through.
+    assert 0 < back["secondary_bytes_written"] <= through["secondary_bytes_written"]
+    st = back["tiers"]["STORAGE"]
+    assert st["hit_blocks"] > 0
+    assert st["written_per_hit_byte"] == pytest.approx(
+        st["bytes_written"] / (st["hit_blocks"] * 4096))
+    with pytest.raises(SystemExit):
+        main(["bench", "--quiet", "--sweep-write-policy", "sideways"])
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc", "chain"])
 def test_policies_replay_cleanly(policy: str) -> None:
     wl = synthetic_workload(SyntheticParams(seed=5, sessions=15))
     off = KVTierOffload({"cpu_bytes_to_use": 16 * BB, "eviction_policy": policy})

@@ -53,3 +53,49 @@ def reference_lru(
         "input_tokens": tokens,
         "token_hit_rate": hit_tokens / tokens if tokens else 0.0,
     }
+
+
+def reference_policy(
+    workload: Workload, capacity_blocks: int, policy: str, *, full_blocks_only: bool = False,
+) -> dict[str, float]:
+    """Replay ``workload`` through a prefix cache ordered by the registered eviction ``policy``,
+    driven as the manager drives it: each request's keys are observed, its leading run of
+    present blocks counts as hits, all its keys are used, then the missing ones are admitted in
+    one batch after evicting room for them. With ``"lru"`` this is :func:`reference_lru`."""
+    from kvtier.policies import resolve_policy
+
+    if capacity_blocks <= 0:
+        raise ValueError("capacity_blocks must be positive")
+    bt = workload.block_tokens
+    p = resolve_policy(policy)(capacity_blocks)
+    hits = refs = hit_tokens = tokens = 0
+    for req in workload.requests:
+        refs += len(req.hash_ids)
+        tokens += req.input_length
+        ids = req.hash_ids[: full_block_count(req, bt)] if full_blocks_only else req.hash_ids
+        p.observe(ids, req.req_id)
+        h = 0
+        for k in ids:
+            if k not in p:
+                break
+            h += 1
+        hits += h
+        hit_tokens += tokens_in_prefix(req, h, bt)
+        p.access_many(ids)
+        new = [k for k in dict.fromkeys(ids) if k not in p][-capacity_blocks:]
+        over = len(p) + len(new) - capacity_blocks
+        if over > 0:
+            p.evict_many(over, _always, new)
+        p.insert_many(new)
+    return {
+        "block_hits": hits,
+        "block_refs": refs,
+        "block_hit_rate": hits / refs if refs else 0.0,
+        "token_hits": hit_tokens,
+        "input_tokens": tokens,
+        "token_hit_rate": hit_tokens / tokens if tokens else 0.0,
+    }
+
+
+def _always(key: object) -> bool:
+    return True

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -90,7 +91,7 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
         )
     tt = Table(title="Per tier (hits in the order the engine asks: engine, CPU, secondary)")
     for col in ("config", "tier", "hit blocks", "block hit", "token hit", "read", "written",
-                "usage / capacity"):
+                "written / hit byte", "usage / capacity"):
         tt.add_column(col, justify="left" if col in ("config", "tier") else "right")
     for r in report["runs"]:
         for medium, d in (r.get("tiers") or {}).items():
@@ -100,6 +101,7 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
                 r["name"], medium, str(d["hit_blocks"]), _pct(d["block_hit_rate"]),
                 _pct(d["token_hit_rate"]), _bytes(d.get("bytes_read")),
                 _bytes(d.get("bytes_written")),
+                "-" if d.get("written_per_hit_byte") is None else f"{d['written_per_hit_byte']:.2f}",
                 "-" if use is None else f"{_bytes(use)} / {_bytes(cap) if cap else 'unbounded'}",
             )
     console.print(tt)
@@ -108,13 +110,16 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
         configs = sorted({p["config"] for p in report["sweep"]}, key=_config_order)
         st.add_column("CPU capacity", justify="right")
         for c in configs:
-            st.add_column(c, justify="right")
+            st.add_column(escape(c), justify="right")
         for frac in sorted({p["cpu_fraction"] for p in report["sweep"]}):
             blocks = next(p["cpu_blocks"] for p in report["sweep"] if p["cpu_fraction"] == frac)
             row = [f"{frac:g} ({blocks} blk)"]
             for c in configs:
                 pts = [p for p in report["sweep"] if p["config"] == c and p["cpu_fraction"] == frac]
-                row.append(" / ".join(_pct(p["block_hit_rate"]) for p in pts) or "-")
+                row.append(" / ".join(
+                    _pct(p["block_hit_rate"]) + (f" ({_bytes(p['secondary_bytes_written'])} w)"
+                                                 if p.get("secondary_bytes_written") else "")
+                    for p in pts) or "-")
             st.add_row(*row)
         console.print(st)
 

@@ -63,6 +63,7 @@ class Plan:
     reference: bool = True
     sweep_cpu: list[float] = field(default_factory=list)  # fractions of the distinct blocks
     sweep_tier: list[float] = field(default_factory=list)
+    sweep_write: list[str] = field(default_factory=list)  # write policies for every tier
     tmpdirs: list[str] = field(default_factory=list)
     engines: int = 1  # > 1: also split the workload across this many engines
     sync_seconds: float = 1.0  # their storage tiers' sync period, in simulated seconds
@@ -115,6 +116,15 @@ def with_capacities(
     return cfg
 
 
+def with_write_policy(config: dict[str, Any], write_policy: str | None) -> dict[str, Any]:
+    """A copy of ``config`` whose every secondary tier has ``write_policy`` (None: as given)."""
+    cfg = copy.deepcopy(config)
+    if write_policy is not None:
+        for t in cfg.get("secondary_tiers") or []:
+            t["write_policy"] = write_policy
+    return cfg
+
+
 def _has_storage(config: dict[str, Any]) -> bool:
     return any(t.get("type") in ("storage", "fs") for t in config.get("secondary_tiers") or [])
 
@@ -164,14 +174,19 @@ def summarize(
             d["capacity_bytes"] = int(st["capacity_bytes"])
         if st.get("usage_bytes") is not None:
             d["usage_bytes"] = int(st["usage_bytes"])
+    bpb = plan.engine.bytes_per_block
     for d in tiers.values():
         d.setdefault("bytes_read", 0)
         d.setdefault("bytes_written", 0)
         d["block_hit_rate"] = d["hit_blocks"] / refs
         d["token_hit_rate"] = d["hit_tokens"] / toks
+        hit_bytes = d["hit_blocks"] * bpb
+        d["written_per_hit_byte"] = d["bytes_written"] / hit_bytes if hit_bytes else None
     hit_blocks = c.engine_hit_blocks + sum(c.tier_hit_blocks.values())
     hit_tokens = c.engine_hit_tokens + sum(c.tier_hit_tokens.values())
     mgr = stats.get("manager", {}) if isinstance(stats, dict) else {}
+    secondary_written = sum(d["bytes_written"] for m, d in tiers.items()
+                            if m not in ("engine", "CPU"))
     return {
         "name": name,
         "kind": kind,
@@ -188,6 +203,8 @@ def summarize(
         "prefill_tokens": c.prefill_tokens,
         "prefill_tokens_saved": c.input_tokens - c.prefill_tokens,
         "tiers": tiers,
+        "secondary_bytes_written": secondary_written,
+        "written_per_hit_byte": (secondary_written / (hit_blocks * bpb)) if hit_blocks else None,
         "loaded_blocks": c.loaded_blocks,
         "wrong_blocks": c.wrong_blocks,
         "stored_blocks": c.stored_blocks,
@@ -401,6 +418,7 @@ class BenchRunner:
         distinct = self.wl.distinct_blocks
         points: list[dict[str, Any]] = []
         tier_fracs: list[float | None] = list(plan.sweep_tier) or [None]
+        writes: list[str | None] = list(plan.sweep_write) or [None]
         for frac in plan.sweep_cpu:
             cpu_blocks = max(1, int(round(frac * distinct)))
             entries: list[dict[str, Any]] = []
@@ -408,8 +426,10 @@ class BenchRunner:
             if plan.config.get("secondary_tiers"):
                 for tf in tier_fracs:
                     tb = plan.tier_blocks if tf is None else max(1, int(round(tf * distinct)))
-                    label = tier_label(plan.config)
-                    entries.append(self._kvtier(f"{label}@{frac:g}", plan.config, cpu_blocks, tb))
+                    for wp in writes:
+                        cfg = with_write_policy(plan.config, wp)
+                        label = tier_label(plan.config) + (f"[{wp}]" if wp else "")
+                        entries.append(self._kvtier(f"{label}@{frac:g}", cfg, cpu_blocks, tb))
             if plan.reference:
                 entries.append(reference_summary(self.wl, plan, cpu_blocks))
             for e in entries:
@@ -423,9 +443,13 @@ class BenchRunner:
                         "block_hit_rate": e["block_hit_rate"],
                         "token_hit_rate": e["token_hit_rate"],
                         "wrong_blocks": e.get("wrong_blocks", 0),
+                        "secondary_bytes_written": e.get("secondary_bytes_written", 0),
+                        "written_per_hit_byte": e.get("written_per_hit_byte"),
                         "tiers": {
                             m: {"bytes_read": d.get("bytes_read", 0),
-                                "bytes_written": d.get("bytes_written", 0)}
+                                "bytes_written": d.get("bytes_written", 0),
+                                "hit_blocks": d.get("hit_blocks", 0),
+                                "written_per_hit_byte": d.get("written_per_hit_byte")}
                             for m, d in e.get("tiers", {}).items()
                         },
                     }

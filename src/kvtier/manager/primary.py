@@ -8,7 +8,7 @@ is answered without scanning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.policies.base import EvictionPolicy
 
@@ -29,6 +29,10 @@ class PrimaryTier:
         self.ref: list[int] = [0] * num_slots
         self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self.evictable = 0
+        # Victims kept READY (and pinned once) until a lower tier has their bytes (write-back);
+        # the policy has forgotten them. key -> lower-tier writes still in flight.
+        self.retained: dict[bytes, int] = {}
+        self.unreported: list[bytes] = []  # evicted by an allocation that then failed
 
     # -- queries ---------------------------------------------------------------------------
     def run_length(self, keys: Sequence[bytes], start: int = 0) -> int:
@@ -78,11 +82,19 @@ class PrimaryTier:
         s = self.key_slot[key]
         return self.ref[s] == 0 and self.state[s] == READY
 
-    def allocate(self, keys: Sequence[bytes]) -> tuple[list[int], list[bytes]] | None:
+    def allocate(
+        self, keys: Sequence[bytes], retain: Callable[[bytes], bool] | None = None,
+        wait: bool = True,
+    ) -> tuple[list[int], list[bytes]] | None:
         """Reserve one WRITING slot per key (held by one reference), evicting as needed.
 
-        Returns (slots, evicted keys), or None (and changes nothing) when not enough slots can
-        be freed now. The keys must not be in the table.
+        Returns (slots, evicted keys), or None when not enough slots can be freed now. The keys
+        must not be in the table. ``retain`` (write-back): a victim it is true for keeps its
+        slot, READY and pinned once, and joins ``retained`` (the caller writes it to a lower
+        tier and then calls :meth:`finish_retained`); more victims are taken in its place, as
+        many as victims waiting for their writes do not make up for (with ``wait`` false, only
+        those retained by this call count: the writes in flight are not expected soon). None
+        changes nothing unless victims were retained.
         """
         n = len(keys)
         free = self.free
@@ -92,16 +104,35 @@ class PrimaryTier:
         key_slot = self.key_slot
         evicted: list[bytes] = []
         if need > 0:
-            # Keys take free slots first; the ones after them are what evictions make room for.
-            evicted = self.policy.evict_many(need, self._evictable_key, keys[len(free):])
-            if len(evicted) != need:  # cannot happen while the evictable count is right
-                raise RuntimeError("eviction policy found too few victims")
-            slot_key = self.slot_key
-            for victim in evicted:
-                s = key_slot.pop(victim)
-                slot_key[s] = None
-                free.append(s)
-            self.evictable -= need
+            slot_key, ref = self.slot_key, self.ref
+            retained = self.retained
+            freed = 0
+            base = 0 if wait else len(retained)
+            # Victims waiting for their writes will free their slots: take no more.
+            while freed + len(retained) - base < need:
+                # Keys take free slots first; the ones after them are what evictions make room for.
+                want = need - freed - len(retained) + base
+                start = len(free)
+                victims = self.policy.evict_many(want, self._evictable_key, keys[start:start + want])
+                if not victims:
+                    break
+                for victim in victims:
+                    s = key_slot[victim]
+                    self.evictable -= 1
+                    if retain is not None and retain(victim):
+                        ref[s] = 1
+                        retained[victim] = 0
+                        continue
+                    del key_slot[victim]
+                    slot_key[s] = None
+                    free.append(s)
+                    evicted.append(victim)
+                    freed += 1
+            if freed < need:
+                if retain is None:  # cannot happen while the evictable count is right
+                    raise RuntimeError("eviction policy found too few victims")
+                self.unreported.extend(evicted)
+                return None
         slots = free[-n:] if n else []
         del free[len(free) - n :]
         slots.reverse()
@@ -112,6 +143,30 @@ class PrimaryTier:
             state[s] = WRITING
             ref[s] = 1
         return slots, evicted
+
+    def readmit(self, key: bytes) -> None:
+        """A retained key stays: it rejoins the policy (as newly admitted) and loses its pin."""
+        if self.retained.pop(key, None) is None:
+            return
+        self.policy.insert(key)
+        self.decref(self.key_slot[key])
+
+    def finish_retained(self, key: bytes) -> bool:
+        """A retained key's lower-tier writes are done: free its slot, or readmit it when a
+        reader still holds it. True when the slot was freed."""
+        if key not in self.retained:
+            return False
+        s = self.key_slot[key]
+        if self.ref[s] > 1:
+            self.readmit(key)
+            return False
+        del self.retained[key]
+        del self.key_slot[key]
+        self.slot_key[s] = None
+        self.state[s] = FREE
+        self.ref[s] = 0
+        self.free.append(s)
+        return True
 
     def mark_ready_many(self, keys: Sequence[bytes], *, hold: bool = False) -> None:
         """WRITING keys whose bytes are in place: release each writer's reference, admit them.
@@ -203,11 +258,15 @@ class PrimaryTier:
             assert self.slot_key[s] == key
             assert self.state[s] in (WRITING, READY)
             assert self.ref[s] >= 0
-            if self.state[s] == READY:
+            if key in self.retained:
+                assert self.state[s] == READY and self.ref[s] >= 1, "a retained key is not pinned"
+                assert key not in self.policy, "a retained key is still in the policy"
+            elif self.state[s] == READY:
                 assert key in self.policy, "a READY key is unknown to the policy"
                 if self.ref[s] == 0:
                     ev += 1
         for s in free:
             assert self.state[s] == FREE and self.ref[s] == 0 and self.slot_key[s] is None
         assert ev == self.evictable, f"evictable count {self.evictable} != {ev}"
-        assert len(self.policy) == sum(1 for s in used if self.state[s] == READY)
+        assert len(self.policy) == sum(1 for s in used if self.state[s] == READY) - len(
+            self.retained)

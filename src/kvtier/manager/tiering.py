@@ -32,17 +32,19 @@ from kvtier.manager.backpressure import (
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
 from kvtier.manager.primary import READY, PrimaryTier
+from kvtier.manager.stats import PRIMARY_MEDIUM, manager_stats
+from kvtier.manager.writeback import WriteBackMixin
+from kvtier.policies.admission import AdmissionPolicy
 from kvtier.tiers.base import SecondaryTier, TierJobResult
 from kvtier.types import LoadStoreSpec, OffloadingEvent, PrepareStoreOutput, ReqContext
 
 log = logging.getLogger("kvtier.manager")
 
-PRIMARY_MEDIUM = "CPU"
 
 
 @dataclass
 class _Job:
-    kind: str  # "promote" or "cascade"
+    kind: str  # "promote", "cascade" (write-through) or "writeback"
     tier: int
     keys: list[bytes]
     slots: list[int]
@@ -57,7 +59,7 @@ class _Batch:
     slots: list[int] = field(default_factory=list)
 
 
-class TieringManager(OffloadingManager):
+class TieringManager(WriteBackMixin, OffloadingManager):
     """A CPU primary tier plus any number of secondary tiers, in lookup order."""
 
     def __init__(
@@ -70,7 +72,11 @@ class TieringManager(OffloadingManager):
         on_shutdown: Any = None,
         backpressure: Sequence[TierBackpressure] | None = None,
         promotion_deadline_s: float = 0.5,
+        write_policies: Sequence[str] | None = None,
+        admissions: Sequence[AdmissionPolicy | None] | None = None,
     ) -> None:
+        """``write_policies[i]`` is tier i's ``"through"`` (default) or ``"back"``;
+        ``admissions[i]`` filters what is written to tier i (None: everything)."""
         self.primary = primary
         self._region = region
         self.tiers = list(tiers)
@@ -81,6 +87,7 @@ class TieringManager(OffloadingManager):
         self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
         self._promote_batches = [_Batch() for _ in self.tiers]
         self._cascade_batches = [_Batch() for _ in self.tiers]
+        self._init_writeback(write_policies, admissions, _Batch)
         self._events: list[OffloadingEvent] = []
         self._step = 0
         self._closed = False
@@ -113,6 +120,10 @@ class TieringManager(OffloadingManager):
             "store_alloc_failures": 0,
             "evicted_blocks": 0,
             "loads_prepared_blocks": 0,
+            "written_back_blocks": 0,
+            "writeback_failures": 0,
+            "admission_declined_blocks": 0,
+            "writeback_skipped_blocks": 0,
         }
 
     # -- lookup and promotion --------------------------------------------------------------
@@ -122,7 +133,11 @@ class TieringManager(OffloadingManager):
         n = len(keys)
         c["lookup_keys"] += n
         primary = self.primary
+        primary.policy.observe(keys, ctx.req_id)
         r = primary.run_length(keys)
+        for adm in self.admissions:
+            if adm is not None:
+                adm.observe(keys, ctx.req_id, r)
         if r < n and keys[r] in self._promoting:
             self._collect()  # a promotion may have finished since the step began
             r += primary.run_length(keys, r)
@@ -222,8 +237,9 @@ class TieringManager(OffloadingManager):
                     pending = True
             pos += best
         if plan:
+            self._retry_lookup = False
             started = self._start_promotions(keys[:pos], plan)
-            if started == 0 and not pending:
+            if started == 0 and not pending and not self._retry_lookup:
                 # Nothing could be given a slot: the run ends at the first key to promote.
                 return _index_from(keys, plan[0][1], r)
             return None
@@ -268,12 +284,16 @@ class TieringManager(OffloadingManager):
         for s in guard:
             primary.incref(s)
         try:
-            result = primary.allocate([k for _, k in plan])
-            assert result is not None
-            slots, evicted = result
+            result = primary.allocate([k for _, k in plan], self._retainer(),
+                                      self._wb is None or self._wait_for_writebacks())
         finally:
             for s in guard:
                 primary.decref(s)
+            self._start_writebacks()
+        if result is None:  # write-back victims keep their slots until written: ask again
+            self._retry_lookup = True
+            return 0
+        slots, evicted = result
         self._evicted(evicted)
         for (ti, key), slot in zip(plan, slots):
             self._promoting[key] = ti
@@ -332,12 +352,14 @@ class TieringManager(OffloadingManager):
         if new_keys and self._promised and len(primary.free) < len(new_keys):
             self._protect_promises()
         try:
-            result = primary.allocate(new_keys) if new_keys else ([], [])
+            wait = self._wb is None or self._wait_for_writebacks()
+            result = primary.allocate(new_keys, self._retainer(), wait) if new_keys else ([], [])
             if result is None and self._preempt_promotions(len(new_keys)):
-                result = primary.allocate(new_keys)
+                result = primary.allocate(new_keys, self._retainer(), wait)
         finally:
             for s in guarded:
                 primary.decref(s)
+            self._start_writebacks()
         if result is None:
             self.counters["store_alloc_failures"] += 1
             return None
@@ -406,12 +428,16 @@ class TieringManager(OffloadingManager):
             chosen = self.cascade_policy.select(keys, ti, tier)
             if not chosen:
                 continue
+            if self._wb is not None and self.write_policies[ti] == "back":
+                self._wb.owe(chosen, 1 << ti)  # written when the CPU tier evicts them
+                continue
+            chosen = self._admit(ti, chosen)
             n = len(chosen)
             chosen = self._pressure[ti].admit(chosen)
             if len(chosen) < n:
                 self.counters["backpressure_dropped"] += n - len(chosen)
-                if not chosen:
-                    continue
+            if not chosen:
+                continue
             b = self._cascade_batches[ti]
             for key in chosen:
                 s = key_slot[key]
@@ -440,6 +466,7 @@ class TieringManager(OffloadingManager):
                     self.counters["cascade_failures"] += len(cb.keys)
                     self._release_cascade(ti, cb.slots)
                 self._cascade_batches[ti] = _Batch()
+            self._submit_writebacks(ti, tier, _Batch)
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
@@ -474,12 +501,18 @@ class TieringManager(OffloadingManager):
             for ev in events:
                 if ev.keys:
                     self._events.append(OffloadingEvent(list(ev.keys), tier.medium, ev.removed))
+                    if ev.removed:
+                        self._owe_again(tier, ev.keys)
 
     def _finish(self, res: TierJobResult) -> None:
         job = self._jobs.pop(res.job_id, None)
         if job is None:
             return
         failed = res.failed_keys
+        if job.kind == "writeback":
+            took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
+            self._writeback_done(job.tier, job.keys, failed, seconds=took)
+            return
         if job.kind == "cascade":
             self._release_cascade(job.tier, job.slots)
             if not failed:
@@ -552,6 +585,8 @@ class TieringManager(OffloadingManager):
             return True
         if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
             return True
+        if any(b.keys for b in self._writeback_batches):
+            return True
         return any(t.has_pending_work() for t in self.tiers)
 
     def take_events(self) -> Iterable[OffloadingEvent]:
@@ -559,43 +594,15 @@ class TieringManager(OffloadingManager):
         return ev
 
     def get_stats(self) -> dict[str, Any]:
-        p = self.primary
-        c = dict(self.counters)
-        promoted = c["promoted_blocks"] + c["promotion_failures"]
-        c["promotion_latency_steps_avg"] = c["promotion_steps_total"] / promoted if promoted else 0.0
-        c["promotion_latency_s_avg"] = c["promotion_seconds_total"] / promoted if promoted else 0.0
-        bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
-        tiers: dict[str, Any] = {
-            PRIMARY_MEDIUM: {
-                "medium": PRIMARY_MEDIUM,
-                "num_slots": p.num_slots,
-                "used_slots": len(p.key_slot),
-                "free_slots": len(p.free),
-                "usage_bytes": len(p.key_slot) * bb,
-                "capacity_bytes": p.num_slots * bb,
-                "policy": p.policy.name,
-                "hits": c["primary_hit_blocks"],
-                "misses": c["lookup_miss_blocks"],
-                "failures": c["store_alloc_failures"] + c["promotion_failures"],
-                "evictions": c["evicted_blocks"],
-                "bytes_written": (c["stored_blocks"] + c["promoted_blocks"]) * bb,
-                "bytes_read": c["loads_prepared_blocks"] * bb,
-            }
-        }
-        for tier, bp in zip(self.tiers, self._pressure):
-            st = {"medium": tier.medium, "available": tier.available}
-            try:
-                st.update(tier.stats())
-            except Exception:
-                log.exception("tier %s raised from stats", tier.name)
-            st.update(bp.stats())
-            tiers[tier.name] = st
-        return {"manager": c, "tiers": tiers}
+        return manager_stats(self)
 
     def reset_cache(self) -> None:
         self._release_promises()
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
+        if self._wb is not None:
+            for k in dropped:
+                self._wb.forget(k)
         if dropped:
             self._events.append(OffloadingEvent(dropped, PRIMARY_MEDIUM, True))
 

@@ -6,11 +6,15 @@ import inspect
 
 from kvtier.config import ConfigError
 from kvtier.plugins import load_class
+from kvtier.policies.adaptive import AdaptivePolicy
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.chain import ChainPolicy
 from kvtier.policies.lru import LRUPolicy
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "arc": ARCPolicy}
+_POLICIES: dict[str, type[EvictionPolicy]] = {
+    "lru": LRUPolicy, "arc": ARCPolicy, "chain": ChainPolicy, "adaptive": AdaptivePolicy,
+}
 
 
 def register_policy(name: str, cls: type[EvictionPolicy]) -> None:
@@ -45,6 +49,8 @@ def resolve_policy(
 
 __all__ = [
     "ARCPolicy",
+    "AdaptivePolicy",
+    "ChainPolicy",
     "EvictionPolicy",
     "LRUPolicy",
     "policy_names",

@@ -49,6 +49,12 @@ class EvictionPolicy(ABC, Generic[K]):
     @abstractmethod
     def __len__(self) -> int: ...
 
+    def observe(self, keys: Sequence[K], request: str | None = None) -> None:
+        """Request ``request`` looks up ``keys`` (prefix order, its end last), resident or not;
+        on every lookup, again when a lookup is repeated. For policies that read request
+        structure; the default ignores it."""
+        return None
+
     def insert_many(self, keys: Iterable[K]) -> None:
         """``insert`` for each key, in order."""
         for k in keys:

@@ -156,6 +156,8 @@ class SecondaryTier(ABC):
     PARAMS: ClassVar[Mapping[str, str] | None] = None
     #: parameter aliases (alias -> canonical name), e.g. vLLM's names
     ALIASES: ClassVar[Mapping[str, str]] = {}
+    #: ``write_policy`` when the tier's config entry names none ("through" or "back")
+    DEFAULT_WRITE_POLICY: ClassVar[str] = "through"
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any], label: str) -> dict[str, Any]:
@@ -238,6 +240,18 @@ class SecondaryTier(ABC):
     def stats(self) -> dict[str, Any]:
         """Counters (hits, misses, bytes read/written, failures, usage)."""
         return {}
+
+    def block_capacity(self) -> int | None:
+        """How many blocks the tier holds when full, when it knows (admission policies size
+        their shadows by it); None when unbounded or unknown."""
+        st = self.stats()
+        cap = st.get("max_blocks")
+        if isinstance(cap, int) and cap > 0:
+            return cap
+        cap_bytes = st.get("capacity_bytes")
+        if isinstance(cap_bytes, int) and cap_bytes > 0 and self.ctx.block_bytes:
+            return max(1, cap_bytes // self.ctx.block_bytes)
+        return None
 
     @property
     def available(self) -> bool:

@@ -3,8 +3,9 @@
 It is the reference for tier authors. It shows the whole contract in the smallest honest form:
 lookups answered from an index at once, jobs queued to a thread that really copies bytes between
 primary slots and the tier's own memory, results handed back through ``poll``, an optional
-capacity with LRU eviction, and events for what it stored and dropped. It accepts any extra
-parameter and reports it in ``stats()`` (handy for checking that config reaches a tier).
+capacity with eviction by any registered policy (``eviction_policy``, default LRU), and events
+for what it stored and dropped. It accepts any extra parameter and reports it in ``stats()``
+(handy for checking that config reaches a tier).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.config import ConfigError
+from kvtier.config import ConfigError, require_str
+from kvtier.policies import resolve_policy
+from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import Completions, SecondaryTier, TierContext, TierEvent, TierJobResult
 
 
@@ -34,14 +37,23 @@ class ExampleTier(SecondaryTier):
         cap = out.get("capacity_bytes")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
             raise ConfigError(f"{label}.capacity_bytes", "a positive integer", cap)
+        if "eviction_policy" in out:
+            resolve_policy(require_str(out, "eviction_policy", label=f"{label}.eviction_policy"),
+                           key=f"{label}.eviction_policy")
         return out
 
-    def __init__(self, ctx: TierContext, capacity_bytes: int | None = None, **custom: Any) -> None:
-        super().__init__(ctx, capacity_bytes=capacity_bytes, **custom)
+    def __init__(self, ctx: TierContext, capacity_bytes: int | None = None,
+                 eviction_policy: str = "lru", **custom: Any) -> None:
+        super().__init__(ctx, capacity_bytes=capacity_bytes, eviction_policy=eviction_policy,
+                         **custom)
         self.custom_params = custom
         self.capacity_blocks = (
             None if capacity_bytes is None else max(1, capacity_bytes // ctx.block_bytes)
         )
+        # Orders the blocks when bounded (None: the dict's own LRU order is used).
+        self.policy: EvictionPolicy[bytes] | None = (
+            None if self.capacity_blocks is None or eviction_policy == "lru"
+            else resolve_policy(eviction_policy)(self.capacity_blocks))
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()  # key -> bytes, LRU order
         self._lock = threading.Lock()  # guards _blocks between the scheduler and the thread
         self._jobs: queue.Queue[tuple[str, int, list[bytes], np.ndarray] | None] = queue.Queue()
@@ -90,6 +102,8 @@ class ExampleTier(SecondaryTier):
                         data = self._blocks.get(key)
                         if data is not None:
                             self._blocks.move_to_end(key)
+                            if self.policy is not None:
+                                self.policy.access(key)
                     if data is None or len(data) != primary.shape[1]:
                         failed.add(key)
                         continue
@@ -97,12 +111,24 @@ class ExampleTier(SecondaryTier):
                 else:
                     data = primary[slot].tobytes()
                     with self._lock:
+                        policy = self.policy
                         if key not in self._blocks:
                             stored.append(key)
+                            if policy is not None:
+                                policy.insert(key)
+                        elif policy is not None:
+                            policy.access(key)
                         self._blocks[key] = data
                         self._blocks.move_to_end(key)
                         while self.capacity_blocks is not None and len(self._blocks) > self.capacity_blocks:
-                            old, _ = self._blocks.popitem(last=False)
+                            if policy is None:
+                                old, _ = self._blocks.popitem(last=False)
+                            else:
+                                victim = policy.evict(key.__ne__)  # not the block just written
+                                if victim is None:
+                                    break
+                                old = victim
+                                del self._blocks[old]
                             evicted.append(old)
                 moved += len(data)
             self._done.put(TierJobResult(job_id, frozenset(failed), moved, time.perf_counter() - t0))
@@ -123,9 +149,13 @@ class ExampleTier(SecondaryTier):
 
     def touch(self, keys: Sequence[bytes]) -> None:
         with self._lock:
+            if self.policy is not None:
+                self.policy.observe(keys)
             for key in keys:
                 if key in self._blocks:
                     self._blocks.move_to_end(key)
+                    if self.policy is not None:
+                        self.policy.access(key)
 
     def take_events(self) -> list[TierEvent]:
         with self._lock:

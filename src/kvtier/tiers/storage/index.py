@@ -3,7 +3,9 @@
 * ``slots``: every occupied slot as the region logs say (global slot -> (index key, sequence)),
   for regions this engine owns and for all the others.
 * ``own``: blocks in regions this engine owns, least recently used first: the blocks it serves
-  and evicts. ``remote``: blocks in everybody else's regions, which it serves but never writes
+  and evicts. With an eviction policy (the tier's ``eviction_policy``, other than ``"lru"``),
+  ``own`` is an :class:`OwnBlocks` that tells the policy of every change, and the policy picks
+  the victims. ``remote``: blocks in everybody else's regions, which it serves but never writes
   (a key may be in both: two engines stored it; ``own`` is asked first).
 * ``regions``: the regions this engine owns, with their free slots and writes in flight.
 * ``owners``: for every region, the engine that last claimed it and whether it let go since.
@@ -19,9 +21,62 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.layout import Geometry
 from kvtier.tiers.storage.log import Entry
+
+
+class OwnBlocks(OrderedDict[bytes, int]):
+    """``own`` (index key -> slot) that keeps an eviction policy told of every change: a new
+    key is admitted, a key set again or moved to the end is used, a key deleted is removed."""
+
+    def __init__(self, policy: EvictionPolicy[bytes], items: Iterable[tuple[bytes, int]] = ()) -> None:
+        super().__init__()
+        self.policy = policy
+        for k, v in items:
+            self[k] = v
+
+    def __setitem__(self, key: bytes, value: int) -> None:
+        new = key not in self
+        super().__setitem__(key, value)
+        if new:
+            self.policy.insert(key)
+        else:
+            self.policy.access(key)
+
+    def __delitem__(self, key: bytes) -> None:
+        super().__delitem__(key)
+        self.policy.remove(key)
+
+    def pop(self, key: bytes, *default: int) -> int:  # type: ignore[override]
+        """Remove ``key`` (and tell the policy)."""
+        if key in self:
+            self.policy.remove(key)
+        return super().pop(key, *default)
+
+    def popitem(self, last: bool = True) -> tuple[bytes, int]:
+        """Remove the last (or first) entry (and tell the policy)."""
+        k, v = super().popitem(last)
+        self.policy.remove(k)
+        return k, v
+
+    def move_to_end(self, key: bytes, last: bool = True) -> None:
+        """Reorder as OrderedDict does; moving to the end is a use."""
+        super().move_to_end(key, last)
+        if last:
+            self.policy.access(key)
+
+    def update(self, other: Iterable[tuple[bytes, int]] | dict[bytes, int]) -> None:  # type: ignore[override]
+        """Set each entry (a new key is admitted)."""
+        items = other.items() if isinstance(other, dict) else other
+        for k, v in items:
+            self[k] = v
+
+    def clear(self) -> None:
+        """Forget everything."""
+        super().clear()
+        self.policy.clear()
 
 
 @dataclass
@@ -49,12 +104,14 @@ class Owner:
 class BlockIndex:
     """The in-memory index of one engine; every method expects ``lock`` to be held."""
 
-    def __init__(self, geo: Geometry, engine_id: int) -> None:
+    def __init__(self, geo: Geometry, engine_id: int,
+                 policy: EvictionPolicy[bytes] | None = None) -> None:
         self.geo = geo
         self.engine_id = engine_id
         self.lock = threading.Lock()
         self.slots: dict[int, tuple[bytes, int]] = {}
-        self.own: OrderedDict[bytes, int] = OrderedDict()
+        self.policy = policy
+        self.own: OrderedDict[bytes, int] = OwnBlocks(policy) if policy is not None else OrderedDict()
         self.remote: dict[bytes, int] = {}
         self.copies: dict[bytes, set[int]] = {}  # keys with several remote copies: their slots
         self.regions: dict[int, OwnedRegion] = {}
@@ -255,7 +312,7 @@ class BlockIndex:
             seen.add(k)
             fresh_own.append((k, s))
         fresh_own.reverse()
-        if len(fresh_own) >= len(own):
+        if len(fresh_own) >= len(own) and self.policy is None:
             merged = OrderedDict(fresh_own)
             merged.update(own)
             self.own = merged
@@ -313,6 +370,8 @@ class BlockIndex:
                 return s, s in self.slots
         own, pins = self.own, self.pins
         spr = self.geo.slots_per_region
+        if self.policy is not None:
+            return self._alloc_by_policy(evicted)
         for _ in range(len(own)):
             k, s = next(iter(own.items()))
             reg = regions.get(s // spr)
@@ -324,6 +383,27 @@ class BlockIndex:
                 evicted.append(k)
             return s, s in self.slots
         return None
+
+    def _alloc_by_policy(self, evicted: list[bytes]) -> tuple[int, bool] | None:
+        """``alloc``'s last resort when a policy orders ``own``: the victim it picks."""
+        assert self.policy is not None
+        own, pins, regions = self.own, self.pins, self.regions
+        spr = self.geo.slots_per_region
+
+        def ok(k: bytes) -> bool:
+            s = own[k]
+            reg = regions.get(s // spr)
+            return not (pins.get(s) or reg is None or reg.releasing
+                        or s - self.geo.base(reg.region) >= reg.limit)
+
+        k = self.policy.evict(ok)
+        if k is None:
+            return None
+        s = own[k]
+        del own[k]
+        if k not in self.remote:
+            evicted.append(k)
+        return s, s in self.slots
 
     def free_slot(self, s: int) -> None:
         """Hand ``s`` back (a failed store, or a slot that held an invalid record)."""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import Health, TierContext
 from kvtier.tiers.storage.fleet import Fleet, NoLocks
 from kvtier.tiers.storage.index import BlockIndex
@@ -63,6 +64,9 @@ class JoinSpec:
     write_health: Health
     base_stats: dict[str, float]
     wait_s: float  # how long to wait for an engine that holds the directory alone
+    # builds the eviction policy over this engine's own blocks from the directory's slot
+    # count; None: plain LRU
+    policy_factory: Callable[[int], EvictionPolicy[bytes]] | None = None
 
 
 @dataclass
@@ -123,7 +127,9 @@ def join_directory(spec: JoinSpec) -> Joined:
                           fsync=spec.fsync)
         sh = Shared(
             name=spec.name, directory=directory, geo=geo, store=store,
-            index=BlockIndex(geo, spec.engine_id), engine_id=spec.engine_id, fsync=spec.fsync,
+            index=BlockIndex(geo, spec.engine_id, None if spec.policy_factory is None
+                             else spec.policy_factory(max(1, geo.total_slots))),
+            engine_id=spec.engine_id, fsync=spec.fsync,
             network_fs=is_network_fs(kind), primary=ctx.primary,
             read_health=spec.read_health, write_health=spec.write_health,
             stats=dict(spec.base_stats),

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvtier.config import ConfigError, optional_float, require_int, require_str
+from kvtier.policies import resolve_policy
 from kvtier.tiers.base import (
     Completions,
     Health,
@@ -66,6 +67,8 @@ class StorageTier(SecondaryTier):
         "fsync": '"none", "batch" or "always"',
         "slab_bytes": "most bytes of one region's slab file",
         "sync_seconds": "how often to read what other engines stored, and rebalance with them",
+        "eviction_policy": 'which of its own blocks this engine evicts: "lru" (default), "arc", '
+                           '"chain", "adaptive" or a registered policy name',
     }
     ALIASES: ClassVar[Mapping[str, str]] = {"root_dir": "path"}
     DEFAULTS: Mapping[str, Any] = {
@@ -75,6 +78,7 @@ class StorageTier(SecondaryTier):
         "fsync": "none",
         "slab_bytes": 1 << 30,
         "sync_seconds": 1.0,
+        "eviction_policy": "lru",
     }
     capacity_required = True
 
@@ -111,6 +115,10 @@ class StorageTier(SecondaryTier):
         if sync > 3600:
             raise ConfigError(f"{label}.sync_seconds", "a number > 0 and at most 3600", sync)
         out["sync_seconds"] = sync
+        policy = require_str(out, "eviction_policy", default=cls.DEFAULTS["eviction_policy"],
+                             label=f"{label}.eviction_policy")
+        resolve_policy(policy, key=f"{label}.eviction_policy")
+        out["eviction_policy"] = policy
         return out
 
     @staticmethod
@@ -130,12 +138,14 @@ class StorageTier(SecondaryTier):
         fsync: str = "none",
         slab_bytes: int = 1 << 30,
         sync_seconds: float = 1.0,
+        eviction_policy: str = "lru",
     ) -> None:
         super().__init__(
             ctx, path=path, capacity_bytes=capacity_bytes, n_read_threads=n_read_threads,
             n_write_threads=n_write_threads, direct_io=direct_io, fsync=fsync, slab_bytes=slab_bytes,
-            sync_seconds=sync_seconds,
+            sync_seconds=sync_seconds, eviction_policy=eviction_policy,
         )
+        self.eviction_policy = eviction_policy
         self.root = os.path.abspath(path)
         self.directory = os.path.join(self.root, ctx.namespace_fp.hex())
         self.capacity_bytes = self._resolve_capacity(capacity_bytes)
@@ -209,6 +219,8 @@ class StorageTier(SecondaryTier):
             engine_id=self.engine_id, read_health=self._read_health,
             write_health=self._write_health, base_stats=self._base_stats,
             wait_s=_JOIN_WAIT_S if not self._retrying else 0.05,
+            policy_factory=(None if self.eviction_policy == "lru"
+                            else resolve_policy(self.eviction_policy)),
         ))
         sh, fleet, geo = j.sh, j.fleet, j.sh.geo
         sh.stats["index_rebuild_seconds"] = time.perf_counter() - t0
@@ -261,6 +273,9 @@ class StorageTier(SecondaryTier):
         index = sh.index
         with index.lock:
             own, remote = index.own, index.remote
+            if index.policy is not None:
+                index.policy.observe([k if len(k) <= ilog.KEY_INLINE else ilog.index_key(k)
+                                      for k in keys])
             for key in keys:
                 k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
                 if k in own:
