@@ -134,7 +134,10 @@ def test_sweep_varies_the_write_policy(tmp_path) -> None:
     # backpressure off: its latency signal would drop stores when the machine is busy
     tier = {"type": "storage", "path": str(tmp_path / "st"), "max_pinned_share": 1.0,
             "slow_store_factor": 1e9}
-    rc = main(["bench", "--quiet", "--sessions", "20", "--no-prefix-cache", "--sweep", "0.05",
+    # A CPU tier of a quarter of the blocks keeps many of them until the end: write-back never
+    # writes those (at 5%, 10 slots, nearly every block is evicted and written either way, and
+    # the counts differ by the odd block with the machine's timing).
+    rc = main(["bench", "--quiet", "--sessions", "20", "--no-prefix-cache", "--sweep", "0.25",
                "--tier-fraction", "0.3", "--sweep-write-policy", "through,back",
                "--config", json.dumps({"secondary_tiers": [tier]}), "--json", str(out)])
     assert rc == 0
@@ -142,7 +145,7 @@ def test_sweep_varies_the_write_policy(tmp_path) -> None:
     through, back = pts["cpu+storage[through]"], pts["cpu+storage[back]"]
     assert through["wrong_blocks"] == 0 and back["wrong_blocks"] == 0
     # Write-back writes only what the CPU tier evicts: never more than write-through.
-    assert 0 < back["secondary_bytes_written"] <= through["secondary_bytes_written"]
+    assert 0 < back["secondary_bytes_written"] < through["secondary_bytes_written"]
     st = back["tiers"]["STORAGE"]
     assert st["hit_blocks"] > 0
     assert st["written_per_hit_byte"] == pytest.approx(
