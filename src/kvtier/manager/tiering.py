@@ -8,7 +8,8 @@ Loading: ``lookup`` finds the leading run in the primary tier; keys after it tha
 holds get primary slots and are promoted, one batched job per tier per step. Requests that need
 the same blocks share one promotion. While a promotion is in flight ``lookup`` answers None;
 keys that a tier reports loaded before its job ends (``poll_loaded``) are loadable at once, so a
-request whose blocks are all in waits for no one else's.
+request whose blocks are all in waits for no one else's. The promotion steps live in
+``promotion.py``, the write-back steps in ``writeback.py`` (both mixed in here).
 
 Nothing here blocks: tiers do their I/O on their own threads and report through ``poll``.
 """
@@ -32,6 +33,7 @@ from kvtier.manager.backpressure import (
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
 from kvtier.manager.primary import READY, PrimaryTier
+from kvtier.manager.promotion import PromotionMixin
 from kvtier.manager.stats import PRIMARY_MEDIUM, manager_stats
 from kvtier.manager.writeback import WriteBackMixin
 from kvtier.policies.admission import AdmissionPolicy
@@ -59,7 +61,7 @@ class _Batch:
     slots: list[int] = field(default_factory=list)
 
 
-class TieringManager(WriteBackMixin, OffloadingManager):
+class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
     """A CPU primary tier plus any number of secondary tiers, in lookup order."""
 
     def __init__(
@@ -155,154 +157,6 @@ class TieringManager(WriteBackMixin, OffloadingManager):
         self.counters["lookup_miss_blocks"] += n - r
         return r
 
-    def _past_deadline(self, req_id: str, keys: Sequence[bytes], r: int) -> int | None:
-        """None while the request has waited less than the promotion deadline; after it, the
-        run that is loadable now (the blocks still in flight are misses; their jobs go on)."""
-        now = time.monotonic()
-        waiting = self._waiting_since
-        if len(waiting) > 4096 and req_id not in waiting:
-            # Requests dropped by an engine that never said they finished: forget old waits.
-            for rid in [r for r, t in waiting.items() if now - t > 60 + 10 * self._deadline]:
-                del waiting[rid]
-        since = waiting.setdefault(req_id, now)
-        if now - since < self._deadline:
-            return None
-        q = r + self.primary.run_length(keys, r)
-        self.counters["promotion_deadline_misses"] += len(keys) - q
-        return q
-
-    def _protect_promises(self) -> None:
-        """Pin, until the step ends, every block ``lookup`` answered as loadable this step.
-
-        The engine calls ``prepare_load`` for a hit later in the same step; a store or promotion
-        for another request in between must not evict it. Recording a promise costs O(1) per
-        lookup; the pins are taken only when something is about to be evicted.
-        """
-        primary = self.primary
-        get = primary.key_slot.get
-        state = primary.state
-        pins = self._promise_pins
-        for keys, r in self._promised:
-            for i in range(r):
-                s = get(keys[i])
-                if s is not None and state[s] == READY:
-                    primary.incref(s)
-                    pins.append(s)
-        self._promised.clear()
-
-    def _release_promises(self) -> None:
-        decref = self.primary.decref
-        for s in self._promise_pins:
-            decref(s)
-        self._promise_pins.clear()
-        self._promised.clear()
-
-    def _lookup_secondary(self, keys: Sequence[bytes], r: int) -> int | None:
-        primary = self.primary
-        promoting = self._promoting
-        n = len(keys)
-        pos = r
-        pending = False
-        plan: list[tuple[int, bytes]] = []  # (tier index, key) to promote, in prefix order
-        while pos < n:
-            key = keys[pos]
-            if key in promoting:  # (never READY) checked first: a request waiting on its
-                pending = True  # promotion asks again every step
-                pos += 1
-                continue
-            q = primary.run_length(keys, pos)
-            if q:
-                pos += q
-                continue
-            if key in primary.key_slot:  # WRITING by an engine store: not loadable yet
-                break
-            rest = keys[pos:]
-            best, best_tier = 0, -1
-            for ti, tier in enumerate(self.tiers):
-                try:
-                    m = tier.lookup(rest)  # a tier that is down answers 0 (and may re-probe)
-                except Exception:
-                    self._tier_raised(tier, "lookup")
-                    m = 0
-                if m is None:
-                    pending = True
-                elif m > best:
-                    best, best_tier = m, ti
-            if best == 0:
-                break
-            for key in rest[:best]:
-                if key not in primary.key_slot:
-                    plan.append((best_tier, key))
-                elif key in promoting:
-                    pending = True
-            pos += best
-        if plan:
-            self._retry_lookup = False
-            started = self._start_promotions(keys[:pos], plan)
-            if started == 0 and not pending and not self._retry_lookup:
-                # Nothing could be given a slot: the run ends at the first key to promote.
-                return _index_from(keys, plan[0][1], r)
-            return None
-        if pending:
-            return None
-        return primary.run_length(keys) if pos > r else r
-
-    def _start_promotions(self, keys: Sequence[bytes], plan: list[tuple[int, bytes]]) -> int:
-        """Give slots to as many planned keys as fit (in prefix order); queue them per tier.
-
-        The blocks of the request's run that are resident stay guarded while slots are found, as
-        far as the run can fit in the primary tier at once, so a promotion never evicts the part
-        of the prefix it extends; resident blocks past that point are fair game.
-        """
-        primary = self.primary
-        if self._promised and len(primary.free) < len(plan):
-            self._protect_promises()
-        key_slot = primary.key_slot
-        state, ref = primary.state, primary.ref
-        planned = {k for _, k in plan}
-        budget = len(primary.free) + primary.evictable
-        guard: list[int] = []
-        take = 0
-        for key in keys:
-            if key in planned:
-                if budget == 0:
-                    break
-                budget -= 1
-                take += 1
-                continue
-            s = key_slot.get(key)
-            if s is not None and state[s] == READY and ref[s] == 0:
-                if budget == 0:
-                    break
-                budget -= 1  # guarding it takes it out of what can be evicted
-                guard.append(s)
-        if take < len(plan):
-            self.counters["promotion_alloc_failures"] += len(plan) - take
-        if take == 0:
-            return 0
-        plan = plan[:take]
-        for s in guard:
-            primary.incref(s)
-        try:
-            result = primary.allocate([k for _, k in plan], self._retainer(),
-                                      self._wb is None or self._wait_for_writebacks())
-        finally:
-            for s in guard:
-                primary.decref(s)
-            self._start_writebacks()
-        if result is None:  # write-back victims keep their slots until written: ask again
-            self._retry_lookup = True
-            return 0
-        slots, evicted = result
-        self._evicted(evicted)
-        for (ti, key), slot in zip(plan, slots):
-            self._promoting[key] = ti
-            b = self._promote_batches[ti]
-            b.keys.append(key)
-            b.slots.append(slot)
-        self.counters["promotions_started"] += take
-        return take
-
     # -- loads -----------------------------------------------------------------------------
     def prepare_load(self, keys: Sequence[bytes], ctx: ReqContext) -> LoadStoreSpec:
         primary = self.primary
@@ -370,28 +224,6 @@ class TieringManager(WriteBackMixin, OffloadingManager):
             store_spec=LoadStoreSpec(np.asarray(slots, dtype=np.int64)),
             evicted_keys=evicted,
         )
-
-    def _preempt_promotions(self, need: int) -> bool:
-        """Give a running request's store the slots of promotions not yet submitted.
-
-        Stores come first: the engine has those blocks now, while a waiting request whose
-        promotion is cancelled asks again and finds a miss or a fresh promotion. True when
-        anything was released and ``need`` slots can now be had.
-        """
-        primary = self.primary
-        if primary.can_free(need) or not any(b.keys for b in self._promote_batches):
-            return False
-        released = 0
-        for ti in range(len(self.tiers)):
-            b = self._promote_batches[ti]
-            while b.keys and not primary.can_free(need):
-                key = b.keys.pop()
-                b.slots.pop()
-                self._promoting.pop(key, None)
-                primary.release(key)
-                released += 1
-        self.counters["promotions_preempted"] += released
-        return released > 0 and primary.can_free(need)
 
     def complete_store(
         self, keys: Sequence[bytes], ctx: ReqContext, success: bool = True
@@ -622,10 +454,3 @@ class TieringManager(WriteBackMixin, OffloadingManager):
 
     def primary_blocks(self) -> np.ndarray:
         return self._region
-
-
-def _index_from(keys: Sequence[bytes], key: bytes, start: int) -> int:
-    for i in range(start, len(keys)):
-        if keys[i] == key:
-            return i
-    return len(keys)
