@@ -45,14 +45,7 @@ def reference_lru(
             cache.move_to_end(k)
             if len(cache) > capacity_blocks:
                 cache.popitem(last=False)
-    return {
-        "block_hits": hits,
-        "block_refs": refs,
-        "block_hit_rate": hits / refs if refs else 0.0,
-        "token_hits": hit_tokens,
-        "input_tokens": tokens,
-        "token_hit_rate": hit_tokens / tokens if tokens else 0.0,
-    }
+    return _rates(hits, refs, hit_tokens, tokens)
 
 
 def reference_policy(
@@ -87,6 +80,11 @@ def reference_policy(
         if over > 0:
             p.evict_many(over, _always, new)
         p.insert_many(new)
+    return _rates(hits, refs, hit_tokens, tokens)
+
+
+def _rates(hits: int, refs: int, hit_tokens: int, tokens: int) -> dict[str, float]:
+    """A reference replay's result: hits and hit rates by block and by token."""
     return {
         "block_hits": hits,
         "block_refs": refs,
