@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from kvtier.bench.engine import EngineOptions, EngineSim, KVTierOffload
+from kvtier.bench.engine import EngineOptions, EngineSim
+from kvtier.bench.offload import KVTierOffload
 from kvtier.bench.runner import SCHEMA, BenchRunner, Plan, default_secondary_tier
 from kvtier.bench.workload import SyntheticParams, synthetic_workload
 from kvtier.cli import main

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.engine import EngineOptions, EngineSim, KVTierOffload
+from kvtier.bench.engine import EngineOptions, EngineSim
+from kvtier.bench.offload import KVTierOffload
 from kvtier.bench.reference import reference_lru
 from kvtier.bench.workload import load_trace
 from kvtier.cli import main

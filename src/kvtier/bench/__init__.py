@@ -1,6 +1,7 @@
 """``kvtier bench``: replay workloads through an engine simulator and kvtier, with baselines."""
 
-from kvtier.bench.engine import BenchError, EngineOptions, EngineSim, KVTierOffload, Offload
+from kvtier.bench.engine import BenchError, EngineOptions, EngineSim
+from kvtier.bench.offload import KVTierOffload, Offload
 from kvtier.bench.reference import reference_lru
 from kvtier.bench.runner import SCHEMA, BenchRunner, Plan
 from kvtier.bench.workload import (

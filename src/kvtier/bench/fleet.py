@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from kvtier.bench.engine import EngineOptions, EngineSim, Offload, RunCounters
+from kvtier.bench.engine import EngineOptions, EngineSim, RunCounters
+from kvtier.bench.offload import Offload
 from kvtier.bench.workload import Workload
 
 

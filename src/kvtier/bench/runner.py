@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.engine import EngineOptions, EngineSim, KVTierOffload, Offload, RunCounters
+from kvtier.bench.engine import EngineOptions, EngineSim, RunCounters
 from kvtier.bench.fleet import FleetSim, split
+from kvtier.bench.offload import KVTierOffload, Offload
 from kvtier.bench.reference import reference_lru
 from kvtier.bench.workload import Workload
 

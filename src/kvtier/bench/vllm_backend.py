@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.bench.engine import BenchError, EngineOptions, Offload
+from kvtier.bench.engine import BenchError, EngineOptions
+from kvtier.bench.offload import Offload
 from kvtier.types import LoadStoreSpec, PrepareStoreOutput, ReqContext
 
 _GROUP = (0).to_bytes(4, "big")
