@@ -32,17 +32,15 @@ from kvtier.tiers.storage.repair import (
 from kvtier.tiers.storage.scan import (
     PROBE_FILE,
     Lane,
-    LaneLock,
     SlotCheck,
     describe_lane,
     find_lanes,
     intent_slots,
-    lock_holders,
     newest_copies,
-    process_name,
     read_slots,
     recheck,
 )
+from kvtier.tiers.storage.scan_locks import LaneLock, lock_holders, process_name
 from kvtier.tiers.storage.scan_logs import Logged, index_key, read_logs
 
 _SETTLE_S = 0.25  # pause before a bad slot of a lane in use is read again

@@ -9,7 +9,7 @@ Two rules make these safe beside running engines:
   engine itself does with a bad record: its header page is zeroed, so no reader serves it; the
   engine that holds the region drops it from its log at its next load of it.
 * Everything else (truncating, deleting, moving records, rewriting logs) needs the directory's
-  ``lock`` exclusively, taken with :class:`kvtier.tiers.storage.scan.LaneLock`: no engine is
+  ``lock`` exclusively, taken with :class:`kvtier.tiers.storage.scan_locks.LaneLock`: no engine is
   attached then, and none attaches meanwhile (a starting engine waits, then retries).
 
 Compaction keeps the tier's crash safety: kept records are copied into the lowest free slots
