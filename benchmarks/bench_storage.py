@@ -42,12 +42,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from raw_direct import direct_io
 from storage_peers import LMCACHE_NOTES, lmcache_throughput, lmcache_worker, vllm_throughput
 
 MiB = 1 << 20
@@ -83,33 +83,12 @@ class RawFile:
     def _run(self, mode: str, strided: bool = False) -> float:
         block, per, threads = self.block, self.per, self.threads
         self.cpu = time.process_time()
-        barrier = threading.Barrier(threads + 1)
-
-        def work(i: int) -> None:
-            buf = mmap.mmap(-1, block)
-            buf.write(os.urandom(block))
-            fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
-            barrier.wait()
-            blocks = range(i, per * threads, threads) if strided else range(i * per, (i + 1) * per)
-            try:
-                for j in blocks:
-                    if mode == "w":
-                        os.pwritev(fd, [buf], j * block)
-                    else:
-                        os.preadv(fd, [buf], j * block)
-            finally:
-                os.close(fd)
-
-        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-        for t in ts:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in ts:
-            t.join()
-        dt = time.perf_counter() - t0
+        targets = [(self.path, [j * block for j in (
+            range(i, per * threads, threads) if strided else range(i * per, (i + 1) * per))])
+            for i in range(threads)]
+        rate = direct_io(targets, block, mode)
         self.cpu = (time.process_time() - self.cpu) / (per * threads * block / 2**30)
-        return per * threads * block / dt / 1e9
+        return rate
 
     def measure(self, settle_s: float) -> list[Result]:
         """[(write GB/s, read GB/s, phases)] of each layout: each thread on its own contiguous

@@ -36,11 +36,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import numpy as np
+from raw_direct import direct_io
 
 MiB = 1 << 20
 JOB_BLOCKS = 32
@@ -260,30 +260,7 @@ def raw_throughput(directory: str, block: int, threads: int, total: int) -> tupl
             os.close(fd)
 
     def run(mode: str) -> float:
-        barrier = threading.Barrier(threads + 1)
-
-        def work(i: int) -> None:
-            buf = mmap.mmap(-1, block)
-            buf.write(os.urandom(block))
-            fd = os.open(paths[i], os.O_RDWR | os.O_DIRECT)
-            barrier.wait()
-            try:
-                for j in range(per):
-                    if mode == "w":
-                        os.pwritev(fd, [buf], j * block)
-                    else:
-                        os.preadv(fd, [buf], j * block)
-            finally:
-                os.close(fd)
-
-        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-        for t in ts:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in ts:
-            t.join()
-        return per * threads * block / (time.perf_counter() - t0) / 1e9
+        return direct_io([(p, [j * block for j in range(per)]) for p in paths], block, mode)
 
     try:
         return run("w"), run("r")
