@@ -287,7 +287,8 @@ class Servers:
                 raise ProtocolError("bytes after the last reply")
             clean = True
             return out, sum(len(todo_b) for todo_b in windows)
-        except TimeoutError as e:  # the socket's own timeout: say it as redis-py would
+        except (TimeoutError, BlockingIOError) as e:  # a socket timeout (BlockingIOError: the
+            # kernel's, while the socket blocks): say it as redis-py would
             raise redis.TimeoutError(f"Timeout reading from the server: {e}") from e
         finally:
             for wire in wires[:len(conns)]:
