@@ -16,7 +16,13 @@ from redis.retry import Retry
 
 from kvtier.tiers.base import Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers
-from kvtier.tiers.network.config import DEFAULT_BATCH_BYTES, PARAMS, redact, validate
+from kvtier.tiers.network.config import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_POOL_SIZE,
+    PARAMS,
+    redact,
+    validate,
+)
 from kvtier.tiers.network.io import QUERY_CHUNK, Job, Task, Transfers
 from kvtier.tiers.network.presence import PresenceCache
 from kvtier.tiers.network.stats import Counters
@@ -50,7 +56,7 @@ class NetworkTier(SecondaryTier):
         connect_timeout_seconds: float = 2.0,
         socket_timeout_seconds: float = 2.0,
         lookup_timeout_seconds: float = 1.0,
-        pool_size: int = 4,
+        pool_size: int = DEFAULT_POOL_SIZE,
         max_batch_bytes: int = DEFAULT_BATCH_BYTES,
         negative_cache_seconds: float = 1.0,
         presence_cache_keys: int = 262144,
