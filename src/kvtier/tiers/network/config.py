@@ -11,8 +11,8 @@ from kvtier.config import ConfigError
 
 MIB = 1 << 20
 DEFAULT_BATCH_BYTES = 2 * MIB  # records per round trip; two round trips in flight at most
-# I/O threads. More threads contend for one interpreter lock: on 2 cores, 4 threads moved 256 KiB
-# blocks 15-25% slower than 2 and spent more CPU per GB (docs/BENCHMARKS.md, network section).
+# I/O threads. More threads contend for one interpreter lock: on 2 cores, 4 threads stored 256 KiB
+# blocks about 20% slower than 2 and spent more CPU per GB (docs/BENCHMARKS.md, network section).
 DEFAULT_POOL_SIZE = 2
 
 # Parameter name -> meaning (the README's table says the same).
