@@ -331,7 +331,7 @@ class IOPool:
         assert sh is not None
         index = sh.index
         window = self.refresh_window()
-        todo: list[tuple[Any, bytes, int, int]] = []
+        todo: dict[int, tuple[Any, list[tuple[bytes, int, int]]]] = {}  # region -> (reg, renewals)
         with index.lock:
             for key, s in hits:
                 ik = ilog.index_key(key)
@@ -341,21 +341,26 @@ class IOPool:
             for key, s in refresh:
                 ik = ilog.index_key(key)
                 v = index.slots.get(s)
-                reg = index.regions.get(index.region_of(s))
+                r = index.region_of(s)
+                reg = index.regions.get(r)
                 if v is None or v[0] != ik or reg is None or v[1] + window > sh.seq:
                     continue
-                todo.append((reg, ik, s, sh.seq))
+                todo.setdefault(r, (reg, []))[1].append((ik, s, sh.seq))
                 sh.seq += 1
-        for reg, ik, s, seq in todo:
-            def renew(ik: bytes = ik, s: int = s, seq: int = seq) -> None:
-                if index.slots.get(s, (b"",))[0] == ik:
-                    index.slots[s] = (ik, seq)
+        for r, (reg, renewals) in todo.items():  # one log append per region and chunk
+            def renew(renewals: list[tuple[bytes, int, int]] = renewals) -> None:
+                slots = index.slots
+                for ik, s, seq in renewals:
+                    if slots.get(s, (b"",))[0] == ik:
+                        slots[s] = (ik, seq)
 
+            base = sh.geo.base(r)
             try:
-                sh.append(reg, [(ilog.PUT, s - sh.geo.base(reg.region), 0, seq, ik)], renew)
-                sh.count(recency_refreshes=1)
-            except OSError as e:  # only recency is lost; the block itself was served
-                log.debug("tier %s: could not log the recency of slot %d: %s", sh.name, s, e)
+                sh.append(reg, [(ilog.PUT, s - base, 0, seq, ik) for ik, s, seq in renewals], renew)
+                sh.count(recency_refreshes=len(renewals))
+            except OSError as e:  # only recency is lost; the blocks themselves were served
+                log.debug("tier %s: could not log the recency of %d blocks of region %d: %s",
+                          sh.name, len(renewals), r, e)
 
     # -- stores ----------------------------------------------------------------------------
     def _run_store(self, task: Task, hdr: Any) -> None:
