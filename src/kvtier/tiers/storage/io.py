@@ -12,7 +12,9 @@ their primary slots). Every record is verified (magic, header checksum, namespac
 payload checksum) before its block counts; blocks that count are reported through ``loaded`` as
 each run ends, before the job does, so that a request's leading blocks can be served early.
 Each load chunk adds its time waiting in the queue, reading, verifying and in the rest of its
-bookkeeping to the tier's ``load_*_seconds`` counters.
+bookkeeping to the tier's ``load_*_seconds`` counters; each store chunk its time queued, writing
+records (header, checksum and ``pwritev``), appending to the logs and in the rest to
+``store_*_seconds``.
 """
 
 from __future__ import annotations
@@ -364,6 +366,8 @@ class IOPool:
 
     # -- stores ----------------------------------------------------------------------------
     def _run_store(self, task: Task, hdr: Any) -> None:
+        t_pick = time.perf_counter()
+        t_log = 0.0
         sh = self.sh
         assert sh is not None and task.job is not None
         store, index, primary, geo = sh.store, sh.index, sh.primary, sh.geo
@@ -386,16 +390,20 @@ class IOPool:
                     for s in dels:
                         index.slots.pop(s, None)
 
+                t0 = time.perf_counter()
                 try:
                     sh.append(reg, [(ilog.DEL, s - base, 0, 0, b"") for s in dels], forget)
                 except OSError as e:
                     err = e
                     failed_items.extend((k, s) for k, _ps, s, _o, _q in mine)
                     continue
+                finally:
+                    t_log += time.perf_counter() - t0
             ok_items.extend((k, ps, s, q) for k, ps, s, _o, q in mine)
         # 2. the records
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
+        t_write = time.perf_counter()
         for key, ps, s, seq in ok_items:  # one pwritev each: merged writes measured slower
             try:
                 written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
@@ -403,6 +411,7 @@ class IOPool:
             except OSError as e:
                 err = e
                 failed_items.append((key, s))
+        t_write = time.perf_counter() - t_write
         if done and sh.fsync == "batch":
             try:
                 store.sync_regions(written)
@@ -424,6 +433,7 @@ class IOPool:
                     index.slots[s] = (ilog.index_key(key), seq)
 
             base = geo.base(r)
+            t0 = time.perf_counter()
             try:
                 sh.append(reg, [(ilog.PUT, s - base, 0, q, k) for k, s, q in mine_done], publish,
                           sync=sh.sync_logs)
@@ -431,6 +441,7 @@ class IOPool:
             except OSError as e:
                 err = e
                 failed_items.extend((k, s) for k, s, _q in mine_done)
+            t_log += time.perf_counter() - t0
         stored.sort(key=lambda x: x[2])  # the job's order: the last key stored is the newest
         with index.lock:
             own, writing, remote = index.own, index.writing, index.remote
@@ -447,7 +458,10 @@ class IOPool:
                 index.free_slot(s)
             for _k, _ps, s, _o in items:
                 index.regions[index.region_of(s)].writing -= 1
-        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items))
+        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items),
+                 store_chunks=1, store_wait_seconds=t_pick - task.queued,
+                 store_write_seconds=t_write, store_log_seconds=t_log,
+                 store_other_seconds=time.perf_counter() - t_pick - t_write - t_log)
         if err is not None:
             sh.write_health.record_failure(err)
         elif stored:
