@@ -240,8 +240,11 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
     half = args.threads // 2
     # This measures the tier's throughput, so every block goes to it (no backpressure drops: the
     # writer waits for slots instead) and requests wait for all their blocks however long the
-    # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline.
-    cfg = {"cpu_bytes_to_use": 2 * args.jobs_in_flight * JOB_BLOCKS * block,
+    # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline. The
+    # CPU tier holds 4 times the blocks of the requests in flight: blocks loaded early stay
+    # pinned until their promotion job ends (a job spans the requests of a step), so with twice
+    # the blocks in flight a new request could find no slot and be answered with misses.
+    cfg = {"cpu_bytes_to_use": 4 * args.jobs_in_flight * JOB_BLOCKS * block,
            "promotion_deadline_seconds": 600, "secondary_tiers": [
                {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
                 "n_read_threads": half, "n_write_threads": args.threads - half,
