@@ -183,8 +183,9 @@ def replay(layout: str, jobs: list[rt.Job], cpu_blocks: int | None, gpu_blocks: 
             k: round(v / refusals.count, 3) for k, v in refusals.holders.items()
         } if refusals.count else {}
         res["kvtier"] = {k: st["manager"][k] for k in (
-            "stored_blocks", "primary_hit_blocks", "promoted_blocks",
-            "promotion_alloc_failures", "store_alloc_failures", "evicted_blocks")}
+            "stored_blocks", "primary_hit_blocks", "promotions_started", "promotions_preempted",
+            "promoted_blocks", "promotion_alloc_failures", "store_alloc_failures",
+            "evicted_blocks")}
     e.close()
     return res
 

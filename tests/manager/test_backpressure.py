@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from helpers import lookup_until, make_key, settle, store_blocks
+from helpers import block_bytes_for, lookup_until, make_key, settle, store_blocks
 
 import kvtier
 from kvtier.manager.backpressure import TierBackpressure
@@ -192,6 +192,85 @@ def test_running_stores_take_slots_before_queued_promotions(namespace: str) -> N
         # The waiting request asks again and gets what was promoted.
         got = lookup_until(m, keys[:16], kvtier.ReqContext("waiting"))
         assert got >= 12
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_a_steady_stream_of_stores_cannot_starve_a_promotion(namespace: str) -> None:
+    """Every step a running request stores as many new blocks as the CPU tier holds, and a
+    waiting request's promotion needs 4 of those slots. The first store takes the promotion's
+    slots; the promotion planned again is not preempted again, so the waiting request gets its
+    blocks at the next step, byte for byte, while stores keep coming."""
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0}, promotion_deadline_seconds=60)
+    try:
+        want = [make_key(i, namespace) for i in range(4)]
+        store_blocks(m, want)
+        settle(m)
+        m.reset_cache()  # the waiting request's blocks are now only in the tier
+        assert m.primary.run_length(want) == 0 and m.tiers[0].lookup(want) == 4
+        waiting = kvtier.ReqContext("waiting")
+        got, refused, steps = None, 0, 0
+        for step in range(20):
+            steps = step + 1
+            got = m.lookup(want, waiting)
+            if got is not None:
+                break
+            new = [make_key(1000 + 16 * step + i, namespace) for i in range(16)]
+            ctx = kvtier.ReqContext(f"running{step}")
+            out = m.prepare_store(new, ctx)
+            if out is None:
+                refused += 1
+            else:
+                m.complete_store(out.keys_to_store, ctx)
+            settle(m)
+        stats = m.get_stats()["manager"]
+        assert got == 4, f"the waiting request never got its blocks ({stats})"
+        assert steps <= 3
+        # The first store still came before the promotion; later ones waited for it, once.
+        assert stats["promotions_preempted"] == 4
+        assert refused == 1
+        spec = m.prepare_load(want, waiting)
+        region = m.primary_blocks()
+        for key, slot in zip(want, spec.block_ids):
+            assert np.array_equal(region[slot], block_bytes_for(key, region.shape[1]))
+        m.complete_load(want, waiting)
+        m.on_schedule_end()
+        # Stores go on as before once the promotion has landed and been loaded.
+        assert _store(m, [make_key(5000 + i, namespace) for i in range(16)], "after")
+        settle(m)
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_promoted_blocks_wait_one_step_for_their_request(namespace: str) -> None:
+    """Blocks that landed at a step end are not evicted by a store before the request that
+    waited for them has asked again; after that step they are evictable as usual."""
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0}, promotion_deadline_seconds=60)
+    try:
+        want = [make_key(i, namespace) for i in range(4)]
+        store_blocks(m, want)
+        settle(m)
+        m.reset_cache()
+        waiting = kvtier.ReqContext("waiting")
+        assert m.lookup(want, waiting) is None
+        deadline = time.monotonic() + 20
+        while m.primary.run_length(want) < 4:  # step ends until one collects the promotion
+            assert time.monotonic() < deadline, "the promotion did not finish"
+            m.on_schedule_end()
+            time.sleep(0.002)
+        # A running request's store in the next step wants the whole CPU tier: it gets the
+        # other 12 slots only.
+        new = [make_key(100 + i, namespace) for i in range(16)]
+        assert m.prepare_store(new, kvtier.ReqContext("running")) is None
+        assert m.lookup(want, waiting) == 4
+        m.on_schedule_end()
+        m.on_schedule_end()
+        assert m.primary.evictable == len(m.primary.key_slot) == 4
+        assert not m.has_pending_work()
+        assert _store(m, new, "running")  # now the promoted blocks can be evicted
+        settle(m)
         m.primary.check()
     finally:
         m.shutdown()

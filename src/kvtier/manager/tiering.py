@@ -88,6 +88,10 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         self._jobs: dict[int, _Job] = {}
         self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
         self._promote_batches = [_Batch() for _ in self.tiers]
+        self._preempted_once: dict[bytes, None] = {}
+        self._preempted_memory = max(1024, 4 * primary.num_slots)
+        self._landed: list[tuple[int, list[int]]] = []  # (release step, held promoted slots)
+        self._ending = False  # inside on_schedule_end
         self._cascade_batches = [_Batch() for _ in self.tiers]
         self._init_writeback(write_policies, admissions, _Batch)
         self._events: list[OffloadingEvent] = []
@@ -281,13 +285,19 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
     def on_schedule_end(self) -> None:
         self._step += 1
         self._release_promises()
-        self._collect()
+        self._release_landed()
+        self._ending = True
+        try:
+            self._collect()
+        finally:
+            self._ending = False
         now = time.monotonic()
         for bp in self._pressure:
             bp.tick(now)
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
             if pb.keys:
+                self._promotions_submitted(pb.keys)
                 self._submit("promote", ti, tier, pb)
                 self._promote_batches[ti] = _Batch()
             cb = self._cascade_batches[ti]
@@ -366,9 +376,11 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
                 primary.release(key)
             else:
                 loaded.append(key)
-        self._promoted(job, loaded)
-        for key in ready:  # loadable since the tier reported them: now evictable too
-            primary.decref(primary.key_slot[key])
+        self._promoted(job, loaded, hold=True)
+        key_slot = primary.key_slot
+        # Loadable since they landed (``ready``: reported before the job ended): kept until a
+        # schedule pass has seen them, then evictable.
+        self._hold_landed([key_slot[k] for k in itertools.chain(loaded, ready)])
         c = self.counters
         c["promotion_failures"] += len(failed)
         c["promotion_steps_total"] += (self._step - job.step) * len(failed)
@@ -413,7 +425,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     # -- housekeeping ----------------------------------------------------------------------
     def has_pending_work(self) -> bool:
-        if self._jobs:
+        if self._jobs or self._landed:
             return True
         if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
             return True

@@ -136,6 +136,29 @@ def test_every_request_right_from_cpu_and_storage(
     check_clean(e)
 
 
+
+def test_promotions_complete_under_a_tiny_cpu_tier(tmp_path: Path, made: list[RealEngine]) -> None:
+    """A hybrid model over a CPU tier half the size of the test above: running requests' stores
+    want every slot, yet waiting requests' promotions from storage still land and serve tokens
+    (a promotion is preempted by stores at most once, and its blocks wait a step for their
+    request), and every token stays right."""
+    tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
+    e = RealEngine(tmp_path, extra("full+swa", 24, tiers), layout="full+swa", num_gpu_blocks=40,
+                   max_batched_tokens=64)
+    made.append(e)
+    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]
+    e.run(jobs)
+    e.settle()
+    assert e.scheduler.reset_prefix_cache()
+    e.run(again_reversed(e, jobs))
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    stats = e.manager.kvtier_stats()
+    assert stats["manager"]["promotions_preempted"] > 0, "stores never needed promotions' slots"
+    assert stats["tiers"]["storage0"]["hits"] > 0
+    assert e.hit_sources["disk"] > 0, "no promoted block served a request"
+    check_clean(e)
+
 @pytest.mark.parametrize("layout", ["full", "full+swa"])
 def test_stores_under_a_cpu_tier_smaller_than_one_request(
     layout: str, tmp_path: Path, made: list[RealEngine]
