@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_engine import BLOCK, HEAD_SIZE, HEADS, LAYOUTS, Job, RealEngine
+from real_engine import Job, RealEngine
 from vllm.v1.request import RequestStatus
+from vllm_layouts import BLOCK, HEAD_SIZE, HEADS, LAYOUTS
 
 PAGE = 2 * BLOCK * HEADS * HEAD_SIZE * 2  # one attention layer's page of one block (fp16 K+V)
 
