@@ -13,7 +13,7 @@ import pytest
 from helpers import block_bytes_for, lookup_until, make_key, settle, store_blocks
 
 import kvtier
-from kvtier.manager.backpressure import TierBackpressure
+from kvtier.manager.backpressure import TierBackpressure, cpu_stall_seconds
 from kvtier.tiers.example import ExampleTier
 
 BLOCK = 4096
@@ -125,6 +125,56 @@ def test_latency_signal_halves_the_bound_while_the_tier_is_slow() -> None:
     assert not bp.slow and bp.limit == 200
     bp.tick(time.monotonic())
     assert not bp.degraded
+
+
+def test_latency_signal_counts_busy_time_not_time_queued() -> None:
+    """A burst of 32 store jobs submitted at once, each taking the disk 1 ms: the last ends 32 ms
+    after its submission, yet the tier was never slower than 1 ms a job. The same jobs one at a
+    time at 20 ms each are a slow medium."""
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    mb = 1 << 20
+    t = 100.0
+    for _ in range(10):  # healthy, one at a time: the baseline is 1 ms per MiB
+        bp.observe(0.001, mb, submitted=t)
+        t += 0.01
+    for k in range(1, 33):  # the burst: queued behind each other
+        bp.observe(0.001 * k, mb, submitted=t)
+    assert not bp.slow and bp.stats()["store_latency_ratio"] < 2
+    t += 1.0
+    for _ in range(4):  # the medium itself slows down: 20 ms per job, one at a time
+        bp.observe(0.02, mb, submitted=t)
+        t += 0.05
+    assert bp.slow and bp.limit == 100
+    # A job that ended inside a span already counted (parallel I/O threads) adds nothing.
+    samples = bp._samples
+    bp.observe(0.001, mb, submitted=t - 0.05)
+    assert bp._samples == samples
+
+
+def test_latency_signal_ignores_jobs_that_waited_for_a_cpu() -> None:
+    """Jobs during which tasks waited for a CPU most of the time are no latency samples: a
+    machine short of CPUs is not a slow medium. The pinned bound is unaffected."""
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    for _ in range(10):
+        bp.observe(0.001, 1 << 20, cpu_wait_share=0.1)
+    for _ in range(10):
+        bp.observe(0.1, 1 << 20, cpu_wait_share=0.9)
+    assert not bp.slow and bp.stats()["latency_samples_cpu_bound"] == 10
+    for _ in range(4):  # the same latency with CPUs to spare: the medium is slow
+        bp.observe(0.1, 1 << 20, cpu_wait_share=0.2)
+    assert bp.slow
+
+
+def test_cpu_stall_reading_is_cumulative() -> None:
+    """Where the kernel has pressure stall information, the reading is seconds that only grow."""
+    a = cpu_stall_seconds()
+    if a is None:
+        pytest.skip("no pressure stall information on this kernel")
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:
+        pass
+    b = cpu_stall_seconds()
+    assert b is not None and b >= a >= 0
 
 
 @pytest.mark.parametrize("key,value", [

@@ -29,6 +29,7 @@ from kvtier.manager.backpressure import (
     DEFAULT_MAX_PINNED_SHARE,
     DEFAULT_SLOW_STORE_FACTOR,
     TierBackpressure,
+    cpu_stall_seconds,
 )
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
@@ -53,6 +54,7 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     step: int = 0
     ready: set[bytes] = field(default_factory=set)  # promoted keys reported before the job ended
+    stall: float | None = None  # CPU stall seconds when a store job was submitted
 
 
 @dataclass
@@ -312,7 +314,8 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step)
+        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
+                                  stall=None if kind == "promote" else cpu_stall_seconds())
         slots = np.asarray(batch.slots, dtype=np.int64)
         try:
             if kind == "promote":
@@ -353,14 +356,16 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         failed = res.failed_keys
         if job.kind == "writeback":
             took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
-            self._writeback_done(job.tier, job.keys, failed, seconds=took)
+            self._writeback_done(job.tier, job.keys, failed, seconds=took,
+                                 submitted=job.submitted, cpu_wait=_cpu_wait_share(job))
             return
         if job.kind == "cascade":
             self._release_cascade(job.tier, job.slots)
             if not failed:
                 bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
                 took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
-                self._pressure[job.tier].observe(took, len(job.keys) * bb)
+                self._pressure[job.tier].observe(took, len(job.keys) * bb, job.submitted,
+                                                 _cpu_wait_share(job))
             ok = len(job.keys) - len(failed)
             self.counters["cascaded_blocks"] += ok
             self.counters["cascade_failures"] += len(failed)
@@ -466,3 +471,14 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def primary_blocks(self) -> np.ndarray:
         return self._region
+
+
+def _cpu_wait_share(job: _Job) -> float | None:
+    """The share of a store job's time (submission to now) during which tasks waited for a CPU."""
+    if job.stall is None:
+        return None
+    now = cpu_stall_seconds()
+    wall = time.monotonic() - job.submitted
+    if now is None or wall <= 0:
+        return None
+    return (now - job.stall) / wall
