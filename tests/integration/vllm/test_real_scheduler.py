@@ -116,15 +116,7 @@ def test_every_request_right_from_cpu_and_storage(
                    num_gpu_blocks=gpu_blocks, max_batched_tokens=64)
     made.append(e)
     seen = Observed(e)
-    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]  # decodes need blocks
-    e.run(jobs)
-    e.settle()
-    # vLLM's own prefix cache is emptied: the newest prompts, asked first, come through the
-    # connector from the CPU tier instead of (depending on timing) the GPU pool.
-    assert e.scheduler.reset_prefix_cache()
-    e.run(again_reversed(e, jobs))
-    assert len(e.finished) == 2 * len(jobs)
-    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    run_then_reversed(e)
     assert e.runner.checked_tokens > 10_000
     # Tokens loaded, by where kvtier says they came from (vLLM's hit sources).
     assert e.hit_sources["host"] > 0, "nothing was served from blocks resident in the CPU tier"
@@ -137,6 +129,19 @@ def test_every_request_right_from_cpu_and_storage(
     check_clean(e)
 
 
+def run_then_reversed(e: RealEngine) -> None:
+    """36 requests over 12 system prompts (16 tokens decoded each: decodes need blocks), then
+    the same prompts newest first; every request finishes and every token is right."""
+    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]
+    e.run(jobs)
+    e.settle()
+    # vLLM's own prefix cache is emptied: the newest prompts, asked first, come through the
+    # connector from the CPU tier instead of (depending on timing) the GPU pool.
+    assert e.scheduler.reset_prefix_cache()
+    e.run(again_reversed(e, jobs))
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+
 
 def test_promotions_complete_under_a_tiny_cpu_tier(tmp_path: Path, made: list[RealEngine]) -> None:
     """A hybrid model over a CPU tier half the size of the test above: running requests' stores
@@ -147,13 +152,7 @@ def test_promotions_complete_under_a_tiny_cpu_tier(tmp_path: Path, made: list[Re
     e = RealEngine(tmp_path, extra("full+swa", 24, tiers), layout="full+swa", num_gpu_blocks=40,
                    max_batched_tokens=64)
     made.append(e)
-    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]
-    e.run(jobs)
-    e.settle()
-    assert e.scheduler.reset_prefix_cache()
-    e.run(again_reversed(e, jobs))
-    assert len(e.finished) == 2 * len(jobs)
-    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    run_then_reversed(e)
     stats = e.manager.kvtier_stats()
     assert stats["manager"]["promotions_preempted"] > 0, "stores never needed promotions' slots"
     assert stats["tiers"]["storage0"]["hits"] > 0
