@@ -245,13 +245,14 @@ class PromotionMixin:
         if slots:
             self._landed.append((self._step + (0 if self._ending else 1), slots))
 
-    def _release_landed(self) -> None:
-        """At the step end: release the promoted slots every schedule pass since has seen."""
+    def _release_landed(self, everything: bool = False) -> None:
+        """At the step end: release the promoted slots every schedule pass since has seen
+        (``everything``: all of them, as ``reset_cache`` does)."""
         landed = self._landed
         if not landed:
             return
         decref = self.primary.decref
-        step = self._step
+        step = 1 << 62 if everything else self._step
         keep = [(s, slots) for s, slots in landed if s >= step]
         for s, slots in landed:
             if s < step:

@@ -447,6 +447,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def reset_cache(self) -> None:
         self._release_promises()
+        self._release_landed(everything=True)
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
         if self._wb is not None:
