@@ -1,7 +1,7 @@
 """kvtier under vLLM 0.33's real Scheduler: scheduler time per step, and stores refused and why.
 
 Drives the real ``Scheduler`` (or ``AsyncScheduler``) with both halves of the real
-``OffloadingConnector`` and the stand-in model runner of ``tests/integration/vllm/real_engine.py``
+``OffloadingConnector`` and the stand-in model runner of ``tests/integration/vllm/stand_in_runner.py``
 (every token is still checked), on the shared Mooncake trace (each ``hash_ids`` entry becomes
 one 16-token block of tokens derived from the id, so prefixes are shared exactly as in the
 trace) or on the built-in synthetic workload, for a full-attention model and a hybrid one
@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "integration" / "vllm"))
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import real_engine as rt  # noqa: E402
+import vllm_layouts as layouts  # noqa: E402
 
 TRACE = HERE.parent.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
@@ -53,7 +54,7 @@ def trace_jobs(n: int, max_blocks: int) -> list[rt.Job]:
             tokens: list[int] = []
             for h in ids:
                 base = (h * 2654435761) % 30000
-                tokens.extend((base + k * 7) % 32000 for k in range(rt.BLOCK))
+                tokens.extend((base + k * 7) % 32000 for k in range(layouts.BLOCK))
             tokens.extend(range(1, 1 + (i % 9)))  # a partial last block, as in the trace
             jobs.append(rt.Job(tokens, max_tokens=4, arrive_step=i))
     return jobs
@@ -131,7 +132,7 @@ def replay(layout: str, jobs: list[rt.Job], cpu_blocks: int | None, gpu_blocks: 
     """One replay; scheduler seconds per step and (with kvtier) the refusals."""
     extra = None
     if cpu_blocks is not None:
-        page = 2 * rt.BLOCK * rt.HEADS * rt.HEAD_SIZE * 2
+        page = 2 * layouts.BLOCK * layouts.HEADS * layouts.HEAD_SIZE * 2
         per_block = page * (2 if layout == "full" else 2)
         extra = {"spec_name": "KVTierOffloadingSpec", "spec_module_path": "kvtier.vllm",
                  "cpu_bytes_to_use": cpu_blocks * per_block,
@@ -183,8 +184,9 @@ def replay(layout: str, jobs: list[rt.Job], cpu_blocks: int | None, gpu_blocks: 
             k: round(v / refusals.count, 3) for k, v in refusals.holders.items()
         } if refusals.count else {}
         res["kvtier"] = {k: st["manager"][k] for k in (
-            "stored_blocks", "primary_hit_blocks", "promoted_blocks",
-            "promotion_alloc_failures", "store_alloc_failures", "evicted_blocks")}
+            "stored_blocks", "primary_hit_blocks", "promotions_started", "promotions_preempted",
+            "promoted_blocks", "promotion_alloc_failures", "store_alloc_failures",
+            "evicted_blocks")}
     e.close()
     return res
 

@@ -43,9 +43,11 @@ def _manager(path: str, namespace: str) -> kvtier.TieringManager:
                                         namespace=namespace).get_manager()
 
 
-def _serve(m: kvtier.TieringManager, reqs: list[list[bytes]], peak: list[int]) -> int:
-    """Store each request's blocks as an engine does, one request per step, paced; returns the
-    blocks the CPU tier refused. ``peak`` collects the slow tier's pinned slots per step."""
+def _serve(m: kvtier.TieringManager, reqs: list[list[bytes]], peak: list[int],
+           step_s: float = STEP_S) -> int:
+    """Store each request's blocks as an engine does, one request per step, ``step_s`` apart;
+    returns the blocks the CPU tier refused. ``peak`` collects the slow tier's pinned slots per
+    step."""
     region = m.primary_blocks()
     refused = 0
     for i, keys in enumerate(reqs):
@@ -60,7 +62,7 @@ def _serve(m: kvtier.TieringManager, reqs: list[list[bytes]], peak: list[int]) -
             m.complete_store(out.keys_to_store, ctx)
         m.on_schedule_end()
         peak.append(m.get_stats()["tiers"]["storage0"]["pinned_slots"])
-        time.sleep(max(0.0, STEP_S - (time.monotonic() - t0)))
+        time.sleep(max(0.0, step_s - (time.monotonic() - t0)))
     return refused
 
 
@@ -104,6 +106,46 @@ def test_throttled_disk_does_not_stall_the_cpu_tier(disk: ThrottledDisk, namespa
         assert m.get_stats()["tiers"]["storage0"]["backpressure_dropped"] == dropped
         assert sum(storage.lookup(k) or 0 for k in more) == 4 * BLOCKS_PER_REQ
         assert not m.get_stats()["tiers"]["storage0"]["degraded"]
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_latency_signal_sees_a_disk_throttled_after_a_healthy_start(
+    disk: ThrottledDisk, namespace: str
+) -> None:
+    """The latency signal against the tier's own baseline: with a bound of the whole CPU tier,
+    only the signal can make the tier drop stores before it pins every slot. Healthy first (the
+    baseline), then the disk is throttled to a third of the store rate: the signal turns slow
+    with the first throttled jobs, the bound is halved, and the tier sheds stores there instead
+    of pinning the whole CPU tier."""
+    cfg = {"cpu_bytes_to_use": SLOTS * BB, "secondary_tiers": [
+        {"type": "storage", "path": str(disk.path), "capacity_bytes": 200 << 20,
+         "direct_io": True, "n_read_threads": 2, "n_write_threads": 2, "max_pinned_share": 1.0}]}
+    m = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=BB,
+                                     namespace=namespace).get_manager()
+    try:
+        healthy = [[make_key(r * BLOCKS_PER_REQ + j, namespace) for j in range(BLOCKS_PER_REQ)]
+                   for r in range(24)]
+        for keys in healthy:  # one request at a time: the tier's baseline is the disk's speed
+            assert _serve(m, [keys], []) == 0
+            settle(m)
+        st = m.get_stats()["tiers"]["storage0"]
+        assert st["max_pinned_slots"] == SLOTS and st["backpressure_dropped"] == 0
+        disk.set_iops(WRITE_IOPS)
+        reqs = [[make_key(1000 + r * BLOCKS_PER_REQ + j, namespace)
+                 for j in range(BLOCKS_PER_REQ)] for r in range(80)]
+        peak: list[int] = []
+        ratio = 0.0
+        for keys in reqs:
+            _serve(m, [keys], peak, step_s=BLOCKS_PER_REQ / (3 * WRITE_IOPS))
+            ratio = max(ratio, m.get_stats()["tiers"]["storage0"]["store_latency_ratio"])
+        st = m.get_stats()["tiers"]["storage0"]
+        assert ratio > 8, f"the signal did not see the throttled disk (peak ratio {ratio})"
+        assert st["backpressure_dropped"] > 0, "the halved bound shed nothing"
+        assert max(peak) <= SLOTS // 2, f"the slow tier pinned {max(peak)} slots"
+        disk.set_iops(None)
+        settle(m, timeout=120)
         m.primary.check()
     finally:
         m.shutdown()

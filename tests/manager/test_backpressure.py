@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from helpers import lookup_until, make_key, settle, store_blocks
+from helpers import block_bytes_for, lookup_until, make_key, settle, store_blocks
 
 import kvtier
-from kvtier.manager.backpressure import TierBackpressure
+from kvtier.manager.backpressure import TierBackpressure, cpu_stall_seconds
 from kvtier.tiers.example import ExampleTier
 
 BLOCK = 4096
@@ -127,6 +127,56 @@ def test_latency_signal_halves_the_bound_while_the_tier_is_slow() -> None:
     assert not bp.degraded
 
 
+def test_latency_signal_counts_busy_time_not_time_queued() -> None:
+    """A burst of 32 store jobs submitted at once, each taking the disk 1 ms: the last ends 32 ms
+    after its submission, yet the tier was never slower than 1 ms a job. The same jobs one at a
+    time at 20 ms each are a slow medium."""
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    mb = 1 << 20
+    t = 100.0
+    for _ in range(10):  # healthy, one at a time: the baseline is 1 ms per MiB
+        bp.observe(0.001, mb, submitted=t)
+        t += 0.01
+    for k in range(1, 33):  # the burst: queued behind each other
+        bp.observe(0.001 * k, mb, submitted=t)
+    assert not bp.slow and bp.stats()["store_latency_ratio"] < 2
+    t += 1.0
+    for _ in range(4):  # the medium itself slows down: 20 ms per job, one at a time
+        bp.observe(0.02, mb, submitted=t)
+        t += 0.05
+    assert bp.slow and bp.limit == 100
+    # A job that ended inside a span already counted (parallel I/O threads) adds nothing.
+    samples = bp._samples
+    bp.observe(0.001, mb, submitted=t - 0.05)
+    assert bp._samples == samples
+
+
+def test_latency_signal_ignores_jobs_that_waited_for_a_cpu() -> None:
+    """Jobs during which tasks waited for a CPU most of the time are no latency samples: a
+    machine short of CPUs is not a slow medium. The pinned bound is unaffected."""
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    for _ in range(10):
+        bp.observe(0.001, 1 << 20, cpu_wait_share=0.1)
+    for _ in range(10):
+        bp.observe(0.1, 1 << 20, cpu_wait_share=0.9)
+    assert not bp.slow and bp.stats()["latency_samples_cpu_bound"] == 10
+    for _ in range(4):  # the same latency with CPUs to spare: the medium is slow
+        bp.observe(0.1, 1 << 20, cpu_wait_share=0.2)
+    assert bp.slow
+
+
+def test_cpu_stall_reading_is_cumulative() -> None:
+    """Where the kernel has pressure stall information, the reading is seconds that only grow."""
+    a = cpu_stall_seconds()
+    if a is None:
+        pytest.skip("no pressure stall information on this kernel")
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:
+        pass
+    b = cpu_stall_seconds()
+    assert b is not None and b >= a >= 0
+
+
 @pytest.mark.parametrize("key,value", [
     ("max_pinned_share", 0), ("max_pinned_share", 1.5), ("max_pinned_share", "half"),
     ("slow_store_factor", 1), ("slow_store_factor", True),
@@ -192,6 +242,85 @@ def test_running_stores_take_slots_before_queued_promotions(namespace: str) -> N
         # The waiting request asks again and gets what was promoted.
         got = lookup_until(m, keys[:16], kvtier.ReqContext("waiting"))
         assert got >= 12
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_a_steady_stream_of_stores_cannot_starve_a_promotion(namespace: str) -> None:
+    """Every step a running request stores as many new blocks as the CPU tier holds, and a
+    waiting request's promotion needs 4 of those slots. The first store takes the promotion's
+    slots; the promotion planned again is not preempted again, so the waiting request gets its
+    blocks at the next step, byte for byte, while stores keep coming."""
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0}, promotion_deadline_seconds=60)
+    try:
+        want = [make_key(i, namespace) for i in range(4)]
+        store_blocks(m, want)
+        settle(m)
+        m.reset_cache()  # the waiting request's blocks are now only in the tier
+        assert m.primary.run_length(want) == 0 and m.tiers[0].lookup(want) == 4
+        waiting = kvtier.ReqContext("waiting")
+        got, refused, steps = None, 0, 0
+        for step in range(20):
+            steps = step + 1
+            got = m.lookup(want, waiting)
+            if got is not None:
+                break
+            new = [make_key(1000 + 16 * step + i, namespace) for i in range(16)]
+            ctx = kvtier.ReqContext(f"running{step}")
+            out = m.prepare_store(new, ctx)
+            if out is None:
+                refused += 1
+            else:
+                m.complete_store(out.keys_to_store, ctx)
+            settle(m)
+        stats = m.get_stats()["manager"]
+        assert got == 4, f"the waiting request never got its blocks ({stats})"
+        assert steps <= 3
+        # The first store still came before the promotion; later ones waited for it, once.
+        assert stats["promotions_preempted"] == 4
+        assert refused == 1
+        spec = m.prepare_load(want, waiting)
+        region = m.primary_blocks()
+        for key, slot in zip(want, spec.block_ids):
+            assert np.array_equal(region[slot], block_bytes_for(key, region.shape[1]))
+        m.complete_load(want, waiting)
+        m.on_schedule_end()
+        # Stores go on as before once the promotion has landed and been loaded.
+        assert _store(m, [make_key(5000 + i, namespace) for i in range(16)], "after")
+        settle(m)
+        m.primary.check()
+    finally:
+        m.shutdown()
+
+
+def test_promoted_blocks_wait_one_step_for_their_request(namespace: str) -> None:
+    """Blocks that landed at a step end are not evicted by a store before the request that
+    waited for them has asked again; after that step they are evictable as usual."""
+    m = _manager(namespace, 16, {"max_pinned_share": 1.0}, promotion_deadline_seconds=60)
+    try:
+        want = [make_key(i, namespace) for i in range(4)]
+        store_blocks(m, want)
+        settle(m)
+        m.reset_cache()
+        waiting = kvtier.ReqContext("waiting")
+        assert m.lookup(want, waiting) is None
+        deadline = time.monotonic() + 20
+        while m.primary.run_length(want) < 4:  # step ends until one collects the promotion
+            assert time.monotonic() < deadline, "the promotion did not finish"
+            m.on_schedule_end()
+            time.sleep(0.002)
+        # A running request's store in the next step wants the whole CPU tier: it gets the
+        # other 12 slots only.
+        new = [make_key(100 + i, namespace) for i in range(16)]
+        assert m.prepare_store(new, kvtier.ReqContext("running")) is None
+        assert m.lookup(want, waiting) == 4
+        m.on_schedule_end()
+        m.on_schedule_end()
+        assert m.primary.evictable == len(m.primary.key_slot) == 4
+        assert not m.has_pending_work()
+        assert _store(m, new, "running")  # now the promoted blocks can be evicted
+        settle(m)
         m.primary.check()
     finally:
         m.shutdown()

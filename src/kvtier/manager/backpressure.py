@@ -8,11 +8,29 @@ smaller CPU tier, so that a fast tier always has a few steps' batches in flight)
 the bound are not cascaded to that tier (they stay in the tiers above, where they were stored)
 and are counted as dropped.
 
-A second, earlier signal is the tier's store latency per byte: a fast EWMA of recent jobs against
-the tier's own healthy baseline (a floor that follows faster jobs quickly and slower ones only
-slowly). While recent latency is over ``slow_store_factor`` times the baseline, the bound is
+A second, earlier signal is the tier's store time per byte against its own healthy baseline.
+A job's per-byte time depends on its size (a small job pays a fixed cost per job, a large one
+streams), so the baseline is kept per size class (job bytes within a power of two): a floor
+that follows faster jobs quickly and slower ones only slowly. Each job gives a ratio, its time
+per byte over its class's baseline (the first job of a class sets the baseline and gives none);
+the ratio is capped at twice ``slow_store_factor``, so that one stalled job is not a slow tier,
+and a fast EWMA of the ratios is the signal. While it is over ``slow_store_factor``, the bound is
 halved (not below the 64-slot floor), so a tier that is slowing down sheds load before it reaches
 the full bound.
+
+A job's store time is the time the tier was busy with it, not its time since submission: from
+its submission, or from the end of the tier's previous store job if that ended later, to its own
+end. Time a job spends queued behind the tier's earlier stores is not counted again, so a burst
+of stores does not look like a slow medium, while a medium that takes longer per byte (a
+throttled or failing disk, a server that falls behind) still does: its jobs end further apart.
+
+A job that ran while the machine's CPUs were the bottleneck says nothing about the medium: the
+tier's threads waited to run, not for the device. Linux's pressure stall information tells how
+long runnable tasks waited for a CPU (``cpu.pressure`` of the process's cgroup, else
+``/proc/pressure/cpu``; one ``pread`` of a file kept open, about 2 us, per store job submitted
+and ended). A job during which tasks waited for a CPU more than half of the time adds no latency
+sample (counted in ``latency_samples_cpu_bound``); the signal keeps its state, and the pinned
+bound still holds. Where the kernel offers no such file every job counts, as before.
 
 A tier that dropped a block in the last second, or whose latency is high, is *degraded*: reported
 in ``get_stats()``, logged when it starts (at most once every 10 s per tier) and when it ends. It
@@ -24,6 +42,7 @@ scheduler thread and is O(1) per call.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +58,49 @@ _FAST = 0.3  # EWMA weight of a new sample in the recent latency
 _FLOOR_UP = 0.01  # how fast the baseline follows slower samples
 _FLOOR_DOWN = 0.2  # and faster ones (not at once: one lucky job is not the baseline)
 _WARMUP_JOBS = 8  # samples before the latency signal counts
+CPU_BOUND_SHARE = 0.5  # a job during which tasks waited for a CPU longer than this share: no sample
+
+
+def _open_cpu_pressure() -> int | None:
+    """A descriptor of the CPU pressure file that covers this process, or None."""
+    paths = ["/proc/pressure/cpu"]
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):  # cgroup v2: the process's own group first
+                    paths.insert(0, "/sys/fs/cgroup" + line[3:].strip().rstrip("/") + "/cpu.pressure")
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if _read_stall(fd) is not None:
+            return fd
+        os.close(fd)
+    return None
+
+
+def _read_stall(fd: int) -> float | None:
+    try:
+        raw = os.pread(fd, 256, 0)
+        line = raw[:raw.index(b"\n")]  # "some avg10=.. avg60=.. avg300=.. total=<us>"
+        return int(line[line.rindex(b"=") + 1:]) / 1e6
+    except (OSError, ValueError):
+        return None
+
+
+_pressure: list[int | None] = []  # the CPU pressure file's descriptor, once looked for
+
+
+def cpu_stall_seconds() -> float | None:
+    """Seconds (cumulative) during which some runnable task waited for a CPU; None where the
+    kernel does not say (no pressure stall information)."""
+    if not _pressure:
+        _pressure.append(_open_cpu_pressure())
+    fd = _pressure[0]
+    return None if fd is None else _read_stall(fd)
 
 
 class TierBackpressure:
@@ -55,18 +117,20 @@ class TierBackpressure:
         self.dropped = 0
         self.degraded = False
         self.degraded_events = 0
-        self.baseline: float | None = None  # seconds per byte, healthy
-        self.recent: float | None = None
+        self.baselines: dict[int, float] = {}  # size class -> healthy seconds per byte
+        self.recent: float | None = None  # EWMA of time per byte over its class's baseline
         self._samples = 0
+        self._busy_until = -1e18  # end of the latest store job seen
+        self.cpu_bound_samples = 0
         self._last_drop = -1e18
         self._last_log = -1e18
         self._logged = False
 
     @property
     def slow(self) -> bool:
-        """True while recent store latency per byte is far above the healthy baseline."""
-        return (self._samples >= _WARMUP_JOBS and self.baseline is not None
-                and self.recent is not None and self.recent > self.slow_factor * self.baseline)
+        """True while recent store time per byte is far above the healthy baseline."""
+        return (self._samples >= _WARMUP_JOBS and self.recent is not None
+                and self.recent > self.slow_factor)
 
     @property
     def limit(self) -> int:
@@ -99,19 +163,42 @@ class TierBackpressure:
         if self.pinned < 0:
             raise RuntimeError(f"tier {self.name}: more cascade slots released than pinned")
 
-    def observe(self, seconds: float, nbytes: int) -> None:
-        """A store job of ``nbytes`` took ``seconds`` from submission to its end."""
+    def observe(self, seconds: float, nbytes: int, submitted: float | None = None,
+                cpu_wait_share: float | None = None) -> None:
+        """A store job of ``nbytes`` took ``seconds`` from submission to its end.
+
+        With ``submitted`` (a ``time.monotonic()`` instant), only the part after the end of the
+        tier's previous store job counts (see the module docstring); a job that ended within a
+        span already counted adds no sample. ``cpu_wait_share``: the share of the job's time
+        during which tasks waited for a CPU; past ``CPU_BOUND_SHARE`` the job adds no sample.
+        """
         if nbytes <= 0 or seconds <= 0:
             return
+        if submitted is not None:
+            end = submitted + seconds
+            busy = end - max(submitted, self._busy_until)
+            if end > self._busy_until:
+                self._busy_until = end
+            if busy <= 0:
+                return
+            seconds = busy
+        if cpu_wait_share is not None and cpu_wait_share > CPU_BOUND_SHARE:
+            self.cpu_bound_samples += 1
+            return
         x = seconds / nbytes
+        size_class = nbytes.bit_length()
+        base = self.baselines.get(size_class)
+        if base is None:
+            self.baselines[size_class] = x
+            return
+        r = min(x / base, 2 * self.slow_factor)
         self._samples += 1
-        self.recent = x if self.recent is None else self.recent + _FAST * (x - self.recent)
-        if self.baseline is None:
-            self.baseline = x
-        elif x < self.baseline:
-            self.baseline += _FLOOR_DOWN * (x - self.baseline)
+        self.recent = r if self.recent is None else self.recent + _FAST * (r - self.recent)
+        if x < base:
+            base += _FLOOR_DOWN * (x - base)
         else:
-            self.baseline += _FLOOR_UP * (min(x, self.slow_factor * self.baseline) - self.baseline)
+            base += _FLOOR_UP * (min(x, self.slow_factor * base) - base)
+        self.baselines[size_class] = base
 
     def tick(self, now: float) -> None:
         """Once per step: enter or leave the degraded state; logs at most one pair per 10 s."""
@@ -136,9 +223,7 @@ class TierBackpressure:
                             self.dropped)
 
     def _ratio(self) -> float:
-        if not self.baseline or self.recent is None:
-            return 0.0
-        return self.recent / self.baseline
+        return 0.0 if self.recent is None else self.recent
 
     def stats(self) -> dict[str, Any]:
         """What ``get_stats()`` reports for the tier."""
@@ -150,4 +235,5 @@ class TierBackpressure:
             "max_pinned_slots": self.bound,
             "peak_pinned_slots": self.max_pinned_seen,
             "store_latency_ratio": round(self._ratio(), 3),
+            "latency_samples_cpu_bound": self.cpu_bound_samples,
         }

@@ -4,8 +4,23 @@ A lookup that runs past the CPU tier asks each tier for the longest run it holds
 promote get primary slots in prefix order (as many as fit, guarding the resident part of the
 request's run) and join one batch per tier, submitted when the step ends. A request waits (lookup
 answers None) at most ``promotion_deadline_seconds``; after that what is loadable now is its answer.
-Running requests' stores come before promotions: a store that finds no room takes the slots of
-promotions not yet submitted. Mixed into :class:`kvtier.manager.tiering.TieringManager`.
+
+Running requests' stores come before promotions, once: a store that finds no room takes the slots
+of promotions not yet submitted, as few as it needs, from the end of the batches (the tail of a
+prefix is worth least). A key whose promotion was taken that way is remembered; when a lookup
+plans it again, that promotion can no longer be preempted, and a store that would need its slot
+is refused instead (``prepare_store`` answers None, as for any full CPU tier). So a steady
+stream of stores into a CPU tier too small for both delays a waiting request's promotion by at
+most one step, instead of starving it until the deadline turns it into a miss. The memory of
+preempted keys is dropped when the key's promotion is submitted and bounded in size (oldest
+forgotten first).
+
+A promotion's blocks, once in their slots, stay pinned until one whole schedule pass has seen
+them (released at the step end after the one that collected them, or after the next one when
+they landed mid-step), so that the request that waited for them finds them at its next lookup
+instead of losing them to a store or another request's promotion in between. A request that no
+longer wants them holds them for that one step only. Mixed into
+:class:`kvtier.manager.tiering.TieringManager`.
 """
 
 from __future__ import annotations
@@ -31,6 +46,11 @@ class PromotionMixin:
     _deadline: float
     _retry_lookup: bool
     _promote_batches: list[Any]
+    _preempted_once: dict[bytes, None]  # keys whose promotion a store took once (ordered)
+    _preempted_memory: int
+    _landed: list[tuple[int, list[int]]]
+    _ending: bool
+    _step: int
     _wb: Any
 
     if TYPE_CHECKING:
@@ -192,24 +212,60 @@ class PromotionMixin:
         """Give a running request's store the slots of promotions not yet submitted.
 
         Stores come first: the engine has those blocks now, while a waiting request whose
-        promotion is cancelled asks again and finds a miss or a fresh promotion. True when
-        anything was released and ``need`` slots can now be had.
+        promotion is cancelled asks again and finds a miss or a fresh promotion. That fresh
+        promotion is not preempted again (see the module docstring). True when anything was
+        released and ``need`` slots can now be had.
         """
         primary = self.primary
         if primary.can_free(need) or not any(b.keys for b in self._promote_batches):
             return False
+        once = self._preempted_once
         released = 0
-        for ti in range(len(self.tiers)):
-            b = self._promote_batches[ti]
-            while b.keys and not primary.can_free(need):
-                key = b.keys.pop()
-                b.slots.pop()
+        for b in self._promote_batches:
+            i = len(b.keys)
+            while i and not primary.can_free(need):
+                i -= 1
+                key = b.keys[i]
+                if key in once:
+                    continue  # preempted before: this promotion keeps its slot
+                del b.keys[i]
+                del b.slots[i]
                 self._promoting.pop(key, None)
                 primary.release(key)
+                once[key] = None
                 released += 1
+        while len(once) > self._preempted_memory:
+            del once[next(iter(once))]  # requests that never asked again
         self.counters["promotions_preempted"] += released
         return released > 0 and primary.can_free(need)
 
+    def _hold_landed(self, slots: list[int]) -> None:
+        """Promoted ``slots`` (one reference each, held) stay pinned until a schedule pass
+        has seen them (see the module docstring)."""
+        if slots:
+            self._landed.append((self._step + (0 if self._ending else 1), slots))
+
+    def _release_landed(self, everything: bool = False) -> None:
+        """At the step end: release the promoted slots every schedule pass since has seen
+        (``everything``: all of them, as ``reset_cache`` does)."""
+        landed = self._landed
+        if not landed:
+            return
+        decref = self.primary.decref
+        step = 1 << 62 if everything else self._step
+        keep = [(s, slots) for s, slots in landed if s >= step]
+        for s, slots in landed:
+            if s < step:
+                for slot in slots:
+                    decref(slot)
+        self._landed = keep
+
+    def _promotions_submitted(self, keys: Sequence[bytes]) -> None:
+        """``keys`` went to their tier: no longer preemptible, so nothing to remember."""
+        once = self._preempted_once
+        if once:
+            for key in keys:
+                once.pop(key, None)
 
 def _index_from(keys: Sequence[bytes], key: bytes, start: int) -> int:
     for i in range(start, len(keys)):

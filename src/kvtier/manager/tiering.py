@@ -29,6 +29,7 @@ from kvtier.manager.backpressure import (
     DEFAULT_MAX_PINNED_SHARE,
     DEFAULT_SLOW_STORE_FACTOR,
     TierBackpressure,
+    cpu_stall_seconds,
 )
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
@@ -53,6 +54,7 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     step: int = 0
     ready: set[bytes] = field(default_factory=set)  # promoted keys reported before the job ended
+    stall: float | None = None  # CPU stall seconds when a store job was submitted
 
 
 @dataclass
@@ -88,6 +90,10 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         self._jobs: dict[int, _Job] = {}
         self._promoting: dict[bytes, int] = {}  # key -> tier index it is promoted from
         self._promote_batches = [_Batch() for _ in self.tiers]
+        self._preempted_once: dict[bytes, None] = {}
+        self._preempted_memory = max(1024, 4 * primary.num_slots)
+        self._landed: list[tuple[int, list[int]]] = []  # (release step, held promoted slots)
+        self._ending = False  # inside on_schedule_end
         self._cascade_batches = [_Batch() for _ in self.tiers]
         self._init_writeback(write_policies, admissions, _Batch)
         self._events: list[OffloadingEvent] = []
@@ -281,13 +287,19 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
     def on_schedule_end(self) -> None:
         self._step += 1
         self._release_promises()
-        self._collect()
+        self._release_landed()
+        self._ending = True
+        try:
+            self._collect()
+        finally:
+            self._ending = False
         now = time.monotonic()
         for bp in self._pressure:
             bp.tick(now)
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
             if pb.keys:
+                self._promotions_submitted(pb.keys)
                 self._submit("promote", ti, tier, pb)
                 self._promote_batches[ti] = _Batch()
             cb = self._cascade_batches[ti]
@@ -302,7 +314,8 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step)
+        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
+                                  stall=None if kind == "promote" else cpu_stall_seconds())
         slots = np.asarray(batch.slots, dtype=np.int64)
         try:
             if kind == "promote":
@@ -343,14 +356,16 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         failed = res.failed_keys
         if job.kind == "writeback":
             took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
-            self._writeback_done(job.tier, job.keys, failed, seconds=took)
+            self._writeback_done(job.tier, job.keys, failed, seconds=took,
+                                 submitted=job.submitted, cpu_wait=_cpu_wait_share(job))
             return
         if job.kind == "cascade":
             self._release_cascade(job.tier, job.slots)
             if not failed:
                 bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
                 took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
-                self._pressure[job.tier].observe(took, len(job.keys) * bb)
+                self._pressure[job.tier].observe(took, len(job.keys) * bb, job.submitted,
+                                                 _cpu_wait_share(job))
             ok = len(job.keys) - len(failed)
             self.counters["cascaded_blocks"] += ok
             self.counters["cascade_failures"] += len(failed)
@@ -366,9 +381,11 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
                 primary.release(key)
             else:
                 loaded.append(key)
-        self._promoted(job, loaded)
-        for key in ready:  # loadable since the tier reported them: now evictable too
-            primary.decref(primary.key_slot[key])
+        self._promoted(job, loaded, hold=True)
+        key_slot = primary.key_slot
+        # Loadable since they landed (``ready``: reported before the job ended): kept until a
+        # schedule pass has seen them, then evictable.
+        self._hold_landed([key_slot[k] for k in itertools.chain(loaded, ready)])
         c = self.counters
         c["promotion_failures"] += len(failed)
         c["promotion_steps_total"] += (self._step - job.step) * len(failed)
@@ -413,7 +430,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     # -- housekeeping ----------------------------------------------------------------------
     def has_pending_work(self) -> bool:
-        if self._jobs:
+        if self._jobs or self._landed:
             return True
         if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
             return True
@@ -430,6 +447,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def reset_cache(self) -> None:
         self._release_promises()
+        self._release_landed(everything=True)
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]
         if self._wb is not None:
@@ -454,3 +472,14 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def primary_blocks(self) -> np.ndarray:
         return self._region
+
+
+def _cpu_wait_share(job: _Job) -> float | None:
+    """The share of a store job's time (submission to now) during which tasks waited for a CPU."""
+    if job.stall is None:
+        return None
+    now = cpu_stall_seconds()
+    wall = time.monotonic() - job.submitted
+    if now is None or wall <= 0:
+        return None
+    return (now - job.stall) / wall

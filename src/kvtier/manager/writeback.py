@@ -192,7 +192,9 @@ class WriteBackMixin:
             self._evicted([key])
 
     def _writeback_done(self, tier_index: int, keys: list[bytes], failed: frozenset[bytes],
-                        *, skipped: bool = False, seconds: float = 0.0) -> None:
+                        *, skipped: bool = False, seconds: float = 0.0,
+                        submitted: float | None = None,
+                        cpu_wait: float | None = None) -> None:
         """A write-back job ended: settle what was written, give back what was not. ``skipped``:
         the tier was down when the job was due; its blocks are let go unwritten (the engine
         never waits on a tier that cannot take writes, as a write-through store to a down tier
@@ -206,7 +208,7 @@ class WriteBackMixin:
             self.counters["writeback_skipped_blocks"] += len(keys)
         elif not failed and seconds > 0:
             bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
-            bp.observe(seconds, len(keys) * bb)
+            bp.observe(seconds, len(keys) * bb, submitted, cpu_wait)
         for key in keys:
             if skipped or key not in failed:
                 wb.settle(key, bit)

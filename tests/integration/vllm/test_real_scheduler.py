@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from real_engine import BLOCK, HEAD_SIZE, HEADS, LAYOUTS, Job, RealEngine
+from real_engine import Job, RealEngine
 from vllm.v1.request import RequestStatus
+from vllm_layouts import BLOCK, HEAD_SIZE, HEADS, LAYOUTS
 
 PAGE = 2 * BLOCK * HEADS * HEAD_SIZE * 2  # one attention layer's page of one block (fp16 K+V)
 
@@ -115,15 +116,7 @@ def test_every_request_right_from_cpu_and_storage(
                    num_gpu_blocks=gpu_blocks, max_batched_tokens=64)
     made.append(e)
     seen = Observed(e)
-    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]  # decodes need blocks
-    e.run(jobs)
-    e.settle()
-    # vLLM's own prefix cache is emptied: the newest prompts, asked first, come through the
-    # connector from the CPU tier instead of (depending on timing) the GPU pool.
-    assert e.scheduler.reset_prefix_cache()
-    e.run(again_reversed(e, jobs))
-    assert len(e.finished) == 2 * len(jobs)
-    assert e.runner.wrong_tokens == 0, e.runner.wrong
+    run_then_reversed(e)
     assert e.runner.checked_tokens > 10_000
     # Tokens loaded, by where kvtier says they came from (vLLM's hit sources).
     assert e.hit_sources["host"] > 0, "nothing was served from blocks resident in the CPU tier"
@@ -135,6 +128,36 @@ def test_every_request_right_from_cpu_and_storage(
         assert seen.preempted > 0
     check_clean(e)
 
+
+def run_then_reversed(e: RealEngine) -> None:
+    """36 requests over 12 system prompts (16 tokens decoded each: decodes need blocks), then
+    the same prompts newest first; every request finishes and every token is right."""
+    jobs = [Job(j.tokens, 16, j.arrive_step) for j in workload(1, 36)]
+    e.run(jobs)
+    e.settle()
+    # vLLM's own prefix cache is emptied: the newest prompts, asked first, come through the
+    # connector from the CPU tier instead of (depending on timing) the GPU pool.
+    assert e.scheduler.reset_prefix_cache()
+    e.run(again_reversed(e, jobs))
+    assert len(e.finished) == 2 * len(jobs)
+    assert e.runner.wrong_tokens == 0, e.runner.wrong
+
+
+def test_promotions_complete_under_a_tiny_cpu_tier(tmp_path: Path, made: list[RealEngine]) -> None:
+    """A hybrid model over a CPU tier half the size of the test above: running requests' stores
+    want every slot, yet waiting requests' promotions from storage still land and serve tokens
+    (a promotion is preempted by stores at most once, and its blocks wait a step for their
+    request), and every token stays right."""
+    tiers = [{"type": "storage", "path": str(tmp_path / "storage"), "capacity_bytes": 1 << 26}]
+    e = RealEngine(tmp_path, extra("full+swa", 24, tiers), layout="full+swa", num_gpu_blocks=40,
+                   max_batched_tokens=64)
+    made.append(e)
+    run_then_reversed(e)
+    stats = e.manager.kvtier_stats()
+    assert stats["manager"]["promotions_preempted"] > 0, "stores never needed promotions' slots"
+    assert stats["tiers"]["storage0"]["hits"] > 0
+    assert e.hit_sources["disk"] > 0, "no promoted block served a request"
+    check_clean(e)
 
 @pytest.mark.parametrize("layout", ["full", "full+swa"])
 def test_stores_under_a_cpu_tier_smaller_than_one_request(

@@ -22,7 +22,7 @@ from typing import Any
 def worker_main(rank: int, config_bytes: bytes, conn: Connection) -> None:
     """One worker process: serve steps until told to stop, then report leftover threads."""
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from real_engine import StandInRunner
+    from stand_in_runner import StandInRunner
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
         OffloadingConnector,
