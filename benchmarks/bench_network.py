@@ -288,12 +288,20 @@ def client_kvtier(url: str, size: int, n: int, params: dict[str, Any]) -> dict[s
         m.on_schedule_end()
         time.sleep(0.01)
 
-    def steps(cond: Any) -> None:
+    def steps(done: Any, next_step: bool = False) -> Any:
+        """Engine steps until ``done()`` answers (not None, not False). A step ends with
+        ``on_schedule_end``, then the model runs for ``STEP_S``; ``done`` is asked right after
+        ``on_schedule_end`` (a store's job is over once a step has collected it) or, with
+        ``next_step``, when the next step begins (as a waiting request's ``lookup`` is)."""
         deadline = time.monotonic() + 300
-        while not cond():
+        while True:
             m.on_schedule_end()
+            if not next_step and _answered(answer := done()):
+                return answer
             assert time.monotonic() < deadline, "the tier did not finish"
             time.sleep(STEP_S)
+            if next_step and _answered(answer := done()):
+                return answer
 
     res: dict[str, float] = {}
     try:
@@ -309,10 +317,10 @@ def client_kvtier(url: str, size: int, n: int, params: dict[str, Any]) -> dict[s
         m.reset_cache()
         with _Timer(n * size) as t:
             # The engine asks; the manager promotes the blocks from the tier; the engine asks
-            # again once the promotion is done (between, its steps cost the tier nothing).
+            # again at the start of every step until the answer comes, as for a waiting request
+            # (``lookup`` collects a promotion that finished since the last step itself).
             assert m.lookup(keys, ctx) is None
-            steps(lambda: not m.has_pending_work())
-            got = m.lookup(keys, ctx)
+            got = steps(lambda: m.lookup(keys, ctx), next_step=True)
         res["load"], res["load_cpu"] = t.rate, t.cpu
         assert got == n, got
         spec_ = m.prepare_load(keys, ctx)
@@ -323,6 +331,10 @@ def client_kvtier(url: str, size: int, n: int, params: dict[str, Any]) -> dict[s
     finally:
         m.shutdown()
     return res
+
+
+def _answered(answer: Any) -> bool:
+    return answer is not None and answer is not False
 
 
 def run_worker(args: argparse.Namespace) -> int:
