@@ -159,11 +159,13 @@ class NetworkTier(SecondaryTier):
         """Queue SET batches writing ``slots`` as records under ``keys``."""
         keys = list(keys)
         slots = np.asarray(slots, dtype=np.int64)
-        if self.ttl_ms is None and keys:
-            # A block this tier confirmed on the server moments ago need not travel again.
+        present = self._cache.present
+        if self.ttl_ms is None and keys and present:
+            # A block this tier confirmed on the server moments ago need not travel again
+            # (the presence cache's ``recently_present``, inlined: one dict look-up a key).
             fresh = time.monotonic() - self.negative_ttl
-            seen = self._cache.recently_present
-            keep = [i for i, k in enumerate(keys) if not seen(k, fresh)]
+            seen = present.get
+            keep = [i for i, k in enumerate(keys) if seen(k, -1.0) < fresh]
             if len(keep) < len(keys):
                 self._stats.add(stores_skipped=len(keys) - len(keep))
                 keys = [keys[i] for i in keep]
