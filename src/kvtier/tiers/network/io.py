@@ -92,10 +92,6 @@ class Transfers:
         self.query_chunk = query_chunk  # keys per EXISTS round trip
         self.events: deque[TierEvent] = deque()
         self.done = Completions()
-        # Keys of load jobs still running, verified part by part: (job id, keys), filled only
-        # once the scheduler side asks for them (``report_loaded``).
-        self.loaded: deque[tuple[int, list[bytes]]] = deque()
-        self.report_loaded = False
         self.stop = threading.Event()
         self.touch_running = False
 
@@ -180,18 +176,13 @@ class Transfers:
             self.updates.append((UNKNOWN, unknown))
 
     # -- jobs ------------------------------------------------------------------------------
-    def finish_part(self, job: Job, failed: Sequence[bytes], moved: int,
-                    loaded: list[bytes] | None = None) -> None:
-        """One batch of ``job`` is over; the last one reports the job. ``loaded``: keys of a
-        load batch verified in their slots, reported at once unless this batch is the last
-        (the job's end reports those)."""
+    def finish_part(self, job: Job, failed: Sequence[bytes], moved: int) -> None:
+        """One batch of ``job`` is over; the last one reports the job."""
         with job.lock:
             job.failed.update(failed)
             job.moved += moved
             job.remaining -= 1
             last = job.remaining == 0
-            if loaded and not last and self.report_loaded:
-                self.loaded.append((job.job_id, loaded))
         if last:
             self.done.put(TierJobResult(job.job_id, frozenset(job.failed), job.moved,
                                         time.perf_counter() - job.t0))
@@ -324,7 +315,7 @@ class Transfers:
             # A refused block stays on the server but is not loadable now: lookups treat it as
             # absent until the negative cache expires, so no request waits on it meanwhile.
             self.updates.append((ABSENT, gone + bad + failed))
-        self.finish_part(job, failed + gone + bad, moved, good)
+        self.finish_part(job, failed + gone + bad, moved)
 
     def delete(self, rkeys: list[bytes]) -> None:
         """DEL ``rkeys`` (corrupt records); a failure is logged, not raised."""

@@ -233,17 +233,6 @@ class NetworkTier(SecondaryTier):
             self._put_task(2, partial(io.touch_batch, keys))
         return done
 
-    def poll_loaded(self) -> list[tuple[int, list[bytes]]]:
-        """Keys of load jobs still running that are verified in their slots, one entry per
-        finished part of a job (its last part is reported by :meth:`poll` with the job)."""
-        io = self._io
-        io.report_loaded = True
-        out: list[tuple[int, list[bytes]]] = []
-        q = io.loaded
-        while q:
-            out.append(q.popleft())
-        return out
-
     def touch(self, keys: Sequence[bytes]) -> None:
         """Recency hint: refresh the server's LRU clock (or TTL) of keys it holds, batched."""
         if not self._health.up:
