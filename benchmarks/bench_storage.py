@@ -240,8 +240,11 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
     half = args.threads // 2
     # This measures the tier's throughput, so every block goes to it (no backpressure drops: the
     # writer waits for slots instead) and requests wait for all their blocks however long the
-    # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline.
-    cfg = {"cpu_bytes_to_use": 2 * args.jobs_in_flight * JOB_BLOCKS * block,
+    # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline. The
+    # CPU tier holds 4 times the blocks of the requests in flight: blocks loaded early stay
+    # pinned until their promotion job ends (a job spans the requests of a step), so with twice
+    # the blocks in flight a new request could find no slot and be answered with misses.
+    cfg = {"cpu_bytes_to_use": 4 * args.jobs_in_flight * JOB_BLOCKS * block,
            "promotion_deadline_seconds": 600, "secondary_tiers": [
                {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
                 "n_read_threads": half, "n_write_threads": args.threads - half,
@@ -255,9 +258,11 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
     try:
         _manager_store(m, fill)  # the slab files exist and the tier is full
         settle(args.settle)
+        sw0 = m.get_stats()["tiers"][tier_name]
         t0 = time.perf_counter()
         _manager_store(m, keys)  # every block stored evicts one
         dt_w = time.perf_counter() - t0
+        sw1 = m.get_stats()["tiers"][tier_name]
         settle(args.settle)
         m.reset_cache()
         st0 = m.get_stats()
@@ -304,6 +309,17 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
             "chunk_check_ms": 1e3 * d["load_check_seconds"] / chunks,
             "chunk_other_ms": 1e3 * d["load_other_seconds"] / chunks,
         }
+        dw = {k: float(sw1.get(k, 0) - sw0.get(k, 0)) for k in (
+            "store_chunks", "store_wait_seconds", "store_write_seconds", "store_log_seconds",
+            "store_other_seconds")}
+        if dw["store_chunks"]:
+            phases.update({
+                "store_chunk_wait_ms": 1e3 * dw["store_wait_seconds"] / dw["store_chunks"],
+                "store_write_us": 1e6 * dw["store_write_seconds"] / n,
+                "store_log_us": 1e6 * dw["store_log_seconds"] / n,
+                "store_other_us": 1e6 * dw["store_other_seconds"] / n,
+                "store_wall_us": 1e6 * dt_w / n,
+            })
         return n * block / dt_w / 1e9, n * block / dt_r / 1e9, phases
     finally:
         m.shutdown()
@@ -319,6 +335,11 @@ PHASES = [
     ("chunk_read_ms", "chunk: preadv (ms)"),
     ("chunk_check_ms", "chunk: verifying headers and checksums (ms)"),
     ("chunk_other_ms", "chunk: bookkeeping (ms)"),
+    ("store_chunk_wait_ms", "store chunk: queued until a thread takes it (ms)"),
+    ("store_write_us", "store, thread time per block: records (header, checksum, pwritev) (us)"),
+    ("store_log_us", "store, thread time per block: log appends, DEL and PUT (us)"),
+    ("store_other_us", "store, thread time per block: the rest (us)"),
+    ("store_wall_us", "store: wall time per block (us)"),
 ]
 
 
@@ -439,7 +460,7 @@ def main() -> None:
           "median; 'x same round': median of each run's ratio to the raw run of its round)")
     if phase_rows:
         print()
-        print("Loads by phase (medians over the rounds):")
+        print("Loads (and the timed stores) by phase, medians over the rounds:")
         print()
         print("| phase | " + " | ".join(f"{r['block'] >> 10} KiB {r['system']}" for r in phase_rows)
               + " |")

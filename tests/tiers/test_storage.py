@@ -315,6 +315,42 @@ def test_recency_of_a_load_survives_a_restart(tmp_path: Path, namespace: str) ->
         tier.shutdown()
 
 
+def test_one_load_renews_the_recency_of_each_old_block_it_reads(tmp_path: Path,
+                                                                 namespace: str) -> None:
+    """A load of several old blocks logs a new sequence for each (in one append): after a
+    restart they are the most recent, and the blocks not loaded are evicted first."""
+    ctx = tier_ctx(namespace, slots=8)
+
+    def open_tier() -> StorageTier:
+        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(8, BB),
+                           n_read_threads=1, n_write_threads=1)
+
+    keys = [make_key(i) for i in range(12)]
+    tier = open_tier()
+    try:
+        assert tier.stats()["max_blocks"] == 8
+        for k in keys[:8]:
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        assert run_job(tier, "load", keys[:4], [0, 1, 2, 3]).success  # the four oldest, one job
+        assert tier.stats()["recency_refreshes"] == 4
+    finally:
+        tier.shutdown()
+    tier = open_tier()  # recency now comes from the log
+    try:
+        for k in keys[8:]:
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        evicted = [k for e in tier.take_events() if e.removed for k in e.keys]
+        assert evicted == keys[4:8]
+        assert tier.lookup(keys[:4]) == 4
+        assert run_job(tier, "load", keys[:4], [4, 5, 6, 7]).success
+        for i, k in enumerate(keys[:4]):
+            assert np.array_equal(ctx.primary[4 + i], block_bytes_for(k, BB))
+    finally:
+        tier.shutdown()
+
+
 # -- invariants --------------------------------------------------------------------------------
 _op: st.SearchStrategy[tuple[str, list[int]]] = st.one_of(
     st.tuples(st.just("store"), st.lists(st.integers(0, 11), min_size=1, max_size=5, unique=True)),

@@ -12,7 +12,9 @@ their primary slots). Every record is verified (magic, header checksum, namespac
 payload checksum) before its block counts; blocks that count are reported through ``loaded`` as
 each run ends, before the job does, so that a request's leading blocks can be served early.
 Each load chunk adds its time waiting in the queue, reading, verifying and in the rest of its
-bookkeeping to the tier's ``load_*_seconds`` counters.
+bookkeeping to the tier's ``load_*_seconds`` counters; each store chunk its time queued, writing
+records (header, checksum and ``pwritev``), appending to the logs and in the rest to
+``store_*_seconds``.
 """
 
 from __future__ import annotations
@@ -331,7 +333,7 @@ class IOPool:
         assert sh is not None
         index = sh.index
         window = self.refresh_window()
-        todo: list[tuple[Any, bytes, int, int]] = []
+        todo: dict[int, tuple[Any, list[tuple[bytes, int, int]]]] = {}  # region -> (reg, renewals)
         with index.lock:
             for key, s in hits:
                 ik = ilog.index_key(key)
@@ -341,24 +343,31 @@ class IOPool:
             for key, s in refresh:
                 ik = ilog.index_key(key)
                 v = index.slots.get(s)
-                reg = index.regions.get(index.region_of(s))
+                r = index.region_of(s)
+                reg = index.regions.get(r)
                 if v is None or v[0] != ik or reg is None or v[1] + window > sh.seq:
                     continue
-                todo.append((reg, ik, s, sh.seq))
+                todo.setdefault(r, (reg, []))[1].append((ik, s, sh.seq))
                 sh.seq += 1
-        for reg, ik, s, seq in todo:
-            def renew(ik: bytes = ik, s: int = s, seq: int = seq) -> None:
-                if index.slots.get(s, (b"",))[0] == ik:
-                    index.slots[s] = (ik, seq)
+        for r, (reg, renewals) in todo.items():  # one log append per region and chunk
+            def renew(renewals: list[tuple[bytes, int, int]] = renewals) -> None:
+                slots = index.slots
+                for ik, s, seq in renewals:
+                    if slots.get(s, (b"",))[0] == ik:
+                        slots[s] = (ik, seq)
 
+            base = sh.geo.base(r)
             try:
-                sh.append(reg, [(ilog.PUT, s - sh.geo.base(reg.region), 0, seq, ik)], renew)
-                sh.count(recency_refreshes=1)
-            except OSError as e:  # only recency is lost; the block itself was served
-                log.debug("tier %s: could not log the recency of slot %d: %s", sh.name, s, e)
+                sh.append(reg, [(ilog.PUT, s - base, 0, seq, ik) for ik, s, seq in renewals], renew)
+                sh.count(recency_refreshes=len(renewals))
+            except OSError as e:  # only recency is lost; the blocks themselves were served
+                log.debug("tier %s: could not log the recency of %d blocks of region %d: %s",
+                          sh.name, len(renewals), r, e)
 
     # -- stores ----------------------------------------------------------------------------
     def _run_store(self, task: Task, hdr: Any) -> None:
+        t_pick = time.perf_counter()
+        t_log = 0.0
         sh = self.sh
         assert sh is not None and task.job is not None
         store, index, primary, geo = sh.store, sh.index, sh.primary, sh.geo
@@ -381,16 +390,20 @@ class IOPool:
                     for s in dels:
                         index.slots.pop(s, None)
 
+                t0 = time.perf_counter()
                 try:
                     sh.append(reg, [(ilog.DEL, s - base, 0, 0, b"") for s in dels], forget)
                 except OSError as e:
                     err = e
                     failed_items.extend((k, s) for k, _ps, s, _o, _q in mine)
                     continue
+                finally:
+                    t_log += time.perf_counter() - t0
             ok_items.extend((k, ps, s, q) for k, ps, s, _o, q in mine)
         # 2. the records
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
+        t_write = time.perf_counter()
         for key, ps, s, seq in ok_items:  # one pwritev each: merged writes measured slower
             try:
                 written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
@@ -398,6 +411,7 @@ class IOPool:
             except OSError as e:
                 err = e
                 failed_items.append((key, s))
+        t_write = time.perf_counter() - t_write
         if done and sh.fsync == "batch":
             try:
                 store.sync_regions(written)
@@ -419,6 +433,7 @@ class IOPool:
                     index.slots[s] = (ilog.index_key(key), seq)
 
             base = geo.base(r)
+            t0 = time.perf_counter()
             try:
                 sh.append(reg, [(ilog.PUT, s - base, 0, q, k) for k, s, q in mine_done], publish,
                           sync=sh.sync_logs)
@@ -426,6 +441,7 @@ class IOPool:
             except OSError as e:
                 err = e
                 failed_items.extend((k, s) for k, s, _q in mine_done)
+            t_log += time.perf_counter() - t0
         stored.sort(key=lambda x: x[2])  # the job's order: the last key stored is the newest
         with index.lock:
             own, writing, remote = index.own, index.writing, index.remote
@@ -442,7 +458,10 @@ class IOPool:
                 index.free_slot(s)
             for _k, _ps, s, _o in items:
                 index.regions[index.region_of(s)].writing -= 1
-        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items))
+        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items),
+                 store_chunks=1, store_wait_seconds=t_pick - task.queued,
+                 store_write_seconds=t_write, store_log_seconds=t_log,
+                 store_other_seconds=time.perf_counter() - t_pick - t_write - t_log)
         if err is not None:
             sh.write_health.record_failure(err)
         elif stored:

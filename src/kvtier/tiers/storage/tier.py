@@ -183,6 +183,8 @@ class StorageTier(SecondaryTier):
             "releases": 0, "adopted_blocks": 0, "log_rewrites": 0, "sync_passes": 0,
             "sync_failures": 0, "regions_rebuilt": 0, "load_chunks": 0, "load_wait_seconds": 0.0,
             "load_read_seconds": 0.0, "load_check_seconds": 0.0, "load_other_seconds": 0.0,
+            "store_chunks": 0, "store_wait_seconds": 0.0, "store_write_seconds": 0.0,
+            "store_log_seconds": 0.0, "store_other_seconds": 0.0,
         }
         self._done = Completions()
         self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
