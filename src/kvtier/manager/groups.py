@@ -121,28 +121,26 @@ class GroupLookupMixin:
             return True
 
         primary = self.primary
+        key_slot, ref = primary.key_slot, primary.ref
         room = len(primary.free) + primary.evictable
+
+        def cost_of(key: bytes) -> int:
+            """Slots a needed, available key takes: one to promote into, or one guarded."""
+            code = codes[key]
+            if code == _READY:
+                return int(ref[key_slot[key]] == 0)  # guarding it takes it out of the evictable
+            return 1 if code is not None and code >= 0 else 0
+
+        prefix = [0] * (limit + 1)  # the full groups' cost of chunks [0, r), O(1) per chunk
+        for j in range(limit):
+            prefix[j + 1] = prefix[j] + sum(cost_of(keys[j]) for keys in full)
         target = 0
         longest = 0  # the longest hit the tiers hold, room or not
         for r in range(limit, 0, -1):
             if not window_codes_ok(r):
                 continue
-            need = dict.fromkeys(needed(r))
-            cost = 0
-            for key in need:
-                code = codes.get(key)
-                if code is None:
-                    code = codes[key] = self._available_one(key)
-                if code is None:
-                    cost = -1
-                    break
-                if code >= 0:
-                    cost += 1  # a slot to promote into
-                elif code == _READY:
-                    s = primary.key_slot[key]
-                    cost += primary.ref[s] == 0  # guarding it takes it out of the evictable
-            if cost < 0:
-                continue
+            cost = prefix[r] + sum(cost_of(k) for keys, window in windows
+                                   for k in keys[max(0, r - window):r])  # type: ignore[operator]
             longest = longest or r
             if cost > room:
                 continue
@@ -167,8 +165,9 @@ class GroupLookupMixin:
                 return None
             self.counters["promotion_deadline_misses"] += 1
         # Every needed block resident, or the deadline passed: the longest r that is loadable.
-        r = target
-        while r and not all(primary.is_ready(k) for k in needed(r)):
+        r = min([target] + [primary.run_length(keys[:target]) for keys in full])
+        while r and not all(primary.is_ready(k) for keys, window in windows
+                            for k in keys[max(0, r - window):r]):  # type: ignore[operator]
             r -= 1
         self._waiting_since.pop(ctx.req_id, None)
         if r:
