@@ -14,10 +14,11 @@ time is its own and no allocator setting leaks from one into another):
   ``MALLOC_TRIM_THRESHOLD_=1 GiB`` (no page faults per reply);
 * ``redis-benchmark``: Redis's own C client, ``-c 1 -P <window>`` with values of the block size;
 * ``kvtier``: a manager with a CPU primary tier and one ``network`` tier driven through the
-  public API, stepped every millisecond (``on_schedule_end``): blocks written into primary
-  slots, ``complete_store``, steps until the tier's job is done; then ``reset_cache``, a
-  ``lookup`` that starts the promotion of every block, steps until it is done (every record
-  verified) and the ``lookup`` that finds them all; ``kvtier@<ref>``: the same script against
+  public API as an engine drives it, one step (ending with ``on_schedule_end``) every
+  millisecond: blocks written into primary slots, ``complete_store``, steps until the step that
+  collects the tier's job; then ``reset_cache``, a ``lookup`` that starts the promotion of every
+  block, and the same ``lookup`` at the start of every step until it answers (every record
+  verified), as for a waiting request; ``kvtier@<ref>``: the same script against
   kvtier as it was at git ``--baseline-ref`` (extracted with ``git archive`` into a temporary
   directory);
 * LMCache 0.5.6's ``redis://`` and ``resp://`` connectors, under ``--peers-python`` (a Python
