@@ -299,8 +299,9 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
         finally:
             self._ending = False
         now = time.monotonic()
+        stall_now = cpu_stall_seconds() if self._pressure else None
         for bp in self._pressure:
-            bp.tick(now)
+            bp.tick(now, stall_now)
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
             if pb.keys:
@@ -319,8 +320,13 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
-                                  stall=None if kind == "promote" else cpu_stall_seconds())
+        job = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
+                   stall=None if kind == "promote" else cpu_stall_seconds())
+        self._jobs[job_id] = job
+        if kind != "promote":
+            bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+            self._pressure[ti].job_started(job_id, job.submitted, len(batch.keys) * bb,
+                                           job.stall)
         slots = np.asarray(batch.slots, dtype=np.int64)
         try:
             if kind == "promote":
@@ -358,6 +364,8 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
         job = self._jobs.pop(res.job_id, None)
         if job is None:
             return
+        if job.kind != "promote":
+            self._pressure[job.tier].job_ended(res.job_id)
         failed = res.failed_keys
         if job.kind == "writeback":
             took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
