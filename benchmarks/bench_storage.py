@@ -247,8 +247,7 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
     cfg = {"cpu_bytes_to_use": 4 * args.jobs_in_flight * JOB_BLOCKS * block,
            "promotion_deadline_seconds": 600, "secondary_tiers": [
                {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
-                "n_read_threads": int(os.environ.get("AB_R", half)),
-                "n_write_threads": int(os.environ.get("AB_W", args.threads - half)),
+                "n_read_threads": half, "n_write_threads": args.threads - half,
                 "max_pinned_share": 1.0, "slow_store_factor": 1e9}]}
     spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
                                         namespace=f"bench/{block}")

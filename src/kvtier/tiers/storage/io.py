@@ -33,7 +33,6 @@ from kvtier.tiers.base import Completions, TierJobResult
 from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.shared import Shared
 from kvtier.tiers.storage.slab import SLOT_HEADER, aligned_buffer
-from kvtier.tiers.storage.uring import Ring
 
 log = logging.getLogger("kvtier.tiers.storage")
 
@@ -70,7 +69,7 @@ class IOPool:
     """Worker threads over a load queue and a store queue."""
 
     def __init__(self, name: str, n_read: int, n_write: int, done: Completions,
-                 housekeeping: dict[str, Callable[[], None]], engine: str = "threads") -> None:
+                 housekeeping: dict[str, Callable[[], None]]) -> None:
         self.name = name
         self.n_read = n_read
         self.n_write = n_write
@@ -85,8 +84,6 @@ class IOPool:
         self.loaded: deque[tuple[int, list[bytes]]] = deque()
         self.report_loaded = False
         self.stop = False
-        self.engine = engine
-        self._local = threading.local()
         self.threads = [
             threading.Thread(target=self._worker, args=(i < n_read,),
                              name=f"kvtier-{name}-io{i}", daemon=True)
@@ -161,14 +158,9 @@ class IOPool:
 
     # -- threads ---------------------------------------------------------------------------
     def _worker(self, load_first: bool) -> None:
-        hdr = aligned_buffer(max(MERGE_MAX, CHUNK_MAX) * SLOT_HEADER)
+        hdr = aligned_buffer(MERGE_MAX * SLOT_HEADER)
         zeros = aligned_buffer(SLOT_HEADER)
         cond = self.cond
-        if self.engine == "uring":
-            try:
-                self._local.ring = Ring(CHUNK_MAX)
-            except (OSError, RuntimeError) as e:
-                log.warning("tier %s: io_uring unavailable (%s); writing with pwritev", self.name, e)
         try:
             while True:
                 with cond:
@@ -194,9 +186,6 @@ class IOPool:
                     if self.sh is not None:
                         self.sh.read_health.record_failure(e)
         finally:
-            ring = getattr(self._local, "ring", None)
-            if ring is not None:
-                ring.close()
             with contextlib.suppress(BufferError):
                 hdr.close()
                 zeros.close()
@@ -415,29 +404,7 @@ class IOPool:
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
         t_write = time.perf_counter()
-        ring = getattr(self._local, "ring", None)
-        if ring is not None and ok_items:  # every record of the chunk in flight at once
-            hv = memoryview(hdr)
-            ops: list[tuple[int, list[memoryview], int]] = []
-            issued: list[tuple[bytes, int, int]] = []
-            for i, (key, ps, s, seq) in enumerate(ok_items):
-                try:
-                    ops.append(store.prepare_write(s, key, memoryview(primary[ps]), seq, hv, i))
-                    issued.append((key, s, seq))
-                except OSError as e:
-                    err = e
-                    failed_items.append((key, s))
-            results = ring.pwritev_all(ops)
-            del ops
-            hv.release()
-            for (key, s, seq), n in zip(issued, results):
-                try:
-                    written.add(store.finish_write(s, n))
-                    done.append((key, s, seq))
-                except OSError as e:
-                    err = e
-                    failed_items.append((key, s))
-        for key, ps, s, seq in ok_items if ring is None else ():  # one pwritev each
+        for key, ps, s, seq in ok_items:  # one pwritev each: merged writes measured slower
             try:
                 written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
                 done.append((key, s, seq))

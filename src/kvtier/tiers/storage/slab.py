@@ -211,7 +211,11 @@ class SlabStore:
         hv = memoryview(hdr)
         iov: list[memoryview] = []
         for i, (key, payload, seq) in enumerate(records):
-            iov.append(self._header_into(hv, i, key, payload, seq))
+            b = i * SLOT_HEADER
+            head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
+            hdr[b : b + len(head)] = head
+            hdr[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+            iov.append(hv[b : b + SLOT_HEADER])
             iov.append(payload)
         self.ensure_allocated(slot + len(records) - 1)
         region, off = self.locate(slot)
@@ -222,37 +226,6 @@ class SlabStore:
             raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
         if self.fsync == "always":
             os.fdatasync(fd)
-        return region
-
-    def _header_into(self, hv: memoryview, i: int, key: bytes, payload: memoryview,
-                     seq: int) -> memoryview:
-        """Build the ``i``-th record header in ``hv``; returns its ``SLOT_HEADER`` bytes."""
-        b = i * SLOT_HEADER
-        head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
-        hv[b : b + len(head)] = head
-        hv[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
-        return hv[b : b + SLOT_HEADER]
-
-    def prepare_write(self, slot: int, key: bytes, payload: memoryview, seq: int, hv: memoryview,
-                      i: int) -> tuple[int, list[memoryview], int]:
-        """The ``(fd, buffers, offset)`` of one record's write into ``slot``, its header built as
-        the ``i``-th in ``hv``; the file space is allocated first. For a caller that issues the
-        write itself (``finish_write`` checks its result). Raises OSError."""
-        head = self._header_into(hv, i, key, payload, seq)
-        self.ensure_allocated(slot)
-        region, off = self.locate(slot)
-        return self.fd(region, create=True), [head, payload], off
-
-    def finish_write(self, slot: int, result: int) -> int:
-        """Check a write issued from ``prepare_write`` (``result``: bytes written or ``-errno``)
-        and sync it when ``fsync`` is "always"; returns the region. Raises OSError."""
-        if result < 0:
-            raise OSError(-result, os.strerror(-result))
-        if result != self.record_bytes:  # a short write to a regular file: out of space
-            raise OSError(errno.ENOSPC, f"short write ({result} of {self.record_bytes} bytes)")
-        region, _off = self.locate(slot)
-        if self.fsync == "always":
-            os.fdatasync(self.fd(region))
         return region
 
     def sync_regions(self, regions: set[int]) -> None:

@@ -188,8 +188,7 @@ class StorageTier(SecondaryTier):
         }
         self._done = Completions()
         self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
-                          {"open": self._run_open, "regrow": self._run_regrow},
-                          engine=os.environ.get("KVTIER_IO_ENGINE", "threads"))
+                          {"open": self._run_open, "regrow": self._run_regrow})
         self._io.refresh_window = lambda: self.refresh_window
         try:
             self._open()
