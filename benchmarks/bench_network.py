@@ -362,13 +362,41 @@ def spawn(name: str, url: str, size: int, n: int, args: argparse.Namespace,
     return {"error": (res.stderr or res.stdout).strip()[-800:]}
 
 
+def _fill_benchmark_keys(port: int, size: int, n: int) -> None:
+    """Give every key ``redis-benchmark -r n`` may ask for a value of ``size`` bytes.
+
+    Its keys are ``key:`` and 12 digits drawn at random below ``n``: after its own SET run about
+    a third of them are still missing (or hold another block size's value), and a GET of those
+    answers nil, which it would count as ``size`` bytes moved.
+    """
+    value = b"v" * size
+    with redis.Redis(port=port, socket_timeout=60) as c:
+        for i in range(0, n, 16):
+            pipe = c.pipeline(transaction=False)
+            for j in range(i, min(n, i + 16)):
+                pipe.set(b"key:%012d" % j, value)
+            pipe.execute()
+
+
+def _keyspace_misses(port: int) -> int:
+    with redis.Redis(port=port) as c:
+        return int(c.info("stats")["keyspace_misses"])
+
+
 def redis_benchmark(port: int, size: int, n: int, window: int) -> dict[str, float]:
-    """Redis's own C client: SET then GET of ``n`` values of ``size`` bytes, pipelined."""
+    """Redis's own C client: SET then GET of ``n`` values of ``size`` bytes, pipelined.
+
+    Before the GET run every key it can draw holds a value of ``size`` bytes, and the run is
+    refused (an error) if any GET missed: nil replies would inflate its rate.
+    """
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return {"error": "redis-benchmark not on PATH (apt-get install redis-tools)"}
     res: dict[str, float] = {}
     for op, test in (("store", "set"), ("load", "get")):
+        if op == "load":
+            _fill_benchmark_keys(port, size, n)
+            misses = _keyspace_misses(port)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(
             [binary, "-h", "127.0.0.1", "-p", str(port), "-c", "1", "-P",
@@ -380,6 +408,8 @@ def redis_benchmark(port: int, size: int, n: int, window: int) -> dict[str, floa
         if not rps:
             return {"error": (out.stderr or out.stdout)[-300:]}
         cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        if op == "load" and _keyspace_misses(port) != misses:
+            return {"error": f"redis-benchmark GET missed {_keyspace_misses(port) - misses} keys"}
         res[op] = rps[0] * size
         res[f"{op}_cpu"] = cpu / (n * size / GB)
     return res

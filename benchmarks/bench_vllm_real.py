@@ -38,26 +38,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import real_engine as rt  # noqa: E402
 import vllm_layouts as layouts  # noqa: E402
-
-TRACE = HERE.parent.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
-
-
-def trace_jobs(n: int, max_blocks: int) -> list[rt.Job]:
-    """The first ``n`` trace requests as token prompts (one 16-token block per hash id)."""
-    jobs = []
-    with open(TRACE) as f:
-        for i, line in enumerate(f):
-            if len(jobs) >= n:
-                break
-            rec = json.loads(line)
-            ids = rec["hash_ids"][:max_blocks]
-            tokens: list[int] = []
-            for h in ids:
-                base = (h * 2654435761) % 30000
-                tokens.extend((base + k * 7) % 32000 for k in range(layouts.BLOCK))
-            tokens.extend(range(1, 1 + (i % 9)))  # a partial last block, as in the trace
-            jobs.append(rt.Job(tokens, max_tokens=4, arrive_step=i))
-    return jobs
+from trace_workload import trace_jobs  # noqa: E402
 
 
 class StoreRefusals:

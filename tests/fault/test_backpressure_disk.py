@@ -117,8 +117,8 @@ def test_latency_signal_sees_a_disk_throttled_after_a_healthy_start(
     """The latency signal against the tier's own baseline: with a bound of the whole CPU tier,
     only the signal can make the tier drop stores before it pins every slot. Healthy first (the
     baseline), then the disk is throttled to a third of the store rate: the signal turns slow
-    with the first throttled jobs, the bound is halved, and the tier sheds stores there instead
-    of pinning the whole CPU tier."""
+    with the first throttled jobs (in flight or ended), the bound is halved, and the tier sheds
+    stores there instead of pinning the whole CPU tier."""
     cfg = {"cpu_bytes_to_use": SLOTS * BB, "secondary_tiers": [
         {"type": "storage", "path": str(disk.path), "capacity_bytes": 200 << 20,
          "direct_io": True, "n_read_threads": 2, "n_write_threads": 2, "max_pinned_share": 1.0}]}
@@ -141,7 +141,10 @@ def test_latency_signal_sees_a_disk_throttled_after_a_healthy_start(
             _serve(m, [keys], peak, step_s=BLOCKS_PER_REQ / (3 * WRITE_IOPS))
             ratio = max(ratio, m.get_stats()["tiers"]["storage0"]["store_latency_ratio"])
         st = m.get_stats()["tiers"]["storage0"]
-        assert ratio > 8, f"the signal did not see the throttled disk (peak ratio {ratio})"
+        # Either half of the signal: jobs that ended slow, or a job in flight far past its time.
+        assert ratio > 8 or st["stalled_steps"] > 0, (
+            f"the signal did not see the throttled disk (peak ratio {ratio}, "
+            f"{st['stalled_steps']} stalled steps)")
         assert st["backpressure_dropped"] > 0, "the halved bound shed nothing"
         assert max(peak) <= SLOTS // 2, f"the slow tier pinned {max(peak)} slots"
         disk.set_iops(None)

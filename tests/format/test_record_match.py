@@ -9,11 +9,13 @@ from hypothesis import given, settings
 from kvtier.format.record import (
     RecordError,
     check_header,
+    header_from_prefix,
     header_prefix,
     match_header,
     namespace_fingerprint,
     pack_header,
     parse_header,
+    payload_checksum,
 )
 
 FP = namespace_fingerprint("match")
@@ -53,3 +55,13 @@ def test_another_key_namespace_or_size_fails_the_quick_check() -> None:
                         key) is None
     assert match_header(header, header_prefix(FP, 32, 2 * PAYLOAD.nbytes), key) is None
     assert match_header(header[:-1], header_prefix(FP, 32, PAYLOAD.nbytes), key) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=0, max_size=80), plen=st.integers(min_value=1, max_value=4096))
+def test_header_from_prefix_builds_exactly_what_pack_header_builds(key: bytes, plen: int) -> None:
+    payload = memoryview(PAYLOAD)[:plen]
+    checksum = payload_checksum(payload)
+    got = header_from_prefix(header_prefix(FP, len(key), plen), key, checksum)
+    assert got == pack_header(FP, key, payload)
+    assert match_header(got, header_prefix(FP, len(key), plen), key) == checksum

@@ -152,17 +152,24 @@ def test_latency_signal_counts_busy_time_not_time_queued() -> None:
 
 
 def test_latency_signal_ignores_jobs_that_waited_for_a_cpu() -> None:
-    """Jobs during which tasks waited for a CPU most of the time are no latency samples: a
-    machine short of CPUs is not a slow medium. The pinned bound is unaffected."""
+    """Jobs during which tasks waited for a CPU most of the time count only for the slowness
+    the wait cannot explain: a machine short of CPUs is not a slow medium, a slow medium on a
+    busy machine still is. They never move the baseline. The pinned bound is unaffected."""
     bp = TierBackpressure("t", 800, 0.25, 8.0)
     for _ in range(10):
         bp.observe(0.001, 1 << 20, cpu_wait_share=0.1)
-    for _ in range(10):
-        bp.observe(0.1, 1 << 20, cpu_wait_share=0.9)
+    base = dict(bp.baselines)
+    for _ in range(10):  # 5x slower, but 90% of it waiting for a CPU: explained, no sample
+        bp.observe(0.005, 1 << 20, cpu_wait_share=0.9)
     assert not bp.slow and bp.stats()["latency_samples_cpu_bound"] == 10
-    for _ in range(4):  # the same latency with CPUs to spare: the medium is slow
-        bp.observe(0.1, 1 << 20, cpu_wait_share=0.2)
-    assert bp.slow
+    assert bp._samples == 9 and bp.baselines == base
+    for _ in range(6):  # 100x slower at the same CPU wait: at least 10x is the medium's
+        bp.observe(0.1, 1 << 20, cpu_wait_share=0.9)
+    assert bp.slow and bp.baselines == base
+    assert bp.stats()["latency_samples_cpu_bound"] == 16
+    for _ in range(20):  # healthy again, CPUs to spare: the signal recovers
+        bp.observe(0.001, 1 << 20, cpu_wait_share=0.1)
+    assert not bp.slow
 
 
 def test_cpu_stall_reading_is_cumulative() -> None:
@@ -324,3 +331,38 @@ def test_promoted_blocks_wait_one_step_for_their_request(namespace: str) -> None
         m.primary.check()
     finally:
         m.shutdown()
+
+
+def test_a_store_job_far_past_its_expected_time_halves_the_bound_before_it_ends() -> None:
+    """The oldest store job in flight, once past twice the factor times its expected time, makes
+    the tier stalled (slow, bound halved) without waiting for it to end; time the CPUs were
+    short is taken off its age; the state ends with the job."""
+    bp = TierBackpressure("t", 800, 0.25, 8.0)
+    mb = 1 << 20
+    t = 0.0
+    for _ in range(10):  # healthy: 1 ms per MiB, jobs one after another
+        bp.observe(0.001, mb, submitted=t)
+        t += 0.01
+    bp.tick(t)
+    assert not bp.slow and bp.limit == 200
+    bp.job_started(1, t, mb, 0.0)
+    bp.tick(t + 0.010, 0.0)  # 10x its expected time: could be a hiccup
+    assert not bp.stalled and bp.limit == 200
+    bp.tick(t + 0.020, 0.0)  # 20x: stalled, the bound is halved while it lasts
+    assert bp.stalled and bp.slow and bp.limit == 100 and bp.degraded
+    assert bp.stats()["stalled_steps"] == 1
+    bp.job_ended(1)
+    bp.tick(t + 0.021, 0.0)
+    assert not bp.stalled and bp.limit == 200
+    # The same age while tasks waited for a CPU 95% of the time: 1 ms of it is the tier's.
+    bp.job_started(2, t + 0.03, mb, 5.0)
+    bp.tick(t + 0.05, 5.0 + 0.019)
+    assert not bp.stalled
+    bp.job_ended(2)
+    bp.job_ended(3)  # unknown ids are ignored
+    # Before the warm-up's samples, no job is stalled.
+    fresh = TierBackpressure("u", 800, 0.25, 8.0)
+    fresh.observe(0.001, mb)
+    fresh.job_started(1, 0.0, mb, None)
+    fresh.tick(10.0)
+    assert not fresh.stalled

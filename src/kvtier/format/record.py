@@ -145,6 +145,14 @@ def header_prefix(namespace_fp: bytes, key_len: int, payload_len: int, *, align:
                        0)[:_PREFIX_SIZE]
 
 
+def header_from_prefix(prefix: bytes, key: bytes, checksum: int) -> bytes:
+    """The header :func:`pack_header` builds (unaligned) for ``key`` and a payload whose
+    checksum is ``checksum``, from the :func:`header_prefix` of its shape: the same bytes in
+    fewer steps, for a writer that makes many headers of one shape."""
+    fixed = prefix + _HCHK.pack(checksum)
+    return fixed + _HCHK.pack(xxhash.xxh3_64_intdigest(fixed + key)) + key
+
+
 def match_header(buf: bytes | bytearray | memoryview, prefix: bytes, key: bytes) -> int | None:
     """The payload checksum when ``buf`` starts with exactly the header a reader expects.
 

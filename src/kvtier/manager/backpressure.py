@@ -18,19 +18,33 @@ and a fast EWMA of the ratios is the signal. While it is over ``slow_store_facto
 halved (not below the 64-slot floor), so a tier that is slowing down sheds load before it reaches
 the full bound.
 
+A job's time is known only when it ends, and a medium that slows down sharply ends its jobs late:
+before the first slow job ends, the engine may already have pinned the whole bound behind it.
+So each step also looks at the tier's oldest store job still in flight: once the time the tier
+has spent on it (from its submission or the end of the previous store job, less the share during
+which tasks waited for a CPU) is past twice ``slow_store_factor`` times what its size class's
+baseline says it should take, the tier is *stalled*, which halves the bound as a slow signal
+does, until that job ends or a younger one is the oldest. Twice the factor, as for the cap: a
+job has to be far past any hiccup of a healthy medium. This needs the warm-up's samples first.
+
 A job's store time is the time the tier was busy with it, not its time since submission: from
 its submission, or from the end of the tier's previous store job if that ended later, to its own
 end. Time a job spends queued behind the tier's earlier stores is not counted again, so a burst
 of stores does not look like a slow medium, while a medium that takes longer per byte (a
 throttled or failing disk, a server that falls behind) still does: its jobs end further apart.
 
-A job that ran while the machine's CPUs were the bottleneck says nothing about the medium: the
+A job that ran while the machine's CPUs were the bottleneck says little about the medium: the
 tier's threads waited to run, not for the device. Linux's pressure stall information tells how
 long runnable tasks waited for a CPU (``cpu.pressure`` of the process's cgroup, else
 ``/proc/pressure/cpu``; one ``pread`` of a file kept open, about 2 us, per store job submitted
-and ended). A job during which tasks waited for a CPU more than half of the time adds no latency
-sample (counted in ``latency_samples_cpu_bound``); the signal keeps its state, and the pinned
-bound still holds. Where the kernel offers no such file every job counts, as before.
+and ended). A job during which tasks waited for a CPU more than half of the time is *CPU-bound*
+(counted in ``latency_samples_cpu_bound``): it never moves the baseline, and it adds a sample
+only for the slowness that waiting for a CPU cannot explain. Its time less the share during
+which tasks waited is a lower bound of the time the tier spent on anything else; only when that
+lower bound is itself over the baseline does it count, as that ratio. A disk that turns slow
+while the machine is busy is still seen (its jobs are slow far past what the CPU wait
+explains), while a busy machine in front of a healthy disk adds no samples. Where the kernel
+offers no such file every job counts fully.
 
 A tier that dropped a block in the last second, or whose latency is high, is *degraded*: reported
 in ``get_stats()``, logged when it starts (at most once every 10 s per tier) and when it ends. It
@@ -44,6 +58,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,15 +137,20 @@ class TierBackpressure:
         self._samples = 0
         self._busy_until = -1e18  # end of the latest store job seen
         self.cpu_bound_samples = 0
+        # store jobs in flight, oldest first: job id -> (submitted, bytes, CPU stall seconds then)
+        self._inflight: OrderedDict[int, tuple[float, int, float | None]] = OrderedDict()
+        self.stalled = False
+        self.stalled_steps = 0
         self._last_drop = -1e18
         self._last_log = -1e18
         self._logged = False
 
     @property
     def slow(self) -> bool:
-        """True while recent store time per byte is far above the healthy baseline."""
-        return (self._samples >= _WARMUP_JOBS and self.recent is not None
-                and self.recent > self.slow_factor)
+        """True while recent store time per byte is far above the healthy baseline, or the
+        oldest store job in flight is far past its expected time (stalled)."""
+        return self.stalled or (self._samples >= _WARMUP_JOBS and self.recent is not None
+                                and self.recent > self.slow_factor)
 
     @property
     def limit(self) -> int:
@@ -170,7 +190,8 @@ class TierBackpressure:
         With ``submitted`` (a ``time.monotonic()`` instant), only the part after the end of the
         tier's previous store job counts (see the module docstring); a job that ended within a
         span already counted adds no sample. ``cpu_wait_share``: the share of the job's time
-        during which tasks waited for a CPU; past ``CPU_BOUND_SHARE`` the job adds no sample.
+        during which tasks waited for a CPU; past ``CPU_BOUND_SHARE`` the job counts only for
+        the slowness that share cannot explain, and never moves the baseline.
         """
         if nbytes <= 0 or seconds <= 0:
             return
@@ -182,26 +203,61 @@ class TierBackpressure:
             if busy <= 0:
                 return
             seconds = busy
-        if cpu_wait_share is not None and cpu_wait_share > CPU_BOUND_SHARE:
-            self.cpu_bound_samples += 1
-            return
         x = seconds / nbytes
         size_class = nbytes.bit_length()
         base = self.baselines.get(size_class)
+        if cpu_wait_share is not None and cpu_wait_share > CPU_BOUND_SHARE:
+            self.cpu_bound_samples += 1
+            floor = x * (1.0 - min(cpu_wait_share, 1.0))  # time not explained by CPU waits
+            if base is not None and floor > base:
+                self._add(min(floor / base, 2 * self.slow_factor))
+            return
         if base is None:
             self.baselines[size_class] = x
             return
-        r = min(x / base, 2 * self.slow_factor)
-        self._samples += 1
-        self.recent = r if self.recent is None else self.recent + _FAST * (r - self.recent)
+        self._add(min(x / base, 2 * self.slow_factor))
         if x < base:
             base += _FLOOR_DOWN * (x - base)
         else:
             base += _FLOOR_UP * (min(x, self.slow_factor * base) - base)
         self.baselines[size_class] = base
 
-    def tick(self, now: float) -> None:
-        """Once per step: enter or leave the degraded state; logs at most one pair per 10 s."""
+    def job_started(self, job_id: int, submitted: float, nbytes: int,
+                    stall: float | None) -> None:
+        """A store job of ``nbytes`` was submitted at ``submitted`` (``time.monotonic()``);
+        ``stall``: the CPU stall seconds reading then (``cpu_stall_seconds()``)."""
+        if nbytes > 0:
+            self._inflight[job_id] = (submitted, nbytes, stall)
+
+    def job_ended(self, job_id: int) -> None:
+        """A store job ended (done, failed or dropped); unknown ids are ignored."""
+        self._inflight.pop(job_id, None)
+
+    def _check_stalled(self, now: float, stall_now: float | None) -> None:
+        self.stalled = False
+        if self._samples < _WARMUP_JOBS or not self._inflight:
+            return
+        submitted, nbytes, stall = next(iter(self._inflight.values()))
+        base = self.baselines.get(nbytes.bit_length())
+        if base is None:
+            return
+        age = now - max(submitted, self._busy_until)
+        if stall is not None and stall_now is not None and now > submitted:
+            age *= 1.0 - min(max((stall_now - stall) / (now - submitted), 0.0), 1.0)
+        if age > 2 * self.slow_factor * base * nbytes:
+            self.stalled = True
+            self.stalled_steps += 1
+
+    def _add(self, r: float) -> None:
+        """One job's latency ratio into the signal."""
+        self._samples += 1
+        self.recent = r if self.recent is None else self.recent + _FAST * (r - self.recent)
+
+    def tick(self, now: float, stall_now: float | None = None) -> None:
+        """Once per step, after the step's ended jobs were reported: look at the oldest store
+        job in flight (``stall_now``: the CPU stall seconds reading now, if any), then enter or
+        leave the degraded state; logs at most one pair per 10 s."""
+        self._check_stalled(now, stall_now)
         bad = self.slow or now - self._last_drop < DROP_MEMORY_S
         if bad and not self.degraded:
             self.degraded = True
@@ -209,7 +265,8 @@ class TierBackpressure:
             if now - self._last_log >= LOG_EVERY_S:
                 self._last_log = now
                 self._logged = True
-                why = (f"store latency {self._ratio():.1f}x its baseline" if self.slow
+                why = ("a store job is far past its expected time" if self.stalled
+                       else f"store latency {self._ratio():.1f}x its baseline" if self.slow
                        else "its stores fall behind")
                 log.warning(
                     "tier %s is degraded (%s): its stores may pin %d CPU slots, blocks past "
@@ -236,4 +293,5 @@ class TierBackpressure:
             "peak_pinned_slots": self.max_pinned_seen,
             "store_latency_ratio": round(self._ratio(), 3),
             "latency_samples_cpu_bound": self.cpu_bound_samples,
+            "stalled_steps": self.stalled_steps,
         }

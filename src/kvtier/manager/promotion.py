@@ -52,8 +52,10 @@ class PromotionMixin:
     _ending: bool
     _step: int
     _wb: Any
+    _unit_of: dict[bytes, Any]
 
     if TYPE_CHECKING:
+        def _preempt_unit(self, unit: Any) -> int: ...
         def _tier_raised(self, tier: SecondaryTier, what: str) -> None: ...
         def _evicted(self, keys: list[bytes]) -> None: ...
         def _retainer(self) -> Any: ...
@@ -228,6 +230,12 @@ class PromotionMixin:
                 key = b.keys[i]
                 if key in once:
                     continue  # preempted before: this promotion keeps its slot
+                unit = self._unit_of.get(key)
+                if unit is not None:  # a multi-group promotion goes whole, or not at all
+                    if not any(k in once for k in unit.keys):
+                        released += self._preempt_unit(unit)
+                        i = min(i, len(b.keys))
+                    continue
                 del b.keys[i]
                 del b.slots[i]
                 self._promoting.pop(key, None)

@@ -33,6 +33,7 @@ from kvtier.manager.backpressure import (
 )
 from kvtier.manager.base import OffloadingManager
 from kvtier.manager.cascade import CascadePolicy
+from kvtier.manager.groups import GroupLookupMixin, _Unit
 from kvtier.manager.primary import READY, PrimaryTier
 from kvtier.manager.promotion import PromotionMixin
 from kvtier.manager.stats import PRIMARY_MEDIUM, manager_stats
@@ -63,7 +64,7 @@ class _Batch:
     slots: list[int] = field(default_factory=list)
 
 
-class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
+class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, OffloadingManager):
     """A CPU primary tier plus any number of secondary tiers, in lookup order."""
 
     def __init__(
@@ -93,6 +94,8 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         self._preempted_once: dict[bytes, None] = {}
         self._preempted_memory = max(1024, 4 * primary.num_slots)
         self._landed: list[tuple[int, list[int]]] = []  # (release step, held promoted slots)
+        self._units: list[_Unit] = []  # multi-group promotions in flight (groups.py)
+        self._unit_of: dict[bytes, _Unit] = {}
         self._ending = False  # inside on_schedule_end
         self._cascade_batches = [_Batch() for _ in self.tiers]
         self._init_writeback(write_policies, admissions, _Batch)
@@ -124,6 +127,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
             "backpressure_dropped": 0,
             "promotion_deadline_misses": 0,
             "promotions_preempted": 0,
+            "unit_promotions": 0,
             "stored_blocks": 0,
             "store_alloc_failures": 0,
             "evicted_blocks": 0,
@@ -291,11 +295,13 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         self._ending = True
         try:
             self._collect()
+            self._settle_units()
         finally:
             self._ending = False
         now = time.monotonic()
+        stall_now = cpu_stall_seconds() if self._pressure else None
         for bp in self._pressure:
-            bp.tick(now)
+            bp.tick(now, stall_now)
         for ti, tier in enumerate(self.tiers):
             pb = self._promote_batches[ti]
             if pb.keys:
@@ -314,8 +320,13 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: _Batch) -> None:
         job_id = next(self._job_ids)
-        self._jobs[job_id] = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
-                                  stall=None if kind == "promote" else cpu_stall_seconds())
+        job = _Job(kind, ti, batch.keys, batch.slots, step=self._step,
+                   stall=None if kind == "promote" else cpu_stall_seconds())
+        self._jobs[job_id] = job
+        if kind != "promote":
+            bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+            self._pressure[ti].job_started(job_id, job.submitted, len(batch.keys) * bb,
+                                           job.stall)
         slots = np.asarray(batch.slots, dtype=np.int64)
         try:
             if kind == "promote":
@@ -353,6 +364,8 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
         job = self._jobs.pop(res.job_id, None)
         if job is None:
             return
+        if job.kind != "promote":
+            self._pressure[job.tier].job_ended(res.job_id)
         failed = res.failed_keys
         if job.kind == "writeback":
             took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
@@ -430,7 +443,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     # -- housekeeping ----------------------------------------------------------------------
     def has_pending_work(self) -> bool:
-        if self._jobs or self._landed:
+        if self._jobs or self._landed or self._units:
             return True
         if any(b.keys for b in self._promote_batches) or any(b.keys for b in self._cascade_batches):
             return True
@@ -447,6 +460,7 @@ class TieringManager(WriteBackMixin, PromotionMixin, OffloadingManager):
 
     def reset_cache(self) -> None:
         self._release_promises()
+        self._settle_units(everything=True)
         self._release_landed(everything=True)
         primary = self.primary
         dropped = [k for k in list(primary.key_slot) if primary.drop(k)]

@@ -104,6 +104,11 @@ class KVTierManager(OffloadingManager):
         self.tokens_per_chunk = groups[0].tokens_per_chunk
         # Several groups, or one windowed group: keys are routed by their group suffix.
         self._multi = len(groups) > 1 or groups[0].window_chunks is not None
+        # Groups that chunk tokens alike, at least one of full attention: a request's hit and
+        # its promotion are decided for all groups at once (``TieringManager.lookup_groups``).
+        self._unit = (len(groups) > 1
+                      and len({g.tokens_per_chunk for g in groups}) == 1
+                      and any(g.window_chunks is None for g in groups))
         self._group_of = {
             g.group_id.to_bytes(4, "big", signed=False): i for i, g in enumerate(groups)
         }
@@ -209,6 +214,8 @@ class KVTierManager(OffloadingManager):
         st = self._state(req_context)
         assert st.groups is not None
         gst = st.groups[gi]
+        if self._unit:
+            return self._lookup_unit(st, gi, key, pos, req_context)
         if geo.window_chunks is not None:
             return self._lookup_windowed(st, gst, geo, key, pos)
         if st.answers is not None and gst.step == self._step and pos >= gst.lo:
@@ -232,6 +239,56 @@ class KVTierManager(OffloadingManager):
             st.answers.update(answers)
         gst.step = self._step
         gst.lo = (base + 1) * tpc
+        return answers.get(key, MISS)
+
+    def _lookup_unit(
+        self, st: _ReqState, gi: int, key: OffloadKey, pos: int, req_context: ReqContext
+    ) -> LookupResult:
+        """A key this step's all-groups verdict does not list: a new verdict, or MISS.
+
+        vLLM looks the full-attention groups up first, from the first chunk not on the GPU,
+        then the windowed ones from the hit boundary leftwards; the first full-group key asked
+        in a step runs ``lookup_groups`` over every group from that chunk on, and the answers
+        of every group's keys follow from it: the full groups HIT up to the boundary, the
+        windowed groups HIT in the window before it, MISS elsewhere; RETRY for every key
+        while the request's promotion is in flight (vLLM then defers the request).
+        """
+        assert st.groups is not None
+        geo = self.groups[gi]
+        tpc = geo.tokens_per_chunk
+        if st.answers is not None and st.step == self._step:
+            return MISS  # the verdict covers this step: past its keys
+        if geo.window_chunks is not None:
+            return MISS  # a windowed key asked before any full group's: no verdict to use
+        keys = self._group_keys(st, gi, req_context)
+        base = pos // tpc - 1
+        if base >= len(keys) or keys[base] != key:
+            return self._lookup_one(key, req_context)
+        all_keys = [gs.keys for gs in st.groups]
+        n = min(len(k) for k in all_keys)
+        windows = [g.window_chunks for g in self.groups]
+        r = self.kv.lookup_groups(
+            [(k[base:n], w) for k, w in zip(all_keys, windows)], st.ctx)
+        answers: dict[bytes, LookupResult] = {}
+        for k, w in zip(all_keys, windows):
+            if r is None:
+                self._note_sources(st, k, base)
+                answers.update(dict.fromkeys(k[base:n], RETRY))
+                continue
+            answers.update(dict.fromkeys(k[base:], MISS))
+            if w is None:
+                answers.update(dict.fromkeys(k[base:base + r], HIT))
+                continue
+            # The window before the boundary is resident (and pinned this step); a key left
+            # of it that is resident too is a HIT as well, in case vLLM wants one chunk more.
+            ready = self.kv.primary.is_ready
+            for j in range(base, base + r):
+                if j >= base + r - w or ready(k[j]):
+                    answers[k[j]] = HIT
+        if st.answers is None:
+            self._live.append(st)
+        st.answers = answers
+        st.step = self._step
         return answers.get(key, MISS)
 
     def _lookup_windowed(
@@ -389,8 +446,24 @@ class KVTierManager(OffloadingManager):
             hi = bisect_right(lst, cut)
             return hi if span is None else hi - bisect_right(lst, cut - span)
 
+        # A cut is worth storing only where every windowed group offers its whole window (the
+        # chunks before the window were freed on the GPU and are not offered again): a cut at
+        # a position whose window misses a chunk stores blocks no hit can ever use.
+        offered = [set(lst) for lst in pos_all]
+
+        def whole_windows(cut: int) -> bool:
+            for g, have in zip(groups, offered):
+                w, tpc = g.window_chunks, g.tokens_per_chunk
+                if w is not None and any(
+                    cut - j * tpc not in have for j in range(w) if cut - j * tpc > 0
+                ):
+                    return False
+            return True
+
         best = None
         for cut in sorted({p for lst in pos_all for p in lst}, reverse=True):
+            if len(groups) > 1 and not whole_windows(cut):
+                continue
             cost = fixed_cost + sum(kept(lst, span, cut) for lst, span in zip(pos_cost, spans))
             if cost <= room:
                 best = cut

@@ -33,7 +33,9 @@ from kvtier.tiers.network.wire import (
     ProtocolError,
     Wire,
     read_record,
+    read_records,
     read_status,
+    read_statuses,
 )
 
 pytestmark = pytest.mark.redis
@@ -91,14 +93,16 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
-@pytest.mark.parametrize("quick", [True, False], ids=["expected-header", "full-parse"])
-def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair, quick: bool) -> None:
+@pytest.mark.parametrize("mode", ["expected-header", "full-parse", "batch"])
+def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair, mode: str) -> None:
     client, server = pair
     keys = [make_key(i, "wire") for i in range(8)]
     payloads = [block_bytes_for(k, BLOCK) for k in keys]
     bigger = _record(keys[3], block_bytes_for(keys[3], 3 * BLOCK))  # another geometry
     flipped = bytearray(_record(keys[5], payloads[5]))
     flipped[-10] ^= 0xFF
+    bad_header = bytearray(_record(keys[2], payloads[2]))
+    bad_header[50] ^= 0x01  # the header checksum
     stream = b"".join([
         _bulk(_record(keys[0], payloads[0])),  # a record
         b"$-1\r\n",  # nil: absent
@@ -110,24 +114,67 @@ def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair, quick: boo
         _bulk(_record(keys[6], payloads[6], namespace_fingerprint("other"))),  # other namespace
         _bulk(_record(keys[0], payloads[0])),  # a valid record, but of another key
         _bulk(_record(keys[7], payloads[7])),  # a record again: the stream is still in sync
+        _bulk(bytes(bad_header)),  # header checksum fails
+        _bulk(_record(keys[1], payloads[1])),  # and a record after it
     ])
     feeder = _feed(server, stream, seed=1)
-    dests = np.zeros((10, BLOCK), dtype=np.uint8)
+    dests = np.zeros((12, BLOCK), dtype=np.uint8)
     wire = Wire()
     wire.attach(client)
     wanted = [keys[0], keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[6], keys[1],
-              keys[7]]
-    prefix = header_prefix(FP, len(keys[0]), BLOCK) if quick else None
-    got = [read_record(wire, k, memoryview(dests[i]), namespace_fp=FP, block_bytes=BLOCK,
-                       prefix=prefix) for i, k in enumerate(wanted)]
+              keys[7], keys[2], keys[1]]
+    views = [memoryview(d) for d in dests]
+    if mode == "batch":
+        got = read_records(wire, wanted, views, namespace_fp=FP, block_bytes=BLOCK)
+    else:
+        prefix = header_prefix(FP, len(keys[0]), BLOCK) if mode == "expected-header" else None
+        got = [read_record(wire, k, views[i], namespace_fp=FP, block_bytes=BLOCK,
+                           prefix=prefix) for i, k in enumerate(wanted)]
     feeder.join()
-    assert [s for s, _ in got] == [HIT, MISS, MISS, BAD, ERROR, BAD, BAD, BAD, BAD, HIT]
+    assert [s for s, _ in got] == [HIT, MISS, MISS, BAD, ERROR, BAD, BAD, BAD, BAD, HIT, BAD,
+                                   HIT]
     assert got[4][1] is not None and got[4][1].startswith("WRONGTYPE")
     assert got[5][1] == "payload checksum mismatch"
     assert got[7][1] == "namespace mismatch" and got[8][1] == "key mismatch"
+    assert got[10][1] == "header checksum mismatch"
     assert np.array_equal(dests[0], payloads[0]) and np.array_equal(dests[9], payloads[7])
+    assert np.array_equal(dests[11], payloads[1])
     assert not dests[3].any() and not dests[6].any()  # rejected before a byte reached the slot
+    assert not dests[10].any()
     assert client.recv(1) == b""  # every byte consumed, nothing more expected
+    wire.detach()
+    assert client.gettimeout() == 5  # the socket's own timeout is back after the exchange
+
+
+def test_a_stalled_payload_times_out_and_the_timeout_is_given_back(pair) -> None:
+    client, server = pair
+    client.settimeout(0.3)
+    key = make_key(0, "wire")
+    rec = _bulk(_record(key, block_bytes_for(key, BLOCK)))
+    server.sendall(rec[: len(rec) // 2])  # half a reply, then nothing: a stalled server
+    wire = Wire()
+    wire.attach(client)
+    t0 = time.monotonic()
+    with pytest.raises((TimeoutError, BlockingIOError)):
+        read_records(wire, [key], [memoryview(np.zeros(BLOCK, dtype=np.uint8))],
+                     namespace_fp=FP, block_bytes=BLOCK)
+    assert time.monotonic() - t0 < 5
+    wire.detach()
+    assert client.gettimeout() == 0.3
+
+
+def test_status_replies_in_a_run_through_short_reads(pair) -> None:
+    client, server = pair
+    stream = (b"+OK\r\n" * 5 + b"-OOM command not allowed\r\n" + b"+OK\r\n" * 3
+              + b"-MOVED 12 127.0.0.1:7001\r\n" + b"+OK\r\n" * 40)
+    feeder = _feed(server, stream, seed=6)
+    wire = Wire()
+    wire.attach(client)
+    got = read_statuses(wire, 50)
+    feeder.join()
+    assert got == ([None] * 5 + ["OOM command not allowed"] + [None] * 3
+                   + ["MOVED 12 127.0.0.1:7001"] + [None] * 40)
+    assert client.recv(1) == b""
 
 
 @pytest.mark.parametrize("stream", [
@@ -138,27 +185,36 @@ def test_replies_of_every_kind_stay_in_sync_through_short_reads(pair, quick: boo
     _bulk(b"x" * 60)[:-2] + b"!!",  # a bulk string without its CRLF
     b"-" + b"e" * (70 * 1024),  # an endless line
 ])
-def test_a_broken_stream_raises_protocol_error(pair, stream: bytes) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+def test_a_broken_stream_raises_protocol_error(pair, stream: bytes, batch: bool) -> None:
     client, server = pair
     feeder = _feed(server, stream, seed=2)
     wire = Wire()
     wire.attach(client)
     dest = memoryview(np.zeros(BLOCK, dtype=np.uint8))
+    key = make_key(0, "wire")
     with pytest.raises((ProtocolError, redis.ConnectionError)):
-        read_record(wire, make_key(0, "wire"), dest, namespace_fp=FP, block_bytes=BLOCK)
+        if batch:
+            read_records(wire, [key], [dest], namespace_fp=FP, block_bytes=BLOCK)
+        else:
+            read_record(wire, key, dest, namespace_fp=FP, block_bytes=BLOCK)
     feeder.join()
 
 
-def test_a_connection_closed_mid_payload_is_an_error_not_a_record(pair) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+def test_a_connection_closed_mid_payload_is_an_error_not_a_record(pair, batch: bool) -> None:
     client, server = pair
     key = make_key(0, "wire")
     rec = _bulk(_record(key, block_bytes_for(key, BLOCK)))
     _feed(server, rec[: len(rec) // 2], seed=3).join()
     wire = Wire()
     wire.attach(client)
+    dest = memoryview(np.zeros(BLOCK, dtype=np.uint8))
     with pytest.raises(redis.ConnectionError):
-        read_record(wire, key, memoryview(np.zeros(BLOCK, dtype=np.uint8)), namespace_fp=FP,
-                    block_bytes=BLOCK)
+        if batch:
+            read_records(wire, [key], [dest], namespace_fp=FP, block_bytes=BLOCK)
+        else:
+            read_record(wire, key, dest, namespace_fp=FP, block_bytes=BLOCK)
 
 
 def test_status_replies(pair) -> None:

@@ -60,8 +60,11 @@ class RealEngine:
                  async_scheduling: bool = False, num_gpu_blocks: int = 256,
                  max_num_seqs: int = 8, max_batched_tokens: int = 128,
                  world_size: int = 1, max_model_len: int = 256,
-                 worker_half: bool = True) -> None:
+                 worker_half: bool = True, sync_tiers: bool = False) -> None:
         self.layout = layout
+        # Before each step, wait until every kvtier tier job has finished and been collected:
+        # promotions and write-throughs land at the same step in every run (deterministic).
+        self.sync_tiers = sync_tiers
         self.vllm_config = make_vllm_config(
             model_dir(root), extra or {}, layout=layout, async_scheduling=async_scheduling,
             max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
@@ -153,6 +156,8 @@ class RealEngine:
         import time
 
         self.steps += 1
+        if self.sync_tiers and self.connector is not None:
+            self._wait_for_tiers()
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.schedule_seconds += time.perf_counter() - t0
@@ -169,6 +174,19 @@ class RealEngine:
             while self._queue:
                 self._update(*self._queue.pop())
         return out.total_num_scheduled_tokens > 0
+
+    def _wait_for_tiers(self, max_seconds: float = 30.0) -> None:
+        import time
+
+        kv = self.manager.kv
+        deadline = time.monotonic() + max_seconds
+        while kv._jobs:
+            kv._collect()
+            if not kv._jobs:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tier jobs did not finish\n{self.diagnose()}")
+            time.sleep(0.0005)
 
     def busy(self) -> bool:
         """Requests or connector work remain."""

@@ -24,6 +24,7 @@ from kvtier.tiers.network.wire import ProtocolError, Wire, command
 log = logging.getLogger("kvtier.tiers.network")
 
 _JOIN_LIMIT = 64 * 1024  # small protocol pieces are joined up to this size before a send
+IN_FLIGHT = 2  # windows a bulk exchange keeps outstanding on one connection
 R = TypeVar("R")
 # One server's part of a bulk exchange: (connection pool, key indices, request builder,
 # reply reader). ``request(window)`` gives the pieces that ask for the keys of ``window`` (a
@@ -265,7 +266,7 @@ class Servers:
                 conn = pool.get_connection()
                 conns.append((pool, conn))
                 wire.attach(_socket_of(conn))
-            for _ in range(2):
+            for _ in range(IN_FLIGHT):
                 for b, (_pool, _idx, request, _read) in enumerate(batches):
                     if todo[b]:
                         w = todo[b].popleft()
@@ -287,7 +288,8 @@ class Servers:
                 raise ProtocolError("bytes after the last reply")
             clean = True
             return out, sum(len(todo_b) for todo_b in windows)
-        except TimeoutError as e:  # the socket's own timeout: say it as redis-py would
+        except (TimeoutError, BlockingIOError) as e:  # a socket timeout (BlockingIOError: the
+            # kernel's, while the socket blocks): say it as redis-py would
             raise redis.TimeoutError(f"Timeout reading from the server: {e}") from e
         finally:
             for wire in wires[:len(conns)]:

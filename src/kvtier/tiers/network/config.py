@@ -11,6 +11,9 @@ from kvtier.config import ConfigError
 
 MIB = 1 << 20
 DEFAULT_BATCH_BYTES = 2 * MIB  # records per round trip; two round trips in flight at most
+# I/O threads. More threads contend for one interpreter lock: on 2 cores, 4 threads stored 256 KiB
+# blocks about 20% slower than 2 and spent more CPU per GB (docs/BENCHMARKS.md, network section).
+DEFAULT_POOL_SIZE = 2
 
 # Parameter name -> meaning (the README's table says the same).
 PARAMS: dict[str, str] = {
@@ -107,7 +110,7 @@ def validate(out: dict[str, Any], label: str) -> dict[str, Any]:
     require_number(out, "socket_timeout_seconds", label, 2.0)
     require_number(out, "lookup_timeout_seconds", label, 1.0)
     require_number(out, "negative_cache_seconds", label, 1.0)
-    require_int(out, "pool_size", label, 4, 1, 64)
+    require_int(out, "pool_size", label, DEFAULT_POOL_SIZE, 1, 64)
     require_int(out, "max_batch_bytes", label, DEFAULT_BATCH_BYTES, 64 * 1024, 1 << 31)
     require_int(out, "presence_cache_keys", label, 262144, 1024, 1 << 26)
     return out

@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.format.record import header_prefix, header_size, pack_header, payload_checksum
+from kvtier.format.record import (
+    header_from_prefix,
+    header_prefix,
+    header_size,
+    payload_checksum,
+)
 from kvtier.tiers.base import Completions, Health, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers, pack
 from kvtier.tiers.network.presence import ABSENT, PRESENT, UNKNOWN
@@ -29,11 +34,14 @@ from kvtier.tiers.network.wire import (
     ASKING,
     BAD,
     HIT,
+    HIT_REPLY,
     MISS,
     Wire,
     get_command,
     read_record,
+    read_records,
     read_status,
+    read_statuses,
     set_head,
     set_tail,
 )
@@ -205,7 +213,9 @@ class Transfers:
             for (_pool, idx, _asking), rep in zip(groups, replies):
                 for i, r in zip(idx, rep):
                     out[i] = r
-                    target = _redirect(r) if attempt == 0 else None
+                    if r is None or r is HIT_REPLY or attempt:
+                        continue  # +OK, a verified record, or a second redirection
+                    target = _redirect(r)
                     if target is None:
                         continue
                     if target[0] == "MOVED":
@@ -249,10 +259,12 @@ class Transfers:
 
         def reader(wire: Wire, idx: list[int], asking: bool) -> list[Any]:
             wire.hint = hint  # the next reply's length line and record header, no more
+            if not asking:
+                return read_records(wire, [keys[i] for i in idx], [dests[i] for i in idx],
+                                    namespace_fp=fp, block_bytes=bb)
             out = []
             for i in idx:
-                if asking:
-                    read_status(wire)  # +OK (an error here shows in the GET's reply)
+                read_status(wire)  # +OK (an error here shows in the GET's reply)
                 key = keys[i]
                 out.append(read_record(wire, key, dests[i], namespace_fp=fp, block_bytes=bb,
                                        prefix=prefixes.get(len(key))))
@@ -327,26 +339,29 @@ class Transfers:
         rkeys = [prefix + k for k in keys]
         views = [memoryview(primary[int(s)]) for s in slots]  # type: ignore[arg-type]
         tail = set_tail(ttl)
+        shapes = {n: header_prefix(fp, n, bb) for n in {len(k) for k in keys}}
 
         def request(idx: list[int], asking: bool) -> list[Any]:
             # Headers are made window by window, just before they are sent: the checksum of a
             # window's slots is taken while the server still works on the previous windows.
             pieces: list[bytes | memoryview] = []
             ask = ASKING if asking else b""
-            for n, i in enumerate(idx):
-                view = views[i]
-                header = pack_header(fp, keys[i], view, checksum=payload_checksum(view))
-                pieces.append((tail if n else b"") + ask
-                              + set_head(rkeys[i], len(header) + bb, ttl) + header)
+            before = ask
+            for i in idx:
+                view, key = views[i], keys[i]
+                header = header_from_prefix(shapes[len(key)], key, payload_checksum(view))
+                pieces.append(before + set_head(rkeys[i], len(header) + bb, ttl) + header)
                 pieces.append(view)
+                before = tail + ask
             pieces.append(tail)
             return pieces
 
         def reader(wire: Wire, idx: list[int], asking: bool) -> list[Any]:
+            if not asking:
+                return read_statuses(wire, len(idx))
             out = []
             for _ in idx:
-                if asking:
-                    read_status(wire)
+                read_status(wire)
                 out.append(read_status(wire))
             return out
 

@@ -16,7 +16,13 @@ from redis.retry import Retry
 
 from kvtier.tiers.base import Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers
-from kvtier.tiers.network.config import DEFAULT_BATCH_BYTES, PARAMS, redact, validate
+from kvtier.tiers.network.config import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_POOL_SIZE,
+    PARAMS,
+    redact,
+    validate,
+)
 from kvtier.tiers.network.io import QUERY_CHUNK, Job, Task, Transfers
 from kvtier.tiers.network.presence import PresenceCache
 from kvtier.tiers.network.stats import Counters
@@ -50,7 +56,7 @@ class NetworkTier(SecondaryTier):
         connect_timeout_seconds: float = 2.0,
         socket_timeout_seconds: float = 2.0,
         lookup_timeout_seconds: float = 1.0,
-        pool_size: int = 4,
+        pool_size: int = DEFAULT_POOL_SIZE,
         max_batch_bytes: int = DEFAULT_BATCH_BYTES,
         negative_cache_seconds: float = 1.0,
         presence_cache_keys: int = 262144,
@@ -181,14 +187,30 @@ class NetworkTier(SecondaryTier):
                     self._stats.add(store_failures=len(failed))
             self._io.done.put(TierJobResult(job_id, failed))
             return
-        # Spread the job over the threads; one task streams at most _TASK_WINDOWS windows.
-        batch = max(1, min(_TASK_WINDOWS * self._window, -(-len(keys) // self.pool_size)))
+        # One task streams at most _TASK_WINDOWS windows, then other jobs get a turn. A store
+        # is spread over the threads: one thread checksums a window while another's is copied
+        # into its socket. A load's tasks run one after another, each queued when the one
+        # before it ends: its records are verified as they arrive, and two threads splitting
+        # one load only contend for the interpreter lock.
+        spread = self.pool_size if kind == "store" else 1
+        batch = max(1, min(_TASK_WINDOWS * self._window, -(-len(keys) // spread)))
         parts = [(keys[i:i + batch], slots[i:i + batch]) for i in range(0, len(keys), batch)]
         job = Job(job_id, kind, len(parts))
-        fn = self._io.load_batch if kind == "load" else self._io.store_batch
-        prio = 0 if kind == "load" else 1
+        if kind == "load":
+            self._put_task(0, partial(self._load_part, job, parts, 0))
+            return
         for part_keys, part_slots in parts:
-            self._put_task(prio, partial(fn, job, part_keys, part_slots))
+            self._put_task(1, partial(self._io.store_batch, job, part_keys, part_slots))
+
+    def _load_part(self, job: Job, parts: list[tuple[list[bytes], np.ndarray]], k: int) -> None:
+        """Run part ``k`` of a load job, then queue the next part (I/O thread)."""
+        self._io.load_batch(job, *parts[k])
+        if k + 1 < len(parts):
+            if self._closed:  # no thread may be left to run it
+                for part_keys, _slots in parts[k + 1:]:
+                    self._io.finish_part(job, part_keys, 0)
+                return
+            self._put_task(0, partial(self._load_part, job, parts, k + 1))
 
     def _put_task(self, prio: int, fn: Task | None) -> None:
         with self._seq_lock:

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from collections.abc import Sequence
 
 import redis
+import xxhash
 
 from kvtier.format.record import (
     FIXED_HEADER_SIZE,
     RecordError,
     check_header,
+    header_prefix,
+    header_size,
     match_header,
     parse_header,
     payload_checksum,
@@ -43,8 +47,14 @@ _BUFFER = MAX_HEADER + MAX_LINE + 1024
 _IOV_MAX = 1024  # buffers per sendmsg call (Linux's IOV_MAX)
 _CRLF = b"\r\n"
 
+_OK = b"+OK\r\n"
+_CHECKSUMS = struct.Struct("<QQ")  # payload checksum, header checksum (record offset 40)
+_PREFIX = 40  # bytes of a header before its checksums
+_HASHED = 48  # bytes of a header's fixed part that its header checksum covers (then the key)
+
 # What a GET reply came to.
 HIT, MISS, BAD, ERROR = "hit", "miss", "bad", "error"
+HIT_REPLY = (HIT, None)  # the one object every verified record's reply is
 
 
 class ProtocolError(redis.ConnectionError):
@@ -62,6 +72,8 @@ class Wire:
     def __init__(self) -> None:
         self.sock: socket.socket | None = None
         self.tls = False
+        self.timeout: float | None = None  # the socket's own timeout, given back on detach
+        self.waitall = 0  # MSG_WAITALL while the socket blocks in the kernel
         self.buf = bytearray(_BUFFER)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -69,20 +81,40 @@ class Wire:
         self.hint = MAX_LINE
 
     def attach(self, sock: socket.socket) -> None:
-        """Start an exchange on ``sock`` with an empty buffer."""
+        """Start an exchange on ``sock`` with an empty buffer.
+
+        A plain socket blocks in the kernel for the exchange, its timeout kept as the kernel's
+        ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``: a wait for data is one system call instead of a
+        ``poll`` before each read, and a payload is received by one ``MSG_WAITALL`` read. An
+        expired kernel timeout surfaces as :class:`TimeoutError`, as the socket's own would.
+        """
         self.sock = sock
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.start = self.end = 0
         self.hint = MAX_LINE
+        self.timeout = sock.gettimeout()
+        self.waitall = 0
+        if not self.tls and self.timeout is not None:
+            _kernel_timeouts(sock, self.timeout)
+            sock.settimeout(None)
+            self.waitall = socket.MSG_WAITALL
 
     def buffered(self) -> int:
         """Bytes received and not yet consumed."""
         return self.end - self.start
 
     def detach(self) -> None:
-        """End the exchange (the buffer is kept for the next one)."""
-        self.sock = None
+        """End the exchange (the buffer is kept for the next one); the socket's timeout is
+        back as it was."""
+        sock, self.sock = self.sock, None
         self.start = self.end = 0
+        if sock is not None and self.waitall:
+            self.waitall = 0
+            try:
+                sock.settimeout(self.timeout)
+                _kernel_timeouts(sock, 0.0)
+            except OSError:  # a closed socket: nothing to give back
+                pass
 
     def _sock(self) -> socket.socket:
         sock = self.sock
@@ -163,12 +195,22 @@ class Wire:
         if have:
             dest[:have] = self.view[self.start:self.start + have]
             self.start += have
-        recv_into = self._sock().recv_into
-        while have < n:
-            got = recv_into(dest[have:], n - have)
+        if have < n:
+            self.recv_exactly(dest[have:] if have else dest)
+
+    def recv_exactly(self, dest: memoryview) -> None:
+        """Fill ``dest`` from the socket alone (nothing may be buffered)."""
+        n = dest.nbytes
+        sock = self.sock
+        if sock is None:
+            raise redis.ConnectionError("no connection attached")
+        have = 0
+        got = sock.recv_into(dest, n, self.waitall) if n else 0  # all in one read, blocking
+        while have + got < n:
             if got == 0:
                 raise redis.ConnectionError("the server closed the connection in a reply")
             have += got
+            got = sock.recv_into(dest[have:], n - have)
 
     def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (the rest of a value that is not ours)."""
@@ -187,6 +229,17 @@ class Wire:
         if bytes(self.peek(2)) != _CRLF:
             raise ProtocolError("a bulk string not followed by CRLF")
         self.start += 2
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Set the kernel's receive and send timeouts of ``sock`` (0: none)."""
+    sec = int(seconds)
+    usec = int(round((seconds - sec) * 1e6))
+    if sec == 0 and usec == 0 and seconds > 0:
+        usec = 1
+    tv = struct.pack("@ll", sec, usec)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -232,6 +285,97 @@ def read_status(wire: Wire) -> str | None:
     if kind == b"-":
         return line[1:].decode("utf-8", "replace")
     raise ProtocolError(f"unexpected reply to SET: {line[:40]!r}")
+
+
+def read_statuses(wire: Wire, n: int) -> list[str | None]:
+    """``n`` replies to SET, as :func:`read_status` gives each; a run of ``+OK`` already
+    received is taken in one step."""
+    out: list[str | None] = []
+    buf = wire.buf
+    while n:
+        k = min(n, (wire.end - wire.start) // 5)
+        # k non-overlapping "+OK\r\n" in exactly 5k bytes tile them: k replies, all +OK.
+        if k and buf.count(_OK, wire.start, wire.start + 5 * k) == k:
+            out += [None] * k
+            wire.start += 5 * k
+            n -= k
+            continue
+        out.append(read_status(wire))
+        n -= 1
+    return out
+
+
+def read_records(wire: Wire, keys: Sequence[bytes], dests: Sequence[memoryview], *,
+                 namespace_fp: bytes, block_bytes: int) -> list[tuple[str, str | None]]:
+    """Replies to ``GET`` of each of ``keys``, in order: what :func:`read_record` gives each.
+
+    The reply a loader expects, a bulk string holding exactly one record of its key and of
+    ``block_bytes``, is recognised from its length line and header with a few comparisons
+    on the receive buffer: header prefix (magic, version, lengths, namespace), key, header
+    checksum. Its payload is then received straight into its slot and its checksum checked
+    there; :data:`HIT_REPLY` means both held. Every other reply takes the general path.
+    """
+    out: list[tuple[str, str | None]] = []
+    buf, view = wire.buf, wire.view
+    digest = xxhash.xxh3_64_intdigest
+    unpack_from = _CHECKSUMS.unpack_from
+    shapes: dict[int, tuple[bytes, bytes, int, int, int]] = {}
+    for key, dest in zip(keys, dests):
+        klen = len(key)
+        shape = shapes.get(klen)
+        if shape is None:
+            hlen = header_size(klen)
+            head = b"$%d\r\n" % (hlen + block_bytes)
+            shape = shapes[klen] = (head, header_prefix(namespace_fp, klen, block_bytes),
+                                    len(head), len(head) + hlen, hlen)
+        head, prefix, hl, total, hlen = shape
+        if wire.end - wire.start < total and not _expect(wire, head):
+            out.append(read_record(wire, key, dest, namespace_fp=namespace_fp,
+                                   block_bytes=block_bytes))
+            continue
+        if wire.end - wire.start < total:
+            wire._fill(total)  # a bulk string this long is on its way: safe to wait for it
+        h = wire.start + hl
+        if not (buf.startswith(head, wire.start) and buf.startswith(prefix, h)
+                and buf.startswith(key, h + FIXED_HEADER_SIZE)):
+            out.append(read_record(wire, key, dest, namespace_fp=namespace_fp,
+                                   block_bytes=block_bytes))
+            continue
+        pchk, hchk = unpack_from(buf, h + _PREFIX)
+        if digest(bytes(view[h:h + _HASHED]) + key) != hchk:
+            out.append(read_record(wire, key, dest, namespace_fp=namespace_fp,
+                                   block_bytes=block_bytes))  # says why, reads past it
+            continue
+        start = h + hlen
+        have = min(wire.end - start, block_bytes)
+        if have:  # the payload's first bytes came with the header
+            dest[:have] = view[start:start + have]
+            start += have
+        wire.start = start
+        if have < block_bytes:
+            wire.recv_exactly(dest[have:] if have else dest)
+        if wire.end - wire.start < 2:
+            wire._fill(2)  # with the CRLF, the next reply's line and header (wire.hint)
+        if not buf.startswith(_CRLF, wire.start):
+            raise ProtocolError("a bulk string not followed by CRLF")
+        wire.start += 2
+        out.append(HIT_REPLY if digest(dest) == pchk else (BAD, "payload checksum mismatch"))
+    return out
+
+
+def _expect(wire: Wire, head: bytes) -> bool:
+    """True once the buffered reply starts with ``head`` (a whole bulk length line), False as
+    soon as it cannot. Waits only for bytes the reply must still send: a reply line whose
+    first bytes match ``head`` cannot end before ``head`` does."""
+    n = len(head)
+    while True:
+        have = wire.end - wire.start
+        m = min(have, n)
+        if bytes(wire.view[wire.start:wire.start + m]) != head[:m]:
+            return False
+        if have >= n:
+            return True
+        wire._fill(have + 1)
 
 
 def read_record(wire: Wire, key: bytes, dest: memoryview, *, namespace_fp: bytes,
