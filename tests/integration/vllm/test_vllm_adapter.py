@@ -512,3 +512,40 @@ def test_hybrid_store_under_pressure_keeps_a_prefix_with_its_window() -> None:
         manager.complete_load(held, ctx)
     finally:
         manager.shutdown()
+
+
+def test_hybrid_cut_is_the_largest_position_with_a_whole_window_that_fits() -> None:
+    """The cut: the largest P, at or below the offered end, where the windowed group offers its
+    whole window and the kept keys fit; a P with a holed window is skipped even when cheaper."""
+    cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK), num_groups=2)
+    full, window = cfg.groups
+    cfg = dataclasses.replace(
+        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=2)))
+    manager = kv_vllm.KVTierOffloadingSpec(cfg).get_manager()
+    try:
+        ctx = ReqContext(req_id="a")
+        manager.on_new_request(ctx)
+        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(2)]
+        assert manager.prepare_store(held, ctx) is not None
+        manager.complete_store(held, ctx)
+        manager.prepare_load(held, ctx)  # pinned by a load in flight: 6 slots left
+        # The full group offers chunks 1-6; the windowed group (window of 2 chunks) chunks 2,
+        # 3 and 5 (chunk 4 was freed on the GPU before it was offered: vLLM never offers it).
+        full_keys = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(6)]
+        win_keys = [make_offload_key(bytes([200 + c]) * 32, 1) for c in (2, 3, 5)]
+        for i, k in enumerate(full_keys):
+            ctx.set_offload_key_position(k, (i + 1) * TOKENS_PER_BLOCK)
+        for c, k in zip((2, 3, 5), win_keys):
+            ctx.set_offload_key_position(k, c * TOKENS_PER_BLOCK)
+        out = manager.prepare_store(full_keys + win_keys, ctx)
+        assert out is not None
+        # Cuts at chunks 6 and 5 keep 7 keys (> 6 slots); the cut at chunk 4 keeps 6 (full
+        # 1-4, window 2-3), which fit, but its window misses chunk 4: skipped. The cut at
+        # chunk 3 has its whole window (chunks 2-3) and fits: full 1-3 and window 2-3.
+        assert out.keys_to_store == full_keys[:3] + win_keys[:2]
+        assert manager.partial_stores == 1 and manager.cut_store_keys == 4
+        assert manager.refused_stores == 0
+        manager.complete_store(out.keys_to_store, ctx)
+        manager.complete_load(held, ctx)
+    finally:
+        manager.shutdown()
