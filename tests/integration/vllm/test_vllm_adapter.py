@@ -479,20 +479,27 @@ def test_store_under_pressure_keeps_the_leading_chunks() -> None:
         manager.shutdown()
 
 
-def test_hybrid_store_under_pressure_keeps_a_prefix_with_its_window() -> None:
-    """A hybrid's cut: the full group's leading chunks and the windowed group's last window."""
+def _hybrid_with_six_free_slots(window_chunks: int) -> tuple[Any, ReqContext, list[Any]]:
+    """A manager for a full + windowed pair of groups (a window of ``window_chunks``) with an
+    8-slot CPU tier, 2 slots of it pinned by a load in flight (``held``): 6 slots left."""
     cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK), num_groups=2)
     full, window = cfg.groups
-    cfg = dataclasses.replace(
-        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=1)))
+    cfg = dataclasses.replace(cfg, groups=(
+        full, dataclasses.replace(window, sliding_window_size_in_chunks=window_chunks)))
     manager = kv_vllm.KVTierOffloadingSpec(cfg).get_manager()
+    ctx = ReqContext(req_id="a")
+    manager.on_new_request(ctx)
+    held = [make_offload_key(bytes([i]) * 32, 0) for i in range(2)]
+    assert manager.prepare_store(held, ctx) is not None
+    manager.complete_store(held, ctx)
+    manager.prepare_load(held, ctx)
+    return manager, ctx, held
+
+
+def test_hybrid_store_under_pressure_keeps_a_prefix_with_its_window() -> None:
+    """A hybrid's cut: the full group's leading chunks and the windowed group's last window."""
+    manager, ctx, held = _hybrid_with_six_free_slots(window_chunks=1)
     try:
-        ctx = ReqContext(req_id="a")
-        manager.on_new_request(ctx)
-        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(2)]
-        assert manager.prepare_store(held, ctx) is not None
-        manager.complete_store(held, ctx)
-        manager.prepare_load(held, ctx)  # pinned by a load in flight: 6 slots left
         # Six chunks of each group, listed as vLLM lists them: group 0's, then group 1's.
         keys = [[make_offload_key(bytes([100 + 16 * g + i]) * 32, g) for i in range(6)]
                 for g in range(2)]
@@ -517,18 +524,8 @@ def test_hybrid_store_under_pressure_keeps_a_prefix_with_its_window() -> None:
 def test_hybrid_cut_is_the_largest_position_with_a_whole_window_that_fits() -> None:
     """The cut: the largest P, at or below the offered end, where the windowed group offers its
     whole window and the kept keys fit; a P with a holed window is skipped even when cheaper."""
-    cfg = offloading_config(kvtier_extra(cpu_bytes_to_use=8 * BYTES_PER_BLOCK), num_groups=2)
-    full, window = cfg.groups
-    cfg = dataclasses.replace(
-        cfg, groups=(full, dataclasses.replace(window, sliding_window_size_in_chunks=2)))
-    manager = kv_vllm.KVTierOffloadingSpec(cfg).get_manager()
+    manager, ctx, held = _hybrid_with_six_free_slots(window_chunks=2)
     try:
-        ctx = ReqContext(req_id="a")
-        manager.on_new_request(ctx)
-        held = [make_offload_key(bytes([i]) * 32, 0) for i in range(2)]
-        assert manager.prepare_store(held, ctx) is not None
-        manager.complete_store(held, ctx)
-        manager.prepare_load(held, ctx)  # pinned by a load in flight: 6 slots left
         # The full group offers chunks 1-6; the windowed group (window of 2 chunks) chunks 2,
         # 3 and 5 (chunk 4 was freed on the GPU before it was offered: vLLM never offers it).
         full_keys = [make_offload_key(bytes([100 + i]) * 32, 0) for i in range(6)]
