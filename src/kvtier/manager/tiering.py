@@ -324,9 +324,8 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
                    stall=None if kind == "promote" else cpu_stall_seconds())
         self._jobs[job_id] = job
         if kind != "promote":
-            bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
-            self._pressure[ti].job_started(job_id, job.submitted, len(batch.keys) * bb,
-                                           job.stall)
+            self._pressure[ti].job_started(job_id, job.submitted,
+                                           len(batch.keys) * self._block_bytes(), job.stall)
         slots = np.asarray(batch.slots, dtype=np.int64)
         try:
             if kind == "promote":
@@ -375,7 +374,7 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
         if job.kind == "cascade":
             self._release_cascade(job.tier, job.slots)
             if not failed:
-                bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+                bb = self._block_bytes()
                 took = res.seconds if res.seconds > 0 else time.monotonic() - job.submitted
                 self._pressure[job.tier].observe(took, len(job.keys) * bb, job.submitted,
                                                  _cpu_wait_share(job))
@@ -486,6 +485,10 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
 
     def primary_blocks(self) -> np.ndarray:
         return self._region
+
+    def _block_bytes(self) -> int:
+        """Bytes of one CPU-tier block (0 once the region is let go at shutdown)."""
+        return int(self._region.shape[1]) if self._region.ndim == 2 else 0
 
 
 def _cpu_wait_share(job: _Job) -> float | None:

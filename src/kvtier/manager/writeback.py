@@ -82,9 +82,11 @@ class WriteBackMixin:
     #: how long allocations wait for a write-back job before taking more victims instead
     WRITEBACK_WAIT_S = 0.05
     _pressure: list[TierBackpressure]
-    _region: Any
 
     def _evicted(self, keys: list[bytes]) -> None: ...  # provided by the manager
+
+    if TYPE_CHECKING:
+        def _block_bytes(self) -> int: ...  # provided by the manager
 
     def _submit(self, kind: str, ti: int, tier: SecondaryTier, batch: Any) -> None: ...
 
@@ -207,7 +209,7 @@ class WriteBackMixin:
         if skipped:
             self.counters["writeback_skipped_blocks"] += len(keys)
         elif not failed and seconds > 0:
-            bb = int(self._region.shape[1]) if self._region.ndim == 2 else 0
+            bb = self._block_bytes()
             bp.observe(seconds, len(keys) * bb, submitted, cpu_wait)
         for key in keys:
             if skipped or key not in failed:
