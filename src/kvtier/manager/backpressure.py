@@ -229,6 +229,11 @@ class TierBackpressure:
         if nbytes > 0:
             self._inflight[job_id] = (submitted, nbytes, stall)
 
+    @property
+    def stores_in_flight(self) -> bool:
+        """True while a store job of this tier is in flight."""
+        return bool(self._inflight)
+
     def job_ended(self, job_id: int) -> None:
         """A store job ended (done, failed or dropped); unknown ids are ignored."""
         self._inflight.pop(job_id, None)

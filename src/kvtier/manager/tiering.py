@@ -299,7 +299,9 @@ class TieringManager(WriteBackMixin, GroupLookupMixin, PromotionMixin, Offloadin
         finally:
             self._ending = False
         now = time.monotonic()
-        stall_now = cpu_stall_seconds() if self._pressure else None
+        # The CPU stall reading is only needed to age a store job in flight.
+        stall_now = (cpu_stall_seconds() if any(bp.stores_in_flight for bp in self._pressure)
+                     else None)
         for bp in self._pressure:
             bp.tick(now, stall_now)
         for ti, tier in enumerate(self.tiers):
