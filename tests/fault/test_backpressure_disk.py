@@ -17,8 +17,11 @@ from kvtier.bench.faults import ThrottledDisk, throttle_unavailable
 BB = 64 << 10
 SLOTS = 256
 BLOCKS_PER_REQ = 16
-WRITE_IOPS = 50  # the disk's limit, about 50 blocks a second
-STEP_S = BLOCKS_PER_REQ / (10 * WRITE_IOPS)  # the engine stores ten times what the disk takes
+WRITE_BLOCKS = 50  # the disk's limit, 50 blocks a second
+# ... as bytes: the tier writes adjacent records with one call, so a limit on operations would
+# let several blocks through per operation
+WRITE_BPS = WRITE_BLOCKS * (BB + 4096)  # a record is the block and its 4 KiB header
+STEP_S = BLOCKS_PER_REQ / (10 * WRITE_BLOCKS)  # the engine stores ten times what the disk takes
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def test_throttled_disk_does_not_stall_the_cpu_tier(disk: ThrottledDisk, namespa
         storage, example = m.tiers
         bound = m.get_stats()["tiers"]["storage0"]["max_pinned_slots"]
         assert bound == SLOTS // 4
-        disk.set_iops(WRITE_IOPS)
+        disk.set_bps(WRITE_BPS)
         reqs = [[make_key(r * BLOCKS_PER_REQ + j, namespace) for j in range(BLOCKS_PER_REQ)]
                 for r in range(120)]
         peak: list[int] = []
@@ -88,7 +91,7 @@ def test_throttled_disk_does_not_stall_the_cpu_tier(disk: ThrottledDisk, namespa
 
         # The throttle ends: the tier drains, and as its stores run fast again it recovers by
         # itself and takes every block.
-        disk.set_iops(None)
+        disk.set_bps(None)
         settle(m, timeout=120)
         deadline = time.monotonic() + 120
         r = 0
@@ -132,13 +135,13 @@ def test_latency_signal_sees_a_disk_throttled_after_a_healthy_start(
             settle(m)
         st = m.get_stats()["tiers"]["storage0"]
         assert st["max_pinned_slots"] == SLOTS and st["backpressure_dropped"] == 0
-        disk.set_iops(WRITE_IOPS)
+        disk.set_bps(WRITE_BPS)
         reqs = [[make_key(1000 + r * BLOCKS_PER_REQ + j, namespace)
                  for j in range(BLOCKS_PER_REQ)] for r in range(80)]
         peak: list[int] = []
         ratio = 0.0
         for keys in reqs:
-            _serve(m, [keys], peak, step_s=BLOCKS_PER_REQ / (3 * WRITE_IOPS))
+            _serve(m, [keys], peak, step_s=BLOCKS_PER_REQ / (3 * WRITE_BLOCKS))
             ratio = max(ratio, m.get_stats()["tiers"]["storage0"]["store_latency_ratio"])
         st = m.get_stats()["tiers"]["storage0"]
         # Either half of the signal: jobs that ended slow, or a job in flight far past its time.
@@ -147,7 +150,7 @@ def test_latency_signal_sees_a_disk_throttled_after_a_healthy_start(
             f"{st['stalled_steps']} stalled steps)")
         assert st["backpressure_dropped"] > 0, "the halved bound shed nothing"
         assert max(peak) <= SLOTS // 2, f"the slow tier pinned {max(peak)} slots"
-        disk.set_iops(None)
+        disk.set_bps(None)
         settle(m, timeout=120)
         m.primary.check()
     finally:

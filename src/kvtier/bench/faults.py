@@ -53,8 +53,9 @@ def _run(*cmd: str) -> str:
 class ThrottledDisk:
     """An ext4 file system on a loop device, with a kernel I/O limit for this process.
 
-    ``path`` is the mount point. :meth:`set_iops` changes the limit (None: unlimited) for every
-    process in the cgroup; this process joins it on :meth:`start` and leaves on :meth:`close`.
+    ``path`` is the mount point. :meth:`set_iops` (operations) and :meth:`set_bps` (bytes)
+    change the limit (None: unlimited) for every process in the cgroup; this process joins it on
+    :meth:`start` and leaves on :meth:`close`.
     """
 
     def __init__(self, size_bytes: int = 256 << 20, workdir: str | None = None) -> None:
@@ -112,6 +113,19 @@ class ThrottledDisk:
             return
         for name, value in (("write", write), ("read", read)):
             (self._cgroup / f"blkio.throttle.{name}_iops_device").write_text(
+                f"{self.device} {0 if value is None else value}")
+
+    def set_bps(self, write: int | None, read: int | None = None) -> None:
+        """Limit write (and read) bytes per second to the device; None lifts the limit. Unlike
+        an operation limit, it holds whatever the size of each write."""
+        assert self._cgroup is not None, "start() first"
+        if self._kind == "v2":
+            w = "max" if write is None else str(write)
+            r = "max" if read is None else str(read)
+            (self._cgroup / "io.max").write_text(f"{self.device} wbps={w} rbps={r}")
+            return
+        for name, value in (("write", write), ("read", read)):
+            (self._cgroup / f"blkio.throttle.{name}_bps_device").write_text(
                 f"{self.device} {0 if value is None else value}")
 
     def close(self) -> None:

@@ -26,6 +26,11 @@ from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage.layout import Geometry
 from kvtier.tiers.storage.log import Entry
 
+#: never used slots are handed out this many at a time from one region, then from the next:
+#: the blocks stored together lie side by side (one write, one read), while the store chunks in
+#: flight spread over the regions instead of queueing for one region's log
+STRIPE = 16
+
 
 class OwnBlocks(OrderedDict[bytes, int]):
     """``own`` (index key -> slot) that keeps an eviction policy told of every change: a new
@@ -122,6 +127,8 @@ class BlockIndex:
         self.full_keys: dict[bytes, bytes] = {}  # index key -> key, for long keys known here
         self.events: list[tuple[list[bytes], bool]] = []
         self.remote_hits: dict[tuple[int, bytes], int] = {}  # (slot, index key) -> seq, to log
+        self._stripe: OwnedRegion | None = None  # the region new slots are handed out from
+        self._stripe_left = 0  # and how many more before the next region's turn
 
     # -- helpers ---------------------------------------------------------------------------
     def region_of(self, slot: int) -> int:
@@ -363,11 +370,12 @@ class BlockIndex:
                 s = free.pop()
                 if s - self.geo.base(r.region) < r.limit:
                     return s, s in self.slots
-        for r in regions.values():
-            if not r.releasing and r.fresh < r.limit:
-                r.fresh += 1
-                s = self.geo.base(r.region) + r.fresh - 1
-                return s, s in self.slots
+        fr = self._fresh_region()
+        if fr is not None:
+            fr.fresh += 1
+            self._stripe_left -= 1
+            s = self.geo.base(fr.region) + fr.fresh - 1
+            return s, s in self.slots
         own, pins = self.own, self.pins
         spr = self.geo.slots_per_region
         if self.policy is not None:
@@ -383,6 +391,27 @@ class BlockIndex:
                 evicted.append(k)
             return s, s in self.slots
         return None
+
+    def _fresh_region(self) -> OwnedRegion | None:
+        """The region to hand a never used slot out from: ``STRIPE`` slots from one region,
+        then from the next one with room (in region order, round the owned regions)."""
+        r = self._stripe
+        if (r is not None and self._stripe_left > 0 and not r.releasing and r.fresh < r.limit
+                and self.regions.get(r.region) is r):
+            return r
+        cur = -1 if r is None else r.region
+        first: OwnedRegion | None = None  # the lowest region with room
+        after: OwnedRegion | None = None  # the lowest one above the current
+        for c in self.regions.values():  # one pass, as a full tier asks on every store
+            if c.releasing or c.fresh >= c.limit:
+                continue
+            if first is None or c.region < first.region:
+                first = c
+            if c.region > cur and (after is None or c.region < after.region):
+                after = c
+        pick = after or first
+        self._stripe, self._stripe_left = pick, STRIPE
+        return pick
 
     def _alloc_by_policy(self, evicted: list[bytes]) -> tuple[int, bool] | None:
         """``alloc``'s last resort when a policy orders ``own``: the victim it picks."""

@@ -2,9 +2,9 @@
 
 A job's blocks are cut into tasks spread over the threads, loads before stores on the read
 threads and the other way round on the write threads. A store chunk logs a DEL for every slot
-whose old record it is about to overwrite, writes the records (one ``pwritev`` each: writing
-adjacent records together measured slower on a virtio disk), then logs a PUT for each record
-written: a record is named by a log only while it is whole.
+whose old record it is about to overwrite, writes the records (each run of adjacent slots of
+one region, up to ``MERGE_BYTES`` of payload, with one ``pwritev``), then logs a PUT for each
+record written: a record is named by a log only while it is whole.
 
 A load job's chunks are queued in the job's (prefix) order; a chunk reads each run of adjacent
 slots of one region with one ``preadv`` (headers into the thread's buffer, payloads straight into
@@ -38,7 +38,7 @@ log = logging.getLogger("kvtier.tiers.storage")
 
 CHUNK_MAX = 32  # blocks per I/O task
 LOAD_CHUNK_BYTES = 1 << 20  # payload bytes per load task (at least one block)
-MERGE_BYTES = 1 << 20  # a load reads adjacent records with one preadv up to this many payload bytes
+MERGE_BYTES = 1 << 20  # adjacent records: one preadv / pwritev up to this many payload bytes
 MERGE_MAX = 32  # and up to this many records (two iovecs each)
 _T = TypeVar("_T", bound=tuple[Any, ...])
 
@@ -404,13 +404,14 @@ class IOPool:
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
         t_write = time.perf_counter()
-        for key, ps, s, seq in ok_items:  # one pwritev each: merged writes measured slower
+        for run in self._runs(ok_items, MERGE_BYTES) if ok_items else []:  # adjacent: one pwritev
             try:
-                written.add(store.write_record(s, key, memoryview(primary[ps]), seq, hdr))
-                done.append((key, s, seq))
+                written.add(store.write_run(run[0][2], [(k, memoryview(primary[ps]), q)
+                                                        for k, ps, _s, q in run], hdr))
+                done.extend((k, s, q) for k, _ps, s, q in run)
             except OSError as e:
                 err = e
-                failed_items.append((key, s))
+                failed_items.extend((k, s) for k, _ps, s, _q in run)
         t_write = time.perf_counter() - t_write
         if done and sh.fsync == "batch":
             try:
