@@ -8,7 +8,9 @@ time is its own and no allocator setting leaks from one into another):
 * ``raw-socket``: a minimal RESP2 client of the benchmark's own on one blocking socket: values
   in one preallocated array (as slots are), ``SET`` sent with ``sendmsg`` of the command head,
   the value and CRLF (no copy), ``GET`` replies read with ``recv_into`` straight into the array,
-  ``--window-mib`` of values per round trip. No verification. The plain client to beat.
+  ``--window-mib`` of values per round trip. No verification. The plain client to beat;
+  ``raw-socket-x2``: two of them in two processes, each over half the blocks, phases started
+  together (what the single-threaded server takes from parallel connections);
 * ``redis-py``: redis-py 8 with hiredis, one pipeline per window of ready-made ``bytes`` values;
   ``redis-py+malloc``: the same with glibc's ``MALLOC_MMAP_THRESHOLD_=64 MiB`` and
   ``MALLOC_TRIM_THRESHOLD_=1 GiB`` (no page faults per reply);
@@ -22,7 +24,8 @@ time is its own and no allocator setting leaks from one into another):
   kvtier as it was at git ``--baseline-ref`` (extracted with ``git archive`` into a temporary
   directory);
 * LMCache 0.5.6's ``redis://`` and ``resp://`` connectors, under ``--peers-python`` (a Python
-  with ``lmcache==0.5.6`` installed): ``batched_put``, then ``batched_get``.
+  with ``lmcache==0.5.6`` installed): ``batched_put``, then ``batched_get``, once per round
+  like every other client (one process per round and block size).
 
 Throughput is the best of ``--repeats`` runs, interleaved (every client once per round, so that
 all see the same background load); CPU is the client process's CPU seconds (every thread) per GB
@@ -161,7 +164,8 @@ class _Timer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.rate = self.nbytes / (time.perf_counter() - self.t0)
+        self.t1 = time.perf_counter()
+        self.rate = self.nbytes / (self.t1 - self.t0)
         self.cpu = (time.process_time() - self.c0) / (self.nbytes / GB)
 
 
@@ -178,15 +182,22 @@ def _readline(sock: socket.socket, buf: bytearray) -> bytes:
         buf += chunk
 
 
-def client_raw_socket(port: int, size: int, n: int, window: int) -> dict[str, float]:
-    """Pipelined SET (sendmsg, no copy) and GET (recv_into the array) on one plain socket."""
+def client_raw_socket(port: int, size: int, n: int, window: int, tag: bytes = b"raw",
+                      barrier: Any = None) -> dict[str, float]:
+    """Pipelined SET (sendmsg, no copy) and GET (recv_into the array) on one plain socket.
+
+    With ``barrier`` (several connections in parallel) every timed phase starts when all the
+    connections are ready, and the result also carries each phase's start and end.
+    """
     values = _values(n, size)
     out = np.zeros_like(values)
-    keys = [b"raw:%d:%d" % (size, i) for i in range(n)]
+    keys = [b"%s:%d:%d" % (tag, size, i) for i in range(n)]
     per = max(1, window // size)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     res: dict[str, float] = {}
+    if barrier is not None:
+        barrier.wait()
     with _Timer(n * size) as t:
         for i in range(0, n, per):
             views: list[memoryview] = []
@@ -208,6 +219,9 @@ def client_raw_socket(port: int, size: int, n: int, window: int) -> dict[str, fl
             for _ in range(i, min(n, i + per)):
                 assert _readline(sock, buf) == b"+OK"
     res["store"], res["store_cpu"] = t.rate, t.cpu
+    res["store_t0"], res["store_t1"] = t.t0, t.t1
+    if barrier is not None:
+        barrier.wait()
     buf = bytearray()
     with _Timer(n * size) as t:
         for i in range(0, n, per):
@@ -228,8 +242,40 @@ def client_raw_socket(port: int, size: int, n: int, window: int) -> dict[str, fl
                     buf += sock.recv(2)
                 del buf[:2]
     res["load"], res["load_cpu"] = t.rate, t.cpu
+    res["load_t0"], res["load_t1"] = t.t0, t.t1
     assert np.array_equal(out, values)
     sock.close()
+    return res
+
+
+def _raw_part(port: int, size: int, n: int, window: int, tag: bytes, barrier: Any,
+              results: Any) -> None:
+    results.put(client_raw_socket(port, size, n, window, tag, barrier))
+
+
+def client_raw_sockets(port: int, size: int, n: int, window: int,
+                       conns: int) -> dict[str, float]:
+    """``conns`` raw-socket clients in as many processes, each over its own share of the
+    blocks (own keys), every phase started together: what the server takes from parallel
+    connections. Throughput is all the bytes over the time from the first start to the last
+    end; CPU is the processes' CPU seconds together, per GB moved."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    per = -(-n // conns)
+    barrier, results = ctx.Barrier(conns), ctx.Queue()
+    procs = [ctx.Process(target=_raw_part, args=(port, size, per, window, b"raw%d" % i, barrier,
+                                                 results)) for i in range(conns)]
+    for p in procs:
+        p.start()
+    parts = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    res: dict[str, float] = {}
+    moved = per * size * conns
+    for op in ("store", "load"):
+        res[op] = moved / (max(r[f"{op}_t1"] for r in parts) - min(r[f"{op}_t0"] for r in parts))
+        res[f"{op}_cpu"] = sum(r[f"{op}_cpu"] for r in parts) / conns
     return res
 
 
@@ -342,8 +388,11 @@ def run_worker(args: argparse.Namespace) -> int:
     """``--worker``: run one client once and print its result as JSON."""
     logging.basicConfig(level=logging.WARNING)
     size, n, window = args.size, args.blocks, args.window_mib * MiB
+    port = int(args.url.rsplit(":", 1)[1].split("/")[0])
     if args.worker == "raw-socket":
-        res = client_raw_socket(int(args.url.rsplit(":", 1)[1].split("/")[0]), size, n, window)
+        res = client_raw_socket(port, size, n, window)
+    elif args.worker == "raw-socket-x2":
+        res = client_raw_sockets(port, size, n, window, 2)
     elif args.worker in ("redis-py", "redis-py+malloc"):
         res = client_redis_py(args.url, size, n, window, cluster=args.cluster)
     else:  # kvtier, kvtier@ref (PYTHONPATH says which)
@@ -664,8 +713,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for size in sizes:
                 n = max(8, total // size)
-                order = ["raw-socket", "redis-py", "redis-py+malloc", "redis-benchmark",
-                         "kvtier"] + ([old] if baseline else [])
+                order = ["raw-socket", "raw-socket-x2", "redis-py", "redis-py+malloc",
+                         "redis-benchmark", "kvtier"] + ([old] if baseline else [])
+                order += ["LMCache"] if args.peers_python else []
                 if rep % 2:
                     order.reverse()
                 print(f"[round {rep + 1}/{args.repeats}, {size // 1024} KiB x {n}] "
@@ -673,6 +723,14 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     if name == "redis-benchmark":
                         r = redis_benchmark(servers.port, size, n, args.window_mib * MiB)
+                    elif name == "LMCache":
+                        lm = bench_lmcache(args.peers_python, servers.port, [size], total, 1)
+                        results["lmcache_version"] = lm.get("version", "")
+                        for kind in ("redis", "resp"):
+                            r = lm.get("results", {}).get(kind, {}).get(str(size)) or {
+                                "error": lm.get("error", "no result")}
+                            _collect(acc[size], f"LMCache {kind}://", r)
+                        continue
                     else:
                         r = spawn(name, url, size, n, args,
                                   baseline_src=baseline if name == old else None)
@@ -688,10 +746,6 @@ def main(argv: list[str] | None = None) -> int:
                 results["cluster"][str(size)] = _finish(cacc[size])
         print(f"[lookup] {args.lookup_keys} keys ...", flush=True)
         results["lookup"] = bench_lookup(url, args.lookup_keys, max(3, args.repeats))
-        if args.peers_python:
-            print("[lmcache] redis:// and resp:// connectors (subprocess) ...", flush=True)
-            results["lmcache"] = bench_lmcache(args.peers_python, servers.port, sizes, total,
-                                               args.repeats)
     finally:
         servers.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -716,16 +770,11 @@ def _row(name: str, v: dict[str, Any], best: dict[str, float]) -> str:
 
 def report(results: dict[str, Any], sizes: list[int], old: str | None) -> None:
     """Print the tables: GB/s, ratio to the best plain client, CPU s/GB per client."""
-    lm = results.get("lmcache", {})
     print(f"\nMachine: {results['machine']}; redis-server {results['redis_server']}; "
           f"{results['seconds']:.0f} s.")
-    plain = ("raw-socket", "redis-py", "redis-py+malloc", "redis-benchmark")
+    plain = ("raw-socket", "raw-socket-x2", "redis-py", "redis-py+malloc", "redis-benchmark")
     for size in sizes:
         r = dict(results["sizes"][str(size)])
-        for kind in ("redis", "resp"):
-            v = lm.get("results", {}).get(kind, {}).get(str(size))
-            if v:
-                r[f"LMCache {kind}://"] = v
         best = {op: max(r[p][op] for p in plain if r.get(p) and r[p].get(op))
                 for op in ("store", "load")}
         print(f"\n{size // 1024} KiB blocks (x best plain: store {best['store'] / GB:.2f}, "
@@ -736,11 +785,13 @@ def report(results: dict[str, Any], sizes: list[int], old: str | None) -> None:
         for name, v in r.items():
             print(_row(name, v, best))
         k = r.get("kvtier", {})
-        for other in ("LMCache resp://", old):
+        for other, factor in (("LMCache resp://", 1.2), (old, 2.0)):
             o = r.get(other or "")
-            if other and o and k:
+            if other and o and k and o.get("store") and o.get("load"):
                 print(f"\nkvtier / {other}: store {k['store'] / o['store']:.2f}x, "
-                      f"load {k['load'] / o['load']:.2f}x")
+                      f"load {k['load'] / o['load']:.2f}x ({factor:g}x {other} is "
+                      f"{factor * o['store'] / best['store']:.2f} / "
+                      f"{factor * o['load'] / best['load']:.2f} of the best plain client)")
         for name, v in r.items():
             if v.get("errors"):
                 print(f"\n{name} failed: {v['errors'][0]}")
@@ -760,8 +811,6 @@ def report(results: dict[str, Any], sizes: list[int], old: str | None) -> None:
     print(f"\nLookup of {results['args']['lookup_keys']} keys: kvtier "
           f"{lk['kvtier'] * 1e3:.2f} ms, redis-py pipeline of EXISTS "
           f"{lk['pipeline_exists'] * 1e3:.2f} ms")
-    if "error" in lm:
-        print(f"\nLMCache could not run: {lm['error']}")
 
 
 if __name__ == "__main__":

@@ -457,6 +457,28 @@ def step_until_available(m: kvtier.OffloadingManager, timeout: float = 10.0) -> 
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("configured", [None, 1], ids=["default", "one-block"])
+def test_large_blocks_travel_two_to_a_window_unless_configured(
+        redis_server: RedisServer, managers, namespace: str, configured: int | None) -> None:
+    # Blocks over 1 MiB: by default a window holds two records (a reply stays queued behind
+    # the one being read); a max_batch_bytes that is set is kept as it is.
+    block = (1 << 20) + 4096
+    params = {} if configured is None else {"max_batch_bytes": configured * block}
+    m = make_manager(redis_server.url, namespace, slots=16, block=block, pool_size=1, **params)
+    managers.append(m)
+    keys = [make_key(i, namespace) for i in range(8)]
+    store_blocks(m, keys)
+    settle(m)
+    m.reset_cache()
+    st = tier_stats(m)
+    trips, queries = st["round_trips"], st["lookup_queries"]
+    assert lookup_until(m, keys) == len(keys)
+    st = tier_stats(m)
+    load_trips = (st["round_trips"] - trips) - (st["lookup_queries"] - queries)
+    assert load_trips == (4 if configured is None else 8)
+    assert _wrong_blocks(m, keys) == 0
+
+
 # -- cluster: streams to every node, MOVED and ASK during a real resharding -----------------
 def test_cluster_batches_stream_to_every_node_at_once(
         redis_cluster: RedisClusterNodes, managers, namespace: str) -> None:

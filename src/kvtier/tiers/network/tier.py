@@ -17,9 +17,9 @@ from redis.retry import Retry
 from kvtier.tiers.base import Health, SecondaryTier, TierContext, TierEvent, TierJobResult
 from kvtier.tiers.network.client import Servers
 from kvtier.tiers.network.config import (
-    DEFAULT_BATCH_BYTES,
     DEFAULT_POOL_SIZE,
     PARAMS,
+    batch_bytes,
     redact,
     validate,
 )
@@ -57,7 +57,7 @@ class NetworkTier(SecondaryTier):
         socket_timeout_seconds: float = 2.0,
         lookup_timeout_seconds: float = 1.0,
         pool_size: int = DEFAULT_POOL_SIZE,
-        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        max_batch_bytes: int | None = None,
         negative_cache_seconds: float = 1.0,
         presence_cache_keys: int = 262144,
     ) -> None:
@@ -72,10 +72,10 @@ class NetworkTier(SecondaryTier):
         self.ttl_ms = None if ttl_seconds is None else max(1, int(round(ttl_seconds * 1000)))
         self.pool_size = int(pool_size)
         self.lookup_timeout = float(lookup_timeout_seconds)
-        self.max_batch_bytes = int(max_batch_bytes)
         self.negative_ttl = float(negative_cache_seconds)
         self.presence_limit = int(presence_cache_keys)
         self._bb = ctx.block_bytes
+        self.max_batch_bytes = batch_bytes(max_batch_bytes, self._bb)
         # Records per round trip on one connection; two windows at most are in flight.
         self._window = max(1, self.max_batch_bytes // self._bb)
 

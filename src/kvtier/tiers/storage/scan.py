@@ -540,17 +540,22 @@ def read_slots(
 
 
 def recheck(lane: Lane, check: SlotCheck) -> SlotCheck:
-    """Read one slot again, whole, and check it as ``read_slots`` does (raises OSError)."""
+    """Read one slot again, whole, and check it as ``read_slots`` does (raises OSError).
+
+    The read bypasses the page cache (O_DIRECT where the file system allows), as the scan's do:
+    a buffered read racing an engine's O_DIRECT rewrite of the slot can leave torn pages in the
+    cache, and a second buffered read would then find the same torn bytes again."""
     assert lane.slot_size is not None
-    buf = mmap.mmap(-1, lane.slot_size)
+    buf = mmap.mmap(-1, lane.slot_size)  # page-aligned, as O_DIRECT wants
     mv = memoryview(buf)
+    files = _Files(direct=lane.slot_size % 4096 == 0)
     try:
-        with open(check.file, "rb", buffering=0) as f:
-            got = os.preadv(f.fileno(), [mv], check.offset)
+        got = files.pread(check.file, mv, check.offset)
         if got <= 0:
             return SlotCheck(check.slot, check.file, check.offset, "empty")
         return check_slot(lane, mv, got, check.slot, check.file, check.offset, payload=True)
     finally:
+        files.close()
         mv.release()
         with contextlib.suppress(BufferError):
             buf.close()
