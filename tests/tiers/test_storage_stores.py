@@ -4,30 +4,21 @@ named by the log only once written."""
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import block_bytes_for, make_key
+from test_storage import run_job, tier_ctx
 
-from kvtier.format.record import namespace_fingerprint
-from kvtier.tiers.base import TierContext, TierJobResult
+from kvtier.tiers.base import TierContext
 from kvtier.tiers.storage import StorageTier
 from kvtier.tiers.storage.index import STRIPE
 from kvtier.tiers.storage.layout import SLOT_HEADER
 
 BB = 16 << 10
-_ids = itertools.count(1)
-
-
-def _ctx(namespace: str, slots: int) -> TierContext:
-    primary = np.frombuffer(mmap.mmap(-1, slots * BB), dtype=np.uint8).reshape(slots, BB)
-    return TierContext(namespace, namespace_fingerprint(namespace), BB, primary, "storage0")
 
 
 def _tier(path: Path, ctx: TierContext, blocks: int = 1024) -> StorageTier:
@@ -35,29 +26,16 @@ def _tier(path: Path, ctx: TierContext, blocks: int = 1024) -> StorageTier:
                        n_read_threads=1, n_write_threads=1)
 
 
-def _job(tier: StorageTier, kind: str, keys: Sequence[bytes], slots: Sequence[int]) -> TierJobResult:
-    jid = next(_ids)
-    submit = tier.submit_store if kind == "store" else tier.submit_load
-    submit(jid, list(keys), np.asarray(slots, dtype=np.int64))
-    deadline = time.monotonic() + 20
-    while True:
-        for res in tier.poll():
-            if res.job_id == jid:
-                return res
-        assert time.monotonic() < deadline, "tier job did not finish"
-        time.sleep(0.001)
-
-
 def test_new_slots_are_handed_out_a_stripe_at_a_time_round_the_regions(
         tmp_path: Path, namespace: str) -> None:
     n = 3 * STRIPE
-    ctx = _ctx(namespace, n)
+    ctx = tier_ctx(namespace, n, BB)
     tier = _tier(tmp_path, ctx)
     try:
         keys = [make_key(i, namespace) for i in range(n)]
         for j, k in enumerate(keys):
             ctx.primary[j] = block_bytes_for(k, BB)
-        assert _job(tier, "store", keys, range(n)).success
+        assert run_job(tier, "store", keys, range(n)).success
         where = [tier.record_location(k) for k in keys]
         assert all(w is not None for w in where)
         files = []
@@ -76,7 +54,7 @@ def test_new_slots_are_handed_out_a_stripe_at_a_time_round_the_regions(
 def test_adjacent_records_are_written_together_and_each_verified(
         tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     n = STRIPE
-    ctx = _ctx(namespace, n)
+    ctx = tier_ctx(namespace, n, BB)
     tier = _tier(tmp_path, ctx)
     writes: list[int] = []
     real = os.pwritev
@@ -92,7 +70,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
         for j, k in enumerate(keys):
             ctx.primary[j] = block_bytes_for(k, BB)
         monkeypatch.setattr(os, "pwritev", counting)
-        assert _job(tier, "store", keys, range(n)).success  # one chunk (one write thread)
+        assert run_job(tier, "store", keys, range(n)).success  # one chunk (one write thread)
         monkeypatch.undo()
         assert sum(writes) == n and len(writes) < n, f"records per write: {writes}"
         # one payload byte of one record flipped on disk: that block alone fails
@@ -103,7 +81,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
             f.seek(off + SLOT_HEADER + 7)
             f.write(bytes([b[0] ^ 0x01]))
         ctx.primary[:] = 0
-        res = _job(tier, "load", keys, range(n))
+        res = run_job(tier, "load", keys, range(n))
         assert res.failed_keys == {keys[5]}
         for j, k in enumerate(keys):
             if j != 5:
@@ -116,7 +94,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
         rest = [k for j, k in enumerate(keys) if j != 5]
         assert tier.lookup(rest) == len(rest)
         ctx.primary[:] = 0
-        assert _job(tier, "load", rest, range(len(rest))).success
+        assert run_job(tier, "load", rest, range(len(rest))).success
         for j, k in enumerate(rest):
             assert np.array_equal(ctx.primary[j], block_bytes_for(k, BB))
     finally:
