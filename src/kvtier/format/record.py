@@ -153,20 +153,24 @@ def header_from_prefix(prefix: bytes, key: bytes, checksum: int) -> bytes:
     return fixed + _HCHK.pack(xxhash.xxh3_64_intdigest(fixed + key)) + key
 
 
-def match_header(buf: bytes | bytearray | memoryview, prefix: bytes, key: bytes) -> int | None:
-    """The payload checksum when ``buf`` starts with exactly the header a reader expects.
+def match_header(buf: bytes | bytearray | memoryview, prefix: bytes, key: bytes,
+                 at: int = 0) -> int | None:
+    """The payload checksum when ``buf`` holds, from offset ``at``, exactly the header a reader
+    expects.
 
     ``prefix`` comes from :func:`header_prefix`; the header must continue with the checksums
     and ``key``, and its header checksum must hold. This checks what :func:`parse_header` and
     :func:`check_header` check together, for the one header that can pass them; None means the
-    header is not that one (parse it to learn why).
+    header is not that one (parse it to learn why). ``at`` lets a reader check a header where
+    it lies in its receive buffer, without slicing it out first.
     """
     mv = memoryview(buf)
-    end = FIXED_HEADER_SIZE + len(key)
-    if mv.nbytes < end or mv[:_PREFIX_SIZE] != prefix or mv[FIXED_HEADER_SIZE:end] != key:
+    end = at + FIXED_HEADER_SIZE + len(key)
+    if (mv.nbytes < end or mv[at:at + _PREFIX_SIZE] != prefix
+            or mv[at + FIXED_HEADER_SIZE:end] != key):
         return None
-    pchk, hchk = _CHECKSUMS.unpack(mv[_PREFIX_SIZE:FIXED_HEADER_SIZE])
-    if xxhash.xxh3_64_intdigest(bytes(mv[:_FIXED_SIZE]) + key) != hchk:
+    pchk, hchk = _CHECKSUMS.unpack_from(mv, at + _PREFIX_SIZE)
+    if xxhash.xxh3_64_intdigest(bytes(mv[at:at + _FIXED_SIZE]) + key) != hchk:
         return None
     return int(pchk)
 

@@ -48,9 +48,6 @@ _IOV_MAX = 1024  # buffers per sendmsg call (Linux's IOV_MAX)
 _CRLF = b"\r\n"
 
 _OK = b"+OK\r\n"
-_CHECKSUMS = struct.Struct("<QQ")  # payload checksum, header checksum (record offset 40)
-_PREFIX = 40  # bytes of a header before its checksums
-_HASHED = 48  # bytes of a header's fixed part that its header checksum covers (then the key)
 
 # What a GET reply came to.
 HIT, MISS, BAD, ERROR = "hit", "miss", "bad", "error"
@@ -318,7 +315,6 @@ def read_records(wire: Wire, keys: Sequence[bytes], dests: Sequence[memoryview],
     out: list[tuple[str, str | None]] = []
     buf, view = wire.buf, wire.view
     digest = xxhash.xxh3_64_intdigest
-    unpack_from = _CHECKSUMS.unpack_from
     shapes: dict[int, tuple[bytes, bytes, int, int, int]] = {}
     for key, dest in zip(keys, dests):
         klen = len(key)
@@ -336,13 +332,9 @@ def read_records(wire: Wire, keys: Sequence[bytes], dests: Sequence[memoryview],
         if wire.end - wire.start < total:
             wire._fill(total)  # a bulk string this long is on its way: safe to wait for it
         h = wire.start + hl
-        if not (buf.startswith(head, wire.start) and buf.startswith(prefix, h)
-                and buf.startswith(key, h + FIXED_HEADER_SIZE)):
-            out.append(read_record(wire, key, dest, namespace_fp=namespace_fp,
-                                   block_bytes=block_bytes))
-            continue
-        pchk, hchk = unpack_from(buf, h + _PREFIX)
-        if digest(bytes(view[h:h + _HASHED]) + key) != hchk:
+        pchk = (match_header(buf, prefix, key, h) if buf.startswith(head, wire.start)
+                else None)
+        if pchk is None:
             out.append(read_record(wire, key, dest, namespace_fp=namespace_fp,
                                    block_bytes=block_bytes))  # says why, reads past it
             continue
