@@ -93,9 +93,7 @@ def pack_header(
     plen = memoryview(payload).nbytes
     hlen = header_size(len(key), align)
     pchk = payload_checksum(payload) if checksum is None else checksum
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, hlen, len(key), plen, namespace_fp, pchk)
-    hchk = xxhash.xxh3_64_intdigest(fixed + key)
-    head = fixed + _HCHK.pack(hchk) + key
+    head = header_from_prefix(header_prefix(namespace_fp, len(key), plen, align=align), key, pchk)
     return head + b"\0" * (hlen - len(head))
 
 
