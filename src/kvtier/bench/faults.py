@@ -105,27 +105,23 @@ class ThrottledDisk:
 
     def set_iops(self, write: int | None, read: int | None = None) -> None:
         """Limit write (and read) operations per second to the device; None lifts the limit."""
-        assert self._cgroup is not None, "start() first"
-        if self._kind == "v2":
-            w = "max" if write is None else str(write)
-            r = "max" if read is None else str(read)
-            (self._cgroup / "io.max").write_text(f"{self.device} wiops={w} riops={r}")
-            return
-        for name, value in (("write", write), ("read", read)):
-            (self._cgroup / f"blkio.throttle.{name}_iops_device").write_text(
-                f"{self.device} {0 if value is None else value}")
+        self._set_limit("iops", write, read)
 
     def set_bps(self, write: int | None, read: int | None = None) -> None:
         """Limit write (and read) bytes per second to the device; None lifts the limit. Unlike
         an operation limit, it holds whatever the size of each write."""
+        self._set_limit("bps", write, read)
+
+    def _set_limit(self, unit: str, write: int | None, read: int | None) -> None:
+        """Write the cgroup's ``unit`` ("iops" or "bps") limits for the device."""
         assert self._cgroup is not None, "start() first"
         if self._kind == "v2":
             w = "max" if write is None else str(write)
             r = "max" if read is None else str(read)
-            (self._cgroup / "io.max").write_text(f"{self.device} wbps={w} rbps={r}")
+            (self._cgroup / "io.max").write_text(f"{self.device} w{unit}={w} r{unit}={r}")
             return
         for name, value in (("write", write), ("read", read)):
-            (self._cgroup / f"blkio.throttle.{name}_bps_device").write_text(
+            (self._cgroup / f"blkio.throttle.{name}_{unit}_device").write_text(
                 f"{self.device} {0 if value is None else value}")
 
     def close(self) -> None:
