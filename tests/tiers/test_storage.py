@@ -55,6 +55,14 @@ def run_job(tier: StorageTier, kind: str, keys: Sequence[bytes], slots: Sequence
         time.sleep(0.001)
 
 
+def open_small_tier(path: Path, ctx: TierContext, blocks: int) -> StorageTier:
+    """A storage tier under ``path`` holding ``blocks`` blocks of ``ctx``'s size, one read and
+    one write thread."""
+    return StorageTier(ctx, path=str(path),
+                       capacity_bytes=StorageTier.capacity_for(blocks, ctx.block_bytes),
+                       n_read_threads=1, n_write_threads=1)
+
+
 def dir_bytes(path: Path) -> int:
     """Bytes the files under ``path`` occupy: the larger of their sizes and their allocated blocks."""
     total = 0
@@ -287,8 +295,7 @@ def test_recency_of_a_load_survives_a_restart(tmp_path: Path, namespace: str) ->
     ctx = tier_ctx(namespace, slots=4)
 
     def open_tier() -> StorageTier:
-        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(4, BB),
-                           n_read_threads=1, n_write_threads=1)
+        return open_small_tier(tmp_path, ctx, 4)
 
     keys = [make_key(i) for i in range(6)]
     tier = open_tier()
@@ -322,8 +329,7 @@ def test_one_load_renews_the_recency_of_each_old_block_it_reads(tmp_path: Path,
     ctx = tier_ctx(namespace, slots=8)
 
     def open_tier() -> StorageTier:
-        return StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(8, BB),
-                           n_read_threads=1, n_write_threads=1)
+        return open_small_tier(tmp_path, ctx, 8)
 
     keys = [make_key(i) for i in range(12)]
     tier = open_tier()

@@ -11,26 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import block_bytes_for, make_key
-from test_storage import run_job, tier_ctx
+from test_storage import open_small_tier, run_job, tier_ctx
 
-from kvtier.tiers.base import TierContext
-from kvtier.tiers.storage import StorageTier
 from kvtier.tiers.storage.index import STRIPE
 from kvtier.tiers.storage.layout import SLOT_HEADER
 
 BB = 16 << 10
 
 
-def _tier(path: Path, ctx: TierContext, blocks: int = 1024) -> StorageTier:
-    return StorageTier(ctx, path=str(path), capacity_bytes=StorageTier.capacity_for(blocks, BB),
-                       n_read_threads=1, n_write_threads=1)
-
-
 def test_new_slots_are_handed_out_a_stripe_at_a_time_round_the_regions(
         tmp_path: Path, namespace: str) -> None:
     n = 3 * STRIPE
     ctx = tier_ctx(namespace, n, BB)
-    tier = _tier(tmp_path, ctx)
+    tier = open_small_tier(tmp_path, ctx, 1024)
     try:
         keys = [make_key(i, namespace) for i in range(n)]
         for j, k in enumerate(keys):
@@ -55,7 +48,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
         tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     n = STRIPE
     ctx = tier_ctx(namespace, n, BB)
-    tier = _tier(tmp_path, ctx)
+    tier = open_small_tier(tmp_path, ctx, 1024)
     writes: list[int] = []
     real = os.pwritev
 
@@ -89,7 +82,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
     finally:
         tier.shutdown()
     # the logs named every record written together: a restart serves them
-    tier = _tier(tmp_path, ctx)
+    tier = open_small_tier(tmp_path, ctx, 1024)
     try:
         rest = [k for j, k in enumerate(keys) if j != 5]
         assert tier.lookup(rest) == len(rest)
