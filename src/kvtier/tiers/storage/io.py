@@ -227,7 +227,7 @@ class IOPool:
             t0 = time.perf_counter()
             dests = [memoryview(primary[ps]) for _k, ps, _s, _r in run]
             try:
-                got = store.read_run(run[0][2], dests, hdr)
+                got, sums = store.read_run(run[0][2], dests, hdr)
             except OSError as e:
                 io_error = e
                 failed.update(k for k, _ps, _s, _r in run)
@@ -243,7 +243,7 @@ class IOPool:
                     reason = "truncated record"
                 else:
                     reason = store.check_record(hv[i * SLOT_HEADER : (i + 1) * SLOT_HEADER], key,
-                                                dests[i])
+                                                dests[i], None if sums is None else sums[i])
                 if reason is None:
                     moved += store.block_bytes
                     ok += 1

@@ -36,6 +36,7 @@ from kvtier.format.record import (
     parse_header,
     verify,
 )
+from kvtier.tiers.storage.fastio import native
 from kvtier.tiers.storage.layout import ALIGN, SLOT_HEADER, Geometry, round_up, slab_name
 
 MAX_KEY_BYTES = SLOT_HEADER - FIXED_HEADER_SIZE - 16
@@ -111,6 +112,8 @@ class SlabStore:
         #: adjacent slots can be read with one preadv (no padding between records)
         self.mergeable = self.slot_size == self.record_bytes
         self._prefixes: dict[int, bytes] = {}  # key length -> the header prefix every record has
+        #: runs of records sealed and written, or read and summed, in one call without the GIL
+        self.fast = native()
 
     # -- files -----------------------------------------------------------------------------
     def slab_path(self, region: int) -> str:
@@ -208,6 +211,21 @@ class SlabStore:
         on, with one ``pwritev`` (headers built in ``hdr``, ``SLOT_HEADER`` bytes each); returns
         the region. More than one record needs ``mergeable``. Raises OSError (ENOSPC when short).
         """
+        self.ensure_allocated(slot + len(records) - 1)
+        region, off = self.locate(slot)
+        fd = self.fd(region, create=True)
+        want = self.record_bytes * len(records)
+        n = self._write_native(fd, off, records, hdr) if self.fast is not None else None
+        if n is None:
+            n = self._write_python(fd, off, records, hdr)
+        if n != want:  # a short write to a regular file: out of space
+            raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
+        if self.fsync == "always":
+            os.fdatasync(fd)
+        return region
+
+    def _write_python(self, fd: int, off: int, records: Sequence[tuple[bytes, memoryview, int]],
+                      hdr: mmap.mmap) -> int:
         hv = memoryview(hdr)
         iov: list[memoryview] = []
         for i, (key, payload, seq) in enumerate(records):
@@ -217,16 +235,38 @@ class SlabStore:
             hdr[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
             iov.append(hv[b : b + SLOT_HEADER])
             iov.append(payload)
-        self.ensure_allocated(slot + len(records) - 1)
-        region, off = self.locate(slot)
-        fd = self.fd(region, create=True)
-        want = self.record_bytes * len(records)
-        n = os.pwritev(fd, iov, off)
-        if n != want:  # a short write to a regular file: out of space
-            raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
-        if self.fsync == "always":
-            os.fdatasync(fd)
-        return region
+        return os.pwritev(fd, iov, off)
+
+    def _write_native(self, fd: int, off: int, records: Sequence[tuple[bytes, memoryview, int]],
+                      hdr: mmap.mmap) -> int | None:
+        """The same records and ``pwritev`` as ``_write_python``, in one call without the GIL;
+        None for records it does not take (keys of different lengths, read-only payloads)."""
+        fast = self.fast
+        assert fast is not None
+        klen = len(records[0][0])
+        if any(len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
+               for k, p, _q in records):
+            return None
+        pins = [p for p in (fast.pin(hdr), *[fast.pin(p) for _k, p, _q in records]) if p is not None]
+        if len(pins) != 1 + len(records):
+            return None
+        hdr_addr, *addrs = [fast.addr(p) for p in pins]  # the pins hold the buffers meanwhile
+        n = fast.seal_write(fd, off, hdr_addr, SLOT_HEADER, self._prefix(klen),
+                            [(k, a, q) for (k, _p, q), a in zip(records, addrs)], self.block_bytes)
+        del pins
+        if n == -errno.EINVAL:
+            return None
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        return n
+
+    def _prefix(self, key_len: int) -> bytes:
+        """The first bytes of every record header for a key of ``key_len`` bytes."""
+        prefix = self._prefixes.get(key_len)
+        if prefix is None:
+            prefix = header_prefix(self.namespace_fp, key_len, self.block_bytes, align=SLOT_HEADER)
+            self._prefixes[key_len] = prefix
+        return prefix
 
     def sync_regions(self, regions: set[int]) -> None:
         """fdatasync the given regions' slab files."""
@@ -251,38 +291,52 @@ class SlabStore:
             return "unexpected header length"
         return verify(h, dest, namespace_fp=self.namespace_fp, key=key, payload_len=self.block_bytes)
 
-    def read_run(self, slot: int, dests: Sequence[memoryview], hdr: mmap.mmap) -> int:
+    def read_run(self, slot: int, dests: Sequence[memoryview], hdr: mmap.mmap
+                 ) -> tuple[int, list[int] | None]:
         """Read the records of ``len(dests)`` adjacent slots of one region, from ``slot`` on, with
         one ``preadv``: headers into ``hdr`` (``SLOT_HEADER`` bytes each), payloads into ``dests``.
 
-        Returns how many records were read whole (a short read ends the run early); -1 when the
-        region has no slab file. More than one record needs ``mergeable``. Raises OSError.
+        Returns how many records were read whole (a short read ends the run early; -1 when the
+        region has no slab file), and the xxh3-64 of each of their payloads where they were
+        computed with the read (the native path), else None: pass them to ``check_record``.
+        More than one record needs ``mergeable``. Raises OSError.
         """
         region, off = self.locate(slot)
         try:
             fd = self.fd(region)
         except FileNotFoundError:
-            return -1
+            return -1, None
+        stride = self.slot_size if self.mergeable else self.record_bytes
+        fast = self.fast
+        if fast is not None and all(d.nbytes == self.block_bytes for d in dests):
+            pins = [p for p in (fast.pin(hdr), *[fast.pin(d) for d in dests]) if p is not None]
+            if len(pins) == 1 + len(dests):
+                hdr_addr, *addrs = [fast.addr(p) for p in pins]  # the pins hold the buffers meanwhile
+                got, sums = fast.read_sums(fd, off, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
+                                           stride)
+                del pins
+                if got >= 0:
+                    return min(got // stride, len(dests)), sums
+                if got != -errno.EINVAL:
+                    raise OSError(-got, os.strerror(-got))
         hv = memoryview(hdr)
         iov: list[memoryview] = []
         for i, dest in enumerate(dests):
             iov.append(hv[i * SLOT_HEADER : (i + 1) * SLOT_HEADER])
             iov.append(dest)
         n = os.preadv(fd, iov, off)
-        return min(n // self.slot_size if self.mergeable else n // self.record_bytes, len(dests))
+        return min(n // stride, len(dests)), None
 
-    def check_record(self, head: memoryview, key: bytes, dest: memoryview) -> str | None:
+    def check_record(self, head: memoryview, key: bytes, dest: memoryview,
+                     payload_sum: int | None = None) -> str | None:
         """Verify a record read into ``head`` (its header) and ``dest`` (its payload) as
-        ``key``'s; None when valid, else why not. The checks are those of ``read_record``."""
-        prefix = self._prefixes.get(len(key))
-        if prefix is None:
-            prefix = header_prefix(self.namespace_fp, len(key), self.block_bytes, align=SLOT_HEADER)
-            self._prefixes[len(key)] = prefix
-        pchk = match_header(head, prefix, key)
+        ``key``'s; None when valid, else why not. The checks are those of ``read_record``;
+        ``payload_sum`` is the payload's xxh3-64 when it was computed as it was read."""
+        pchk = match_header(head, self._prefix(len(key)), key)
         if pchk is not None:
             if dest.nbytes != self.block_bytes:
                 return "length mismatch"
-            if xxhash.xxh3_64_intdigest(dest) != pchk:
+            if (xxhash.xxh3_64_intdigest(dest) if payload_sum is None else payload_sum) != pchk:
                 return "payload checksum mismatch"
             return None
         try:  # not the header expected: learn why

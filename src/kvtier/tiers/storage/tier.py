@@ -525,6 +525,7 @@ class StorageTier(SecondaryTier):
         st["capacity_bytes"] = self.capacity_bytes
         st["path"] = self.directory
         st["direct_io"] = self.direct
+        st["native_io"] = sh.store.fast is not None
         st["fsync"] = self.fsync
         st["regions"] = sh.geo.regions
         st["engines"] = len(fleet.live)

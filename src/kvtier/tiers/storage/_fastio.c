@@ -1,0 +1,120 @@
+/*
+ * The storage tier's record I/O for a run of adjacent slots, in one call that runs without
+ * Python's GIL (it is called through ctypes, which lets the GIL go for the whole call).
+ *
+ * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
+ * once per record (each payload checksum) and once more for the pwritev; on a small machine
+ * under load, every take-back waits for the threads in line before it. Here a run costs one.
+ *
+ * The header built here is byte for byte the one kvtier.format.record.pack_header builds
+ * (padded to hdr_len), with the slab's write sequence and its check in the last 16 bytes
+ * (see kvtier.tiers.storage.slab); the tests compare the two. Layout (little-endian):
+ *
+ *   [0, 40)   prefix: magic, version, flags, lengths, namespace (from header_prefix)
+ *   [40, 48)  payload checksum: hash(payload)
+ *   [48, 56)  header checksum: hash(bytes [0, 48) followed by the key)
+ *   [56, ..)  key, then zeros up to hdr_len - 16
+ *   [hdr_len - 16, hdr_len - 8)  write sequence
+ *   [hdr_len - 8, hdr_len)       hash(sequence followed by the key)
+ *
+ * The hash is passed in as a function pointer (xxh3-64 as the xxhash package exports it), so
+ * this file carries no hash of its own and cannot disagree with the Python side about it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+typedef uint64_t (*kvt_hash64)(const void *data, size_t len);
+
+#define KVT_MAX_RECORDS 64    /* records per call (two iovecs each) */
+#define KVT_MAX_HEADER 4096   /* bytes of one header */
+#define KVT_PREFIX 40
+#define KVT_FIXED 48
+#define KVT_KEY_AT 56
+
+static void put_le64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/*
+ * Build the headers of n records in hdr (hdr_len bytes each) and write header and payload of
+ * each, in order, with one pwritev at offset. Returns the bytes written, or -errno (-EINVAL
+ * for arguments this function does not take: the caller then writes the records itself).
+ */
+int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *hdr,
+                       size_t hdr_len, const uint8_t *prefix, const uint8_t *const *keys,
+                       const size_t *key_lens, const uint64_t *seqs,
+                       uint8_t *const *payloads, size_t payload_len) {
+    struct iovec iov[2 * KVT_MAX_RECORDS];
+    uint8_t tmp[KVT_MAX_HEADER + 8];
+    if (n <= 0 || n > KVT_MAX_RECORDS || hdr_len > KVT_MAX_HEADER) return -EINVAL;
+    for (int i = 0; i < n; i++) {
+        size_t klen = key_lens[i];
+        if (KVT_KEY_AT + klen + 16 > hdr_len) return -EINVAL;
+    }
+    for (int i = 0; i < n; i++) {
+        uint8_t *h = hdr + (size_t)i * hdr_len;
+        const uint8_t *key = keys[i];
+        size_t klen = key_lens[i];
+        memset(h, 0, hdr_len);
+        memcpy(h, prefix, KVT_PREFIX);
+        put_le64(h + KVT_PREFIX, hash(payloads[i], payload_len));
+        memcpy(h + KVT_KEY_AT, key, klen);
+        memcpy(tmp, h, KVT_FIXED);
+        memcpy(tmp + KVT_FIXED, key, klen);
+        put_le64(h + KVT_FIXED, hash(tmp, KVT_FIXED + klen));
+        put_le64(tmp, seqs[i]);
+        memcpy(tmp + 8, key, klen);
+        put_le64(h + hdr_len - 16, seqs[i]);
+        put_le64(h + hdr_len - 8, hash(tmp, 8 + klen));
+        iov[2 * i].iov_base = h;
+        iov[2 * i].iov_len = hdr_len;
+        iov[2 * i + 1].iov_base = payloads[i];
+        iov[2 * i + 1].iov_len = payload_len;
+    }
+    ssize_t done;
+    do {
+        done = pwritev(fd, iov, 2 * n, (off_t)offset);
+    } while (done < 0 && errno == EINTR);
+    return done < 0 ? -(int64_t)errno : (int64_t)done;
+}
+
+/*
+ * Read n records with one preadv at offset: headers into hdr (hdr_len bytes each), payloads
+ * into payloads[i]; then hash the payload of every record read whole (stride bytes per record
+ * in the file) into sums[i]. Returns the bytes read, or -errno. The caller checks the headers
+ * and compares sums with the payload checksums they carry.
+ */
+int64_t kvt_read_sums(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *hdr,
+                      size_t hdr_len, uint8_t *const *payloads, size_t payload_len,
+                      size_t stride, uint64_t *sums) {
+    struct iovec iov[2 * KVT_MAX_RECORDS];
+    if (n <= 0 || n > KVT_MAX_RECORDS || stride == 0) return -EINVAL;
+    for (int i = 0; i < n; i++) {
+        iov[2 * i].iov_base = hdr + (size_t)i * hdr_len;
+        iov[2 * i].iov_len = hdr_len;
+        iov[2 * i + 1].iov_base = payloads[i];
+        iov[2 * i + 1].iov_len = payload_len;
+    }
+    ssize_t done;
+    do {
+        done = preadv(fd, iov, 2 * n, (off_t)offset);
+    } while (done < 0 && errno == EINTR);
+    if (done < 0) return -(int64_t)errno;
+    size_t whole = (size_t)done / stride;
+    for (size_t i = 0; i < whole && i < (size_t)n; i++) sums[i] = hash(payloads[i], payload_len);
+    return (int64_t)done;
+}
+
+/* Importable as a module too (it holds nothing callable from Python: see fastio.py). */
+static struct PyModuleDef kvt_module = {
+    PyModuleDef_HEAD_INIT, "_fastio",
+    "Record I/O of the storage tier without the GIL; loaded with ctypes by fastio.py.", -1,
+    NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fastio(void) { return PyModule_Create(&kvt_module); }
