@@ -392,13 +392,13 @@ class StorageOps:
                         time.sleep(_SETTLE_S)
                         now = recheck(ln, first)
                         what, why = classify(ln, now, read_logs(ln) if ln.regions else None)
-                        if what == "bad" and now.digest == first.digest:
+                        if what == "bad" and now.same_as(first):
                             out.append((now, why or "bad record"))
                 elif logged is not None and c.slot in logged.slots:
                     out.append((c, reason))
                 continue
             now = recheck(ln, c)
-            if (now.status, now.key, now.digest) != (c.status, c.key, c.digest):
+            if not now.same_as(c):
                 continue
             what, why = classify(ln, now, logged)
             if what == "bad" and why == reason:

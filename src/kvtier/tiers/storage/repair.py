@@ -55,8 +55,7 @@ def erase_record(lane: Lane, check: SlotCheck, *, locked: bool) -> EraseResult:
     the lane is locked. Raises OSError.
     """
     now = recheck(lane, check)
-    if (now.status, now.key, now.seq, now.digest) != (check.status, check.key, check.seq,
-                                                      check.digest):
+    if not now.same_as(check):
         return EraseResult(False, "the slot changed since it was read: left alone")
     size = os.path.getsize(check.file)
     ss = lane.slot_size or 0

@@ -173,6 +173,13 @@ class SlotCheck:
     namespace_fp: bytes | None = None  # the fingerprint a header names, when it is another one
     digest: int = 0  # bad slots: xxh3-64 of the bytes read, to tell whether they change later
 
+    def same_as(self, other: SlotCheck) -> bool:
+        """Whether two reads of a slot found the same thing: the same status, key, write
+        sequence and (bad slots) bytes. Valid records carry no digest: for them it is the key
+        and sequence that tell a rewrite."""
+        return (self.status, self.key, self.seq, self.digest) == (
+            other.status, other.key, other.seq, other.digest)
+
 
 # -- what SlabStore writes besides records ------------------------------------------------------
 def slot_seq(header: bytes | bytearray | memoryview, key: bytes) -> int:
