@@ -7,7 +7,8 @@ back once per record; with many I/O threads on few cores those waits, not the di
 pace of the storage tier (see docs/BENCHMARKS.md).
 
 The native part is optional: it is built when kvtier is installed with a C compiler at hand,
-and it is used only when the ``xxhash`` package exports ``XXH3_64bits`` (the hash it is given)
+and it is used only when the ``xxhash`` package exports ``XXH3_64bits`` (the hash it is given:
+its CPU-dispatched build ``XXH3_64bits_dispatch`` where exported)
 and a self-test at load agrees byte for byte with ``kvtier.format.record``. Otherwise
 :func:`native` returns None and the slab store does the same work in Python. ``KVTIER_FASTIO=0``
 in the environment turns it off.
@@ -109,7 +110,11 @@ def _load() -> FastIO | None:
         xx = importlib.util.find_spec("xxhash._xxhash")
         if xx is None or not xx.origin:
             return None
-        hash_addr = ctypes.cast(ctypes.CDLL(xx.origin).XXH3_64bits, _vp).value
+        xlib = ctypes.CDLL(xx.origin)
+        # the CPU-dispatched build (AVX2 where the CPU has it) when exported: the plain symbol is
+        # the baseline build, about half as fast here as what xxh3_64_intdigest runs
+        fn = getattr(xlib, "XXH3_64bits_dispatch", None) or xlib.XXH3_64bits
+        hash_addr = ctypes.cast(fn, _vp).value
         if not hash_addr:
             return None
         fio = FastIO(lib, hash_addr)
