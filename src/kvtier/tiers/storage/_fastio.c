@@ -41,6 +41,24 @@ static void put_le64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
+/* One pwritev (write) or preadv of n (header, payload) pairs at offset, headers hdr_len bytes
+ * apart from hdr: the bytes moved, or -errno. */
+static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, size_t hdr_len,
+                      uint8_t *const *payloads, size_t payload_len) {
+    struct iovec iov[2 * KVT_MAX_RECORDS];
+    for (int i = 0; i < n; i++) {
+        iov[2 * i].iov_base = hdr + (size_t)i * hdr_len;
+        iov[2 * i].iov_len = hdr_len;
+        iov[2 * i + 1].iov_base = payloads[i];
+        iov[2 * i + 1].iov_len = payload_len;
+    }
+    ssize_t done;
+    do {
+        done = write ? pwritev(fd, iov, 2 * n, (off_t)offset) : preadv(fd, iov, 2 * n, (off_t)offset);
+    } while (done < 0 && errno == EINTR);
+    return done < 0 ? -(int64_t)errno : (int64_t)done;
+}
+
 /*
  * Build the headers of n records in hdr (hdr_len bytes each) and write header and payload of
  * each, in order, with one pwritev at offset. Returns the bytes written, or -errno (-EINVAL
@@ -50,7 +68,6 @@ int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *
                        size_t hdr_len, const uint8_t *prefix, const uint8_t *const *keys,
                        const size_t *key_lens, const uint64_t *seqs,
                        uint8_t *const *payloads, size_t payload_len) {
-    struct iovec iov[2 * KVT_MAX_RECORDS];
     uint8_t tmp[KVT_MAX_HEADER + 8];
     if (n <= 0 || n > KVT_MAX_RECORDS || hdr_len > KVT_MAX_HEADER) return -EINVAL;
     for (int i = 0; i < n; i++) {
@@ -72,16 +89,8 @@ int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *
         memcpy(tmp + 8, key, klen);
         put_le64(h + hdr_len - 16, seqs[i]);
         put_le64(h + hdr_len - 8, hash(tmp, 8 + klen));
-        iov[2 * i].iov_base = h;
-        iov[2 * i].iov_len = hdr_len;
-        iov[2 * i + 1].iov_base = payloads[i];
-        iov[2 * i + 1].iov_len = payload_len;
     }
-    ssize_t done;
-    do {
-        done = pwritev(fd, iov, 2 * n, (off_t)offset);
-    } while (done < 0 && errno == EINTR);
-    return done < 0 ? -(int64_t)errno : (int64_t)done;
+    return run_io(1, fd, offset, n, hdr, hdr_len, payloads, payload_len);
 }
 
 /*
@@ -93,19 +102,9 @@ int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *
 int64_t kvt_read_sums(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *hdr,
                       size_t hdr_len, uint8_t *const *payloads, size_t payload_len,
                       size_t stride, uint64_t *sums) {
-    struct iovec iov[2 * KVT_MAX_RECORDS];
     if (n <= 0 || n > KVT_MAX_RECORDS || stride == 0) return -EINVAL;
-    for (int i = 0; i < n; i++) {
-        iov[2 * i].iov_base = hdr + (size_t)i * hdr_len;
-        iov[2 * i].iov_len = hdr_len;
-        iov[2 * i + 1].iov_base = payloads[i];
-        iov[2 * i + 1].iov_len = payload_len;
-    }
-    ssize_t done;
-    do {
-        done = preadv(fd, iov, 2 * n, (off_t)offset);
-    } while (done < 0 && errno == EINTR);
-    if (done < 0) return -(int64_t)errno;
+    int64_t done = run_io(0, fd, offset, n, hdr, hdr_len, payloads, payload_len);
+    if (done < 0) return done;
     size_t whole = (size_t)done / stride;
     for (size_t i = 0; i < whole && i < (size_t)n; i++) sums[i] = hash(payloads[i], payload_len);
     return (int64_t)done;
