@@ -16,6 +16,9 @@ For each block size (256 KiB and 2 MiB by default), on one directory:
   of 32 blocks in flight). Every load verifies its checksums. Loads are split by phase: the
   scheduler's calls, a request's wait from its first lookup to its answer, and per I/O chunk the
   time queued, reading, verifying and in bookkeeping.
+* kvtier manager, Python I/O (``--systems`` ``manager-python``, not measured by default): the same
+  with the tier's ``native_io: false``, every run of records sealed, written, read and hashed in
+  Python, to measure what the native record I/O is worth in the same rounds.
 * kvtier tier: the same steady state through the tier's own contract
   (``submit_store``/``submit_load``/``poll``), jobs of 32 blocks, 8 in flight.
 * vLLM 0.33's ``fs`` tier through its ``TieringOffloadingManager`` and LMCache 0.5.6's
@@ -228,8 +231,14 @@ def _manager_store(m: Any, keys: list[bytes]) -> None:
         time.sleep(0.0002)
 
 
-def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace
-                              ) -> Result:
+def kvtier_manager_python_throughput(directory: str, block: int, total: int,
+                                     args: argparse.Namespace) -> Result:
+    """``kvtier_manager_throughput`` with the native record I/O turned off."""
+    return kvtier_manager_throughput(directory, block, total, args, native_io=False)
+
+
+def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace,
+                              native_io: bool = True) -> Result:
     """Steady state through kvtier's manager: (write GB/s, read GB/s, load phases)."""
     import kvtier
     from kvtier.tiers.storage import StorageTier
@@ -248,7 +257,7 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
            "promotion_deadline_seconds": 600, "secondary_tiers": [
                {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
                 "n_read_threads": half, "n_write_threads": args.threads - half,
-                "max_pinned_share": 1.0, "slow_store_factor": 1e9}]}
+                "max_pinned_share": 1.0, "slow_store_factor": 1e9, "native_io": native_io}]}
     spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
                                         namespace=f"bench/{block}")
     m = spec.get_manager()
@@ -357,7 +366,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds the disk gets (after a sync) before each timed phase")
     ap.add_argument("--systems", default="manager,tier,vllm,lmcache",
-                    help="which systems to measure beside raw (manager, tier, vllm, lmcache)")
+                    help="which systems to measure beside raw (manager, tier, vllm, lmcache; "
+                         "also manager-python: the manager with native_io false)")
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                     help="python of a venv with lmcache==0.5.6 ('' to skip LMCache)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's fs tier")
@@ -384,6 +394,8 @@ def main() -> None:
     systems: list[tuple[str, Callable[..., Result]]] = []
     if "manager" in wanted:
         systems.append(("kvtier manager", kvtier_manager_throughput))
+    if "manager-python" in wanted:
+        systems.append(("kvtier manager, Python I/O", kvtier_manager_python_throughput))
     if "tier" in wanted:
         systems.append(("kvtier tier", kvtier_throughput))
     skipped: list[str] = []

@@ -83,6 +83,7 @@ def dir_bytes(path: Path) -> int:
         ({"path": "/tmp/x", "capacity_bytes": "1G"}, "capacity_bytes"),
         ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "direct_io": "maybe"}, "direct_io"),
         ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "fsync": "sometimes"}, "fsync"),
+        ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "native_io": "yes"}, "native_io"),
         ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "n_read_threads": 0}, "n_read_threads"),
         ({"path": "/tmp/x", "capacity_bytes": 1 << 20, "bogus": 1}, "bogus"),
         ({"path": "/tmp/x", "root_dir": "/tmp/y", "capacity_bytes": 1 << 20}, "root_dir"),

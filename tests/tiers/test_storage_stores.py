@@ -14,7 +14,7 @@ import pytest
 from helpers import block_bytes_for, make_key
 from test_storage import open_small_tier, run_job, tier_ctx
 
-from kvtier.tiers.storage import fastio
+from kvtier.tiers.storage import StorageTier, fastio
 from kvtier.tiers.storage.index import STRIPE
 from kvtier.tiers.storage.layout import SLOT_HEADER
 from kvtier.tiers.storage.slab import aligned_buffer
@@ -122,6 +122,34 @@ def test_native_record_io_is_built_and_used(tmp_path: Path, namespace: str) -> N
     tier = open_small_tier(tmp_path, tier_ctx(namespace, 4, BB), 1024)
     try:
         assert tier.stats()["native_io"] is True
+    finally:
+        tier.shutdown()
+
+
+def test_native_io_false_moves_every_record_in_python(tmp_path: Path, namespace: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 8
+    ctx = tier_ctx(namespace, n, BB)
+    keys = [make_key(i, namespace) for i in range(n)]
+    for j, k in enumerate(keys):
+        ctx.primary[j] = block_bytes_for(k, BB)
+    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(64, BB),
+                       n_read_threads=1, n_write_threads=1, native_io=False)
+    fast = fastio.native()
+    assert fast is not None
+
+    def refuse(*_a: object) -> int:
+        raise AssertionError("the native record I/O was used")
+
+    monkeypatch.setattr(fast, "seal_write", refuse)
+    monkeypatch.setattr(fast, "read_sums", refuse)
+    try:
+        assert tier.stats()["native_io"] is False
+        assert run_job(tier, "store", keys, range(n)).success
+        ctx.primary[:] = 0
+        assert run_job(tier, "load", keys, range(n)).success
+        for j, k in enumerate(keys):
+            assert np.array_equal(ctx.primary[j], block_bytes_for(k, BB))
     finally:
         tier.shutdown()
 

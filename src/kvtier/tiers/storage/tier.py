@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kvtier.config import ConfigError, optional_float, require_int, require_str
+from kvtier.config import ConfigError, optional_float, require_bool, require_int, require_str
 from kvtier.policies import resolve_policy
 from kvtier.tiers.base import (
     Completions,
@@ -69,6 +69,8 @@ class StorageTier(SecondaryTier):
         "sync_seconds": "how often to read what other engines stored, and rebalance with them",
         "eviction_policy": 'which of its own blocks this engine evicts: "lru" (default), "arc", '
                            '"chain", "adaptive" or a registered policy name',
+        "native_io": "move runs of records with the native record I/O where it is built (true) "
+                     "or always in Python (false)",
     }
     ALIASES: ClassVar[Mapping[str, str]] = {"root_dir": "path"}
     DEFAULTS: Mapping[str, Any] = {
@@ -79,6 +81,7 @@ class StorageTier(SecondaryTier):
         "slab_bytes": 1 << 30,
         "sync_seconds": 1.0,
         "eviction_policy": "lru",
+        "native_io": True,
     }
     capacity_required = True
 
@@ -119,6 +122,8 @@ class StorageTier(SecondaryTier):
                              label=f"{label}.eviction_policy")
         resolve_policy(policy, key=f"{label}.eviction_policy")
         out["eviction_policy"] = policy
+        out["native_io"] = require_bool(out, "native_io", cls.DEFAULTS["native_io"],
+                                        label=f"{label}.native_io")
         return out
 
     @staticmethod
@@ -139,13 +144,15 @@ class StorageTier(SecondaryTier):
         slab_bytes: int = 1 << 30,
         sync_seconds: float = 1.0,
         eviction_policy: str = "lru",
+        native_io: bool = True,
     ) -> None:
         super().__init__(
             ctx, path=path, capacity_bytes=capacity_bytes, n_read_threads=n_read_threads,
             n_write_threads=n_write_threads, direct_io=direct_io, fsync=fsync, slab_bytes=slab_bytes,
-            sync_seconds=sync_seconds, eviction_policy=eviction_policy,
+            sync_seconds=sync_seconds, eviction_policy=eviction_policy, native_io=native_io,
         )
         self.eviction_policy = eviction_policy
+        self.native_io = bool(native_io)
         self.root = os.path.abspath(path)
         self.directory = os.path.join(self.root, ctx.namespace_fp.hex())
         self.capacity_bytes = self._resolve_capacity(capacity_bytes)
@@ -225,6 +232,8 @@ class StorageTier(SecondaryTier):
                             else resolve_policy(self.eviction_policy)),
         ))
         sh, fleet, geo = j.sh, j.fleet, j.sh.geo
+        if not self.native_io:
+            sh.store.fast = None
         sh.stats["index_rebuild_seconds"] = time.perf_counter() - t0
         self._read_health.record_success()  # before the tier shows as open
         self._write_health.record_success()
