@@ -240,12 +240,14 @@ class SlabStore:
     def _write_native(self, fd: int, off: int, records: Sequence[tuple[bytes, memoryview, int]],
                       hdr: mmap.mmap) -> int | None:
         """The same records and ``pwritev`` as ``_write_python``, in one call without the GIL;
-        None for records it does not take (keys of different lengths, read-only payloads)."""
+        None for records it does not take (keys of different lengths, read-only payloads, more
+        headers than ``hdr`` holds: the Python path then writes them or fails as it would)."""
         fast = self.fast
         assert fast is not None
         klen = len(records[0][0])
-        if any(len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
-               for k, p, _q in records):
+        if len(records) * SLOT_HEADER > len(hdr) or any(
+                len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
+                for k, p, _q in records):
             return None
         pins = [p for p in (fast.pin(hdr), *[fast.pin(p) for _k, p, _q in records]) if p is not None]
         if len(pins) != 1 + len(records):
@@ -308,7 +310,8 @@ class SlabStore:
             return -1, None
         stride = self.slot_size if self.mergeable else self.record_bytes
         fast = self.fast
-        if fast is not None and all(d.nbytes == self.block_bytes for d in dests):
+        if (fast is not None and len(dests) * SLOT_HEADER <= len(hdr)
+                and all(d.nbytes == self.block_bytes for d in dests)):
             pins = [p for p in (fast.pin(hdr), *[fast.pin(d) for d in dests]) if p is not None]
             if len(pins) == 1 + len(dests):
                 hdr_addr, *addrs = [fast.addr(p) for p in pins]  # the pins hold the buffers meanwhile
