@@ -13,7 +13,7 @@ Commands (``ids`` are block numbers; block ``i`` of salt ``s`` is ``make_key(i, 
   {"op": "churn", "salt": s, "ids": [...], "peers": {salt: [ids]}, "target_bytes": n}
                                                   store own ids 8 at a time (until its tier wrote
                                                   target_bytes, if given) and after each batch
-                                                  load 8 peer blocks it offers
+                                                  run a sync pass and load 8 peer blocks it offers
   {"op": "sync"}                                  one sync pass now
   {"op": "stats"}                                 the storage tier's stats
   {"op": "quit"}                                  shut down and exit
@@ -97,6 +97,9 @@ def main() -> None:
                     time.sleep(0.02)  # capacity is being shared out: this engine has none yet
                 store_blocks(m, [make_key(i, cmd["salt"]) for i in ids[j : j + 8]])
                 m.on_schedule_end()
+                # read the peers' logs now: at 5x capacity a peer's block lives for a batch or
+                # two, about one period of the sync thread (whose own timing other tests check)
+                tier.sync_now()
                 pick = [p for p in rng.sample(peers, min(len(peers), 400))
                         if tier.lookup([make_key(p[1], p[0])]) == 1][:8]
                 res = load([(p, make_key(p[1], p[0])) for p in pick])
