@@ -17,7 +17,7 @@ from test_storage import open_small_tier, run_job, tier_ctx
 from kvtier.tiers.storage import StorageTier, fastio
 from kvtier.tiers.storage.index import STRIPE
 from kvtier.tiers.storage.layout import SLOT_HEADER
-from kvtier.tiers.storage.slab import aligned_buffer
+from kvtier.tiers.storage.slab import aligned_buffer, native_record_io, record_header
 
 BB = 16 << 10
 
@@ -118,12 +118,23 @@ def test_native_record_io_is_built_and_used(tmp_path: Path, namespace: str) -> N
     """The native part is optional for users, not here: the test setup builds it."""
     if os.environ.get("KVTIER_FASTIO") == "0":
         pytest.fail("KVTIER_FASTIO=0 is set: the native record I/O is not tested")
-    assert fastio.native() is not None, "kvtier.tiers.storage._fastio was not built or fails its check"
+    assert native_record_io() is not None, "kvtier.tiers.storage._fastio was not built or fails its check"
     tier = open_small_tier(tmp_path, tier_ctx(namespace, 4, BB), 1024)
     try:
         assert tier.stats()["native_io"] is True
     finally:
         tier.shutdown()
+
+
+def test_the_native_self_test_refuses_headers_python_would_not_write() -> None:
+    fast = native_record_io()
+    assert fast is not None
+    assert fastio._self_test(fast, record_header)
+
+    def other_seq(ns: bytes, key: bytes, payload: memoryview, seq: int) -> bytes:
+        return record_header(ns, key, payload, seq + 1)
+
+    assert not fastio._self_test(fast, other_seq)
 
 
 def test_native_io_false_moves_every_record_in_python(tmp_path: Path, namespace: str,
@@ -135,7 +146,7 @@ def test_native_io_false_moves_every_record_in_python(tmp_path: Path, namespace:
         ctx.primary[j] = block_bytes_for(k, BB)
     tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(64, BB),
                        n_read_threads=1, n_write_threads=1, native_io=False)
-    fast = fastio.native()
+    fast = native_record_io()
     assert fast is not None
 
     def refuse(*_a: object) -> int:

@@ -6,12 +6,12 @@ the GIL go for the whole call. In Python the same work gives the GIL up and wait
 back once per record; with many I/O threads on few cores those waits, not the disk, set the
 pace of the storage tier (see docs/BENCHMARKS.md).
 
-The native part is optional: it is built when kvtier is installed with a C compiler at hand,
-and it is used only when the ``xxhash`` package exports ``XXH3_64bits`` (the hash it is given:
-its CPU-dispatched build ``XXH3_64bits_dispatch`` where exported)
-and a self-test at load agrees byte for byte with ``kvtier.format.record``. Otherwise
-:func:`native` returns None and the slab store does the same work in Python. ``KVTIER_FASTIO=0``
-in the environment turns it off.
+The native part is optional: it is built when kvtier is installed with a C compiler at hand.
+It is used only when the ``xxhash`` package exports the hash it is given (``XXH3_64bits``, or
+its CPU-dispatched build ``XXH3_64bits_dispatch`` where exported) and a self-test at load agrees
+byte for byte with the headers the slab store builds in Python. Otherwise :func:`native`
+returns None and the slab store does the same work in Python. ``KVTIER_FASTIO=0`` in the
+environment turns it off.
 """
 
 from __future__ import annotations
@@ -22,11 +22,16 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 
-from kvtier.format.record import header_prefix, pack_header
+from kvtier.format.record import header_prefix
+from kvtier.tiers.storage.layout import SLOT_HEADER
+
+#: builds a slot's whole header (``SLOT_HEADER`` bytes) in Python: (namespace fingerprint, key,
+#: payload, write sequence) -> bytes; the self-test compares the native headers with it
+ReferenceHeader = Callable[[bytes, bytes, memoryview, int], bytes]
 
 log = logging.getLogger("kvtier.tiers.storage")
 
@@ -49,16 +54,15 @@ class FastIO:
         self._read.argtypes = [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _vp, _sz, _vp, _sz, _sz, _vp]
 
     @staticmethod
-    def pin(buf: memoryview | mmap.mmap) -> ctypes.c_char | None:
-        """A handle on a writable buffer (None for a read-only one): while it is referenced the
-        buffer cannot be closed or unmapped, and ``addr(handle)`` is its first byte's address.
-        Hold it for as long as the native call that uses the address runs."""
+    def pin_all(bufs: Sequence[memoryview | mmap.mmap]) -> tuple[list[ctypes.c_char], list[int]] | None:
+        """Handles on writable buffers and their first bytes' addresses; None when one of them is
+        read-only. While the handles are referenced no buffer can be closed or unmapped: hold
+        them for as long as the native call that uses the addresses runs."""
         try:
-            return ctypes.c_char.from_buffer(buf)
+            pins = [ctypes.c_char.from_buffer(b) for b in bufs]
         except (TypeError, ValueError, BufferError):
             return None
-
-    addr = staticmethod(ctypes.addressof)
+        return pins, [ctypes.addressof(p) for p in pins]
 
     def seal_write(self, fd: int, offset: int, hdr: int, hdr_len: int, prefix: bytes,
                    records: Sequence[tuple[bytes, int, int]], payload_len: int) -> int:
@@ -90,16 +94,17 @@ _lock = threading.Lock()
 _loaded: list[FastIO | None] = []
 
 
-def native() -> FastIO | None:
-    """The native record I/O, or None where it is not built, turned off or fails its check."""
+def native(reference: ReferenceHeader) -> FastIO | None:
+    """The native record I/O, or None where it is not built, turned off or fails its check
+    against ``reference`` (checked once per process)."""
     if not _loaded:
         with _lock:
             if not _loaded:
-                _loaded.append(_load())
+                _loaded.append(_load(reference))
     return _loaded[0]
 
 
-def _load() -> FastIO | None:
+def _load(reference: ReferenceHeader) -> FastIO | None:
     if os.environ.get("KVTIER_FASTIO", "1") == "0":
         return None
     try:
@@ -121,18 +126,23 @@ def _load() -> FastIO | None:
     except (OSError, AttributeError, ImportError) as e:
         log.debug("native record I/O not available: %s", e)
         return None
-    if not _self_test(fio):
+    try:
+        agrees = _self_test(fio, reference)
+    except (OSError, ValueError, BufferError) as e:  # no temporary file, say: stay in Python
+        log.warning("native record I/O could not be checked (%s); not used", e)
+        return None
+    if not agrees:
         log.warning("native record I/O disagrees with kvtier.format.record; not used")
         return None
     return fio
 
 
-def _self_test(fio: FastIO) -> bool:
+def _self_test(fio: FastIO, reference: ReferenceHeader) -> bool:
     """Seal and write two records to a temporary file, read them back natively, and compare
-    with the headers and checksums Python computes."""
+    with the headers ``reference`` builds and the checksums Python computes."""
     import tempfile
 
-    hdr_len, plen = 4096, 8192
+    hdr_len, plen = SLOT_HEADER, 8192
     ns = xxhash.xxh3_128_digest(b"kvtier fastio self-test")
     keys = [b"k" * 20, b"another key, longer"]
     seqs = [7, 1 << 40]
@@ -140,38 +150,34 @@ def _self_test(fio: FastIO) -> bool:
     hdr = mmap.mmap(-1, 2 * hdr_len)
     back = [mmap.mmap(-1, plen) for _ in keys]
     back_hdr = mmap.mmap(-1, 2 * hdr_len)
+    pinned = back_pinned = None
     try:
         for i, p in enumerate(payloads):
             p[:] = bytes((i * 31 + j) % 251 for j in range(256)) * (plen // 256)
+        pinned = fio.pin_all([hdr, *payloads])
+        back_pinned = fio.pin_all([back_hdr, *back])
+        if pinned is None or back_pinned is None:
+            return False
         with tempfile.TemporaryFile() as f:
-            prefixes = [header_prefix(ns, len(k), plen, align=hdr_len) for k in keys]
-            pins = [p for p in (fio.pin(b) for b in (hdr, *payloads)) if p is not None]
-            if len(pins) != 1 + len(payloads):
-                return False
-            hdr_addr, *addr = [fio.addr(p) for p in pins]
+            hdr_addr, *addr = pinned[1]
             at = 0
             for i in range(2):
-                got = fio.seal_write(f.fileno(), at, hdr_addr + i * hdr_len, hdr_len, prefixes[i],
+                prefix = header_prefix(ns, len(keys[i]), plen, align=hdr_len)
+                got = fio.seal_write(f.fileno(), at, hdr_addr + i * hdr_len, hdr_len, prefix,
                                      [(keys[i], addr[i], seqs[i])], plen)
                 if got != hdr_len + plen:
                     return False
                 at += got
             for i in range(2):
-                want = bytearray(pack_header(ns, keys[i], memoryview(payloads[i]), align=hdr_len))
-                want[-16:-8] = seqs[i].to_bytes(8, "little")
-                want[-8:] = xxhash.xxh3_64_intdigest(seqs[i].to_bytes(8, "little") + keys[i]).to_bytes(
-                    8, "little")
-                if hdr[i * hdr_len:(i + 1) * hdr_len] != bytes(want):
+                want = reference(ns, keys[i], memoryview(payloads[i]), seqs[i])
+                if hdr[i * hdr_len:(i + 1) * hdr_len] != want:
                     return False
-            back_pins = [p for p in (fio.pin(b) for b in (back_hdr, *back)) if p is not None]
-            if len(back_pins) != 1 + len(back):
-                return False
-            bh, *back_addr = [fio.addr(p) for p in back_pins]
+            bh, *back_addr = back_pinned[1]
             got, sums = fio.read_sums(f.fileno(), 0, bh, hdr_len, back_addr, plen, hdr_len + plen)
-            del pins, back_pins
             return (got == 2 * (hdr_len + plen) and back_hdr[:] == hdr[:]
                     and all(back[i][:] == payloads[i][:] for i in range(2))
                     and sums == [xxhash.xxh3_64_intdigest(p) for p in payloads])
     finally:
+        pinned = back_pinned = None  # let go of the buffers (on every return) before closing them
         for m in (*payloads, hdr, *back, back_hdr):
             m.close()

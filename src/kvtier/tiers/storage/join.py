@@ -67,6 +67,7 @@ class JoinSpec:
     # builds the eviction policy over this engine's own blocks from the directory's slot
     # count; None: plain LRU
     policy_factory: Callable[[int], EvictionPolicy[bytes]] | None = None
+    native_io: bool = True  # the slab store may use the native record I/O
 
 
 @dataclass
@@ -124,7 +125,7 @@ def join_directory(spec: JoinSpec) -> Joined:
             log.warning("tier %s: capacity_bytes=%d holds no block of %d bytes (plus metadata)",
                         spec.name, geo.capacity_bytes, ctx.block_bytes)
         store = SlabStore(directory, geo, namespace_fp=ctx.namespace_fp, direct=bool(direct),
-                          fsync=spec.fsync)
+                          fsync=spec.fsync, native_io=spec.native_io)
         sh = Shared(
             name=spec.name, directory=directory, geo=geo, store=store,
             index=BlockIndex(geo, spec.engine_id, None if spec.policy_factory is None

@@ -36,7 +36,7 @@ from kvtier.format.record import (
     parse_header,
     verify,
 )
-from kvtier.tiers.storage.fastio import native
+from kvtier.tiers.storage.fastio import FastIO, native
 from kvtier.tiers.storage.layout import ALIGN, SLOT_HEADER, Geometry, round_up, slab_name
 
 MAX_KEY_BYTES = SLOT_HEADER - FIXED_HEADER_SIZE - 16
@@ -80,6 +80,18 @@ def _seq_check(seq: int, key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(seq.to_bytes(8, "little") + key)
 
 
+def record_header(namespace_fp: bytes, key: bytes, payload: memoryview, seq: int) -> bytes:
+    """A slot's whole header page (``SLOT_HEADER`` bytes): the record header, padded, with the
+    write sequence and its check in the last 16 bytes."""
+    head = pack_header(namespace_fp, key, payload, align=SLOT_HEADER)
+    return head[: SLOT_HEADER - _SEQ.size] + _SEQ.pack(seq, _seq_check(seq, key))
+
+
+def native_record_io() -> FastIO | None:
+    """The native record I/O where it is built and writes what ``record_header`` does."""
+    return native(record_header)
+
+
 @dataclass(frozen=True)
 class ScannedRecord:
     """A record found by a header scan: where, which key, and how recently it was written."""
@@ -93,7 +105,7 @@ class SlabStore:
     """The slab files of one namespace directory and the I/O on them. Methods raise OSError."""
 
     def __init__(self, directory: str, geometry: Geometry, *, namespace_fp: bytes, direct: bool,
-                 fsync: str) -> None:
+                 fsync: str, native_io: bool = True) -> None:
         self.directory = directory
         self.geo = geometry
         self.namespace_fp = namespace_fp
@@ -113,7 +125,8 @@ class SlabStore:
         self.mergeable = self.slot_size == self.record_bytes
         self._prefixes: dict[int, bytes] = {}  # key length -> the header prefix every record has
         #: runs of records sealed and written, or read and summed, in one call without the GIL
-        self.fast = native()
+        #: (None: in Python, where the native part is not built or ``native_io`` is false)
+        self.fast = native_record_io() if native_io else None
 
     # -- files -----------------------------------------------------------------------------
     def slab_path(self, region: int) -> str:
@@ -230,9 +243,7 @@ class SlabStore:
         iov: list[memoryview] = []
         for i, (key, payload, seq) in enumerate(records):
             b = i * SLOT_HEADER
-            head = pack_header(self.namespace_fp, key, payload, align=SLOT_HEADER)
-            hdr[b : b + len(head)] = head
-            hdr[b + SLOT_HEADER - _SEQ.size : b + SLOT_HEADER] = _SEQ.pack(seq, _seq_check(seq, key))
+            hdr[b : b + SLOT_HEADER] = record_header(self.namespace_fp, key, payload, seq)
             iov.append(hv[b : b + SLOT_HEADER])
             iov.append(payload)
         return os.pwritev(fd, iov, off)
@@ -249,13 +260,13 @@ class SlabStore:
                 len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
                 for k, p, _q in records):
             return None
-        pins = [p for p in (fast.pin(hdr), *[fast.pin(p) for _k, p, _q in records]) if p is not None]
-        if len(pins) != 1 + len(records):
+        pinned = fast.pin_all([hdr, *[p for _k, p, _q in records]])
+        if pinned is None:
             return None
-        hdr_addr, *addrs = [fast.addr(p) for p in pins]  # the pins hold the buffers meanwhile
+        hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
         n = fast.seal_write(fd, off, hdr_addr, SLOT_HEADER, self._prefix(klen),
                             [(k, a, q) for (k, _p, q), a in zip(records, addrs)], self.block_bytes)
-        del pins
+        del pinned
         if n == -errno.EINVAL:
             return None
         if n < 0:
@@ -312,12 +323,12 @@ class SlabStore:
         fast = self.fast
         if (fast is not None and len(dests) * SLOT_HEADER <= len(hdr)
                 and all(d.nbytes == self.block_bytes for d in dests)):
-            pins = [p for p in (fast.pin(hdr), *[fast.pin(d) for d in dests]) if p is not None]
-            if len(pins) == 1 + len(dests):
-                hdr_addr, *addrs = [fast.addr(p) for p in pins]  # the pins hold the buffers meanwhile
+            pinned = fast.pin_all([hdr, *dests])
+            if pinned is not None:
+                hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
                 got, sums = fast.read_sums(fd, off, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
                                            stride)
-                del pins
+                del pinned
                 if got >= 0:
                     return min(got // stride, len(dests)), sums
                 if got != -errno.EINVAL:

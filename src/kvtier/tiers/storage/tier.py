@@ -230,10 +230,9 @@ class StorageTier(SecondaryTier):
             wait_s=_JOIN_WAIT_S if not self._retrying else 0.05,
             policy_factory=(None if self.eviction_policy == "lru"
                             else resolve_policy(self.eviction_policy)),
+            native_io=self.native_io,
         ))
         sh, fleet, geo = j.sh, j.fleet, j.sh.geo
-        if not self.native_io:
-            sh.store.fast = None
         sh.stats["index_rebuild_seconds"] = time.perf_counter() - t0
         self._read_health.record_success()  # before the tier shows as open
         self._write_health.record_success()
