@@ -1,8 +1,8 @@
 """``kvtier fsck`` read throughput against the disk's raw O_DIRECT read throughput, same run.
 
-It writes a storage tier's namespace directory with the tier's own writer (``SlabStore``:
-records with checksummed headers in slab files), synced to disk, then alternates, ``--repeat``
-times:
+It fills a storage tier (``StorageTier``, driven by its contract: ``submit_store``/``poll``) with
+``--gib`` of records (checksummed headers in the slab files of its namespace directory), shuts it
+down and syncs it to disk, then alternates, ``--repeat`` times:
 
 * raw: the same slab files read with O_DIRECT ``preadv`` into aligned buffers and nothing else,
   under several thread counts and chunk sizes (``--raw-configs``, which include fsck's own);
@@ -43,30 +43,55 @@ def _progress(msg: str) -> None:
 
 
 def write_tier(root: str, block: int, total: int) -> str:
-    """A namespace directory of ``total`` bytes of records of ``block`` bytes; its path."""
+    """A storage tier at ``root`` holding ``total`` bytes of records of ``block`` bytes, stored
+    through the tier's contract (``submit_store``/``poll``), the tier shut down and everything
+    synced to disk; the path of its namespace directory."""
     from kvtier.format.record import namespace_fingerprint, namespace_key
-    from kvtier.tiers.storage.slab import SlabStore, aligned_buffer
+    from kvtier.tiers.base import TierContext
+    from kvtier.tiers.storage import StorageTier
+    from kvtier.tiers.storage.layout import slot_size_for
 
     ns = f"bench/fsck/{block}"
     fp = namespace_fingerprint(namespace_key(ns, block))
-    lane = os.path.join(root, fp.hex())
-    shutil.rmtree(lane, ignore_errors=True)
-    store = SlabStore(lane, namespace=ns, namespace_fp=fp, block_bytes=block, slab_bytes=GiB,
-                      direct=False, fsync="none", n_threads=1)
+    shutil.rmtree(os.path.join(root, fp.hex()), ignore_errors=True)
+    # the primary slots the stores copy from: at most 128 MiB of them, 4 jobs in flight
+    slots = max(4, min(128, (128 << 20) // block))
+    job = slots // 4
+    buf = mmap.mmap(-1, slots * block)
+    primary = np.frombuffer(buf, dtype=np.uint8).reshape(slots, block)
+    primary[:] = np.random.default_rng(block).integers(0, 256, (slots, block), dtype=np.uint8)
+    ctx = TierContext(ns, fp, block, primary, "storage0")
+    wanted = max(1, total // slot_size_for(block))
+    tier = StorageTier(ctx, path=root, capacity_bytes=StorageTier.capacity_for(wanted, block))
     try:
-        n = max(1, total // store.slot_size)
-        store.limit_slots = n
-        rng = np.random.default_rng(block)
-        payload = rng.integers(0, 256, block, dtype=np.uint8)
-        hdr = aligned_buffer(4096)
-        for i in range(n):
-            payload[:8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
-            store.write_record(i, i.to_bytes(8, "little") * 4, memoryview(payload), i + 1, hdr)
-        store.sync_files({f for f, _ in store.slab_files()})
+        st = tier.stats()
+        if not st["available"]:
+            raise RuntimeError(f"storage tier at {root} did not open: {st.get('error')}")
+        # every slot of the directory gets a record: an allocated slot never written would be
+        # read from no disk at all
+        n = int(st["max_blocks"])
+        keys = [i.to_bytes(8, "little") * 4 for i in range(n)]
+        jobs = [keys[i : i + job] for i in range(0, n, job)]
+        pending: set[int] = set()
+        failed = 0
+        j = 0
+        while j < len(jobs) or pending:
+            while j < len(jobs) and len(pending) < slots // job:
+                tier.submit_store(j + 1, jobs[j], (np.arange(len(jobs[j])) + j * job) % slots)
+                pending.add(j + 1)
+                j += 1
+            for res in tier.poll():
+                pending.discard(res.job_id)
+                failed += len(res.failed_keys)
+            time.sleep(0.0002)
+        st = tier.stats()
+        if failed or st["blocks"] != n or st["store_failures"] or st["evictions"]:
+            raise RuntimeError(f"storage tier: {failed} keys failed to store, stats {st}")
+        directory = tier.directory
     finally:
-        store.close()
+        tier.shutdown()
     os.sync()
-    return lane
+    return directory
 
 
 def raw_read(paths: list[str], threads: int, chunk: int) -> float:
