@@ -6,8 +6,12 @@ For each block size (256 KiB and 2 MiB by default), on one directory:
   ``pwritev``) of one block at a time, from an aligned buffer, on one preallocated (and written)
   file in the same directory (what ``fio --direct=1 --numjobs=16 --bs=<block>`` measures on one
   file), in two layouts: each thread over its own contiguous part of the file, and the threads
-  interleaved block by block. Measured once per round in each layout (a round's raw figure is the
-  better one), rounds interleaved with the systems below; the baseline is the best round.
+  interleaved block by block; and in two ways, in alternating order from round to round: every
+  block through the thread's one reused buffer (fio's way), and every block from (into) its own
+  place in memory as large as the data, as a cache tier's blocks are (a virtual disk's host
+  copies the data, and which way it serves faster varies: either was ahead by up to a third in
+  runs on the same day). Measured once per round in each layout and way; a round's raw figure is
+  the best of the four, rounds interleaved with the systems below; the baseline is the best round.
 * kvtier manager: the storage tier behind kvtier's manager, driven with the engine's calls, in
   steady state: the tier holds exactly the blocks of one measurement (``capacity_for``), is filled
   once, then stores as many blocks again (every store evicts an old block: the timed writes,
@@ -55,6 +59,7 @@ from storage_peers import LMCACHE_NOTES, lmcache_throughput, lmcache_worker, vll
 
 MiB = 1 << 20
 JOB_BLOCKS = 32  # blocks per job / per request
+RAW, ONE_BUFFER, DISTINCT = "raw O_DIRECT", "raw, one buffer a thread", "raw, distinct memory"
 Result = tuple[float, float, dict[str, float]]  # write GB/s, read GB/s, load phases
 
 
@@ -70,7 +75,8 @@ def settle(seconds: float) -> None:
 
 # -- raw ---------------------------------------------------------------------------------------
 class RawFile:
-    """The baseline: ``threads`` threads of O_DIRECT I/O on one preallocated file."""
+    """The baseline: ``threads`` threads of O_DIRECT I/O on one preallocated file, each block
+    from (into) the thread's one reused buffer, and from (into) distinct memory."""
 
     def __init__(self, directory: str, block: int, threads: int, total: int) -> None:
         self.block, self.threads = block, threads
@@ -81,34 +87,42 @@ class RawFile:
             os.posix_fallocate(fd, 0, self.per * threads * block)
         finally:
             os.close(fd)
+        # a place of its own for every block of the file, filled (and so faulted in) now
+        self.memory = mmap.mmap(-1, self.per * threads * block)
+        step = 64 * MiB
+        for at in range(0, len(self.memory), step):
+            n = min(step, len(self.memory) - at)
+            self.memory[at : at + n] = np.random.default_rng(at).integers(0, 256, n, dtype=np.uint8).tobytes()
         self._run("w")  # written once: reads then come from the disk, not unwritten extents
 
-    def _run(self, mode: str, strided: bool = False) -> float:
+    def _run(self, mode: str, strided: bool = False, distinct: bool = False) -> float:
         block, per, threads = self.block, self.per, self.threads
         self.cpu = time.process_time()
         targets = [(self.path, [j * block for j in (
             range(i, per * threads, threads) if strided else range(i * per, (i + 1) * per))])
             for i in range(threads)]
-        rate = direct_io(targets, block, mode)
+        rate = direct_io(targets, block, mode, self.memory if distinct else None)
         self.cpu = (time.process_time() - self.cpu) / (per * threads * block / 2**30)
         return rate
 
-    def measure(self, settle_s: float) -> list[Result]:
+    def measure(self, settle_s: float, distinct: bool = False) -> list[Result]:
         """[(write GB/s, read GB/s, phases)] of each layout: each thread on its own contiguous
         part of the file, then the threads interleaved block by block (a read pass, then an
-        overwrite pass, each)."""
+        overwrite pass, each). ``distinct``: every block from (into) its own memory instead of
+        the thread's one buffer."""
         out: list[Result] = []
         for strided in (False, True):
             settle(settle_s)
-            r = self._run("r", strided)
+            r = self._run("r", strided, distinct)
             cpu = self.cpu
             settle(settle_s)
-            w = self._run("w", strided)
+            w = self._run("w", strided, distinct)
             out.append((w, r, {"cpu_s_per_gib": cpu}))
         return out
 
     def close(self) -> None:
         """Remove the file."""
+        self.memory.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -414,15 +428,19 @@ def main() -> None:
     phase_rows: list[dict[str, Any]] = []
     for block in [int(x) for x in args.sizes.split(",") if x]:
         raw = RawFile(args.dir, block, args.threads, total)
-        runs: dict[str, list[Result]] = {"raw O_DIRECT": []}
+        runs: dict[str, list[Result]] = {RAW: [], ONE_BUFFER: [], DISTINCT: []}
         runs.update({name: [] for name, _ in systems})
         failed: set[str] = set()
         try:
             for rep in range(args.repeat):
                 _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
-                layouts = raw.measure(args.settle)  # this round's raw: its better layout
-                runs["raw O_DIRECT"].append((max(x[0] for x in layouts), max(x[1] for x in layouts),
-                                             layouts[0][2]))
+                for distinct in (False, True) if rep % 2 == 0 else (True, False):
+                    layouts = raw.measure(args.settle, distinct)  # this round's: its better layout
+                    runs[DISTINCT if distinct else ONE_BUFFER].append(
+                        (max(x[0] for x in layouts), max(x[1] for x in layouts), layouts[0][2]))
+                # the round's raw figure: the better of the two ways
+                a, b = runs[ONE_BUFFER][-1], runs[DISTINCT][-1]
+                runs[RAW].append((max(a[0], b[0]), max(a[1], b[1]), a[2]))
                 for name, fn in systems:
                     if name in failed:
                         continue
@@ -434,7 +452,7 @@ def main() -> None:
                         failed.add(name)
         finally:
             raw.close()
-        raws = runs["raw O_DIRECT"]
+        raws = runs[RAW]
         best_w, best_r = max(r[0] for r in raws), max(r[1] for r in raws)
         med_w, med_r = statistics.median(r[0] for r in raws), statistics.median(r[1] for r in raws)
         for name, vals in runs.items():
@@ -452,6 +470,7 @@ def main() -> None:
                          "read_x_median_raw": statistics.median(v[1] for v in vals) / med_r,
                          "write_x_same_round": statistics.median(p[0] for p in paired),
                          "read_x_same_round": statistics.median(p[1] for p in paired),
+
                          "best_raw": [best_w, best_r], "runs": [list(v[:2]) for v in vals]})
             keys = [k for k, _ in PHASES if k in vals[0][2]]
             if keys:
@@ -467,9 +486,12 @@ def main() -> None:
               f"{row['write_ratio']:.2f} | {row['write_x_median_raw']:.2f} | "
               f"{row['write_x_same_round']:.2f} | {row['read_gbps']:.2f} | {row['read_ratio']:.2f} | "
               f"{row['read_x_median_raw']:.2f} | {row['read_x_same_round']:.2f} | {per_run} |")
-    print("(GB/s: medians over the rounds. Raw: each round's better layout. 'x best raw': median of "
-          "each run's ratio to the best raw round; 'x median raw': median GB/s over the raw rounds' "
-          "median; 'x same round': median of each run's ratio to the raw run of its round)")
+    print("(GB/s: medians over the rounds. Raw, one buffer a thread: every block through the "
+          "thread's one buffer (as fio does); raw, distinct memory: every block from or into "
+          "memory of its own; each round's better layout. 'raw O_DIRECT', the baseline: each "
+          "round's better of the two. 'x best raw': median of each run's ratio to the best raw "
+          "round; 'x median raw': median GB/s over the raw rounds' median; 'x same round': median "
+          "of each run's ratio to the raw run of its round)")
     if phase_rows:
         print()
         print("Loads (and the timed stores) by phase, medians over the rounds:")

@@ -9,25 +9,40 @@ import time
 from collections.abc import Sequence
 
 
-def direct_io(targets: Sequence[tuple[str, Sequence[int]]], block: int, mode: str) -> float:
+def direct_io(targets: Sequence[tuple[str, Sequence[int]]], block: int, mode: str,
+              memory: mmap.mmap | None = None) -> float:
     """GB/s of one thread per ``(path, offsets)`` target, each writing (``mode`` "w") or reading
-    ("r") ``block`` bytes at every offset with O_DIRECT from its own page-aligned buffer. The
-    clock starts once every thread has its file open."""
+    ("r") ``block`` bytes at every offset with O_DIRECT. The clock starts once every thread has
+    its file open.
+
+    Without ``memory`` each thread moves every block from or into its own page-aligned buffer
+    of one block, the same memory each time (what ``fio`` does). With ``memory`` (page-aligned,
+    a whole number of blocks, filled) the block at file offset ``o`` comes from or goes to its
+    own place in it, block ``(o // block) % (len(memory) // block)``: distinct memory for every
+    block, as a cache tier's blocks are, where the reused buffer of the first way may stay in
+    the caches of whatever copies the data (a virtual disk's host)."""
     barrier = threading.Barrier(len(targets) + 1)
+    slots = len(memory) // block if memory is not None else 0
 
     def work(path: str, offsets: Sequence[int]) -> None:
-        buf = mmap.mmap(-1, block)
-        buf.write(os.urandom(block))
+        if memory is None:
+            buf = mmap.mmap(-1, block)
+            buf.write(os.urandom(block))
+            bufs = [memoryview(buf)] * len(offsets)
+        else:
+            mv = memoryview(memory)
+            bufs = [mv[(o // block) % slots * block:][:block] for o in offsets]
         fd = os.open(path, os.O_RDWR | os.O_DIRECT)
         barrier.wait()
         try:
-            for off in offsets:
+            for off, b in zip(offsets, bufs):
                 if mode == "w":
-                    os.pwritev(fd, [buf], off)
+                    os.pwritev(fd, [b], off)
                 else:
-                    os.preadv(fd, [buf], off)
+                    os.preadv(fd, [b], off)
         finally:
             os.close(fd)
+            del bufs
 
     ts = [threading.Thread(target=work, args=t) for t in targets]
     for t in ts:
