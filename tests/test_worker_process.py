@@ -155,3 +155,28 @@ def test_wait_returns_for_finished_and_unknown_jobs() -> None:
     finally:
         worker.shutdown()
         manager.shutdown()
+
+
+def test_wait_all_returns_once_every_started_copy_is_done() -> None:
+    """``wait_all`` blocks until every copy started so far is finished; each is reported once."""
+    spec = kvtier.TieringOffloadingSpec(
+        {"cpu_bytes_to_use": 8 * BYTES_PER_GPU_BLOCK},
+        gpu_block_size=16, bytes_per_gpu_block=BYTES_PER_GPU_BLOCK, namespace="wait-all-test",
+    )
+    manager = spec.get_manager()
+    kv = _kv(seed=11)
+    worker = spec.get_worker(kv)
+    try:
+        worker.wait_all()  # nothing in flight: returns at once
+        for job, (gpu, slot) in enumerate([(1, 0), (2, 1), (5, 2)], start=1):
+            assert worker.transfer_async(job, kvtier.GPULoadStoreSpec([gpu]), kvtier.LoadStoreSpec([slot]))
+        worker.wait_all()
+        assert sorted(r.job_id for r in worker.get_finished()) == [1, 2, 3]
+        assert worker.get_finished() == []
+        region = manager.primary_blocks()
+        for gpu, slot in [(1, 0), (2, 1), (5, 2)]:
+            want = np.concatenate([t[gpu].numpy().view(np.uint8).reshape(-1) for t in kv])
+            assert np.array_equal(region[slot], want)
+    finally:
+        worker.shutdown()
+        manager.shutdown()

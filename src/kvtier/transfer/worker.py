@@ -203,6 +203,16 @@ class OffloadingWorker:
         with self._cv:
             self._cv.wait_for(lambda: self._inflight.isdisjoint(ids) or self._closed)
 
+    def wait_all(self) -> None:
+        """Block until every transfer started so far is finished (they are still reported once
+        by ``get_finished``): a caller that wants each step's copies done within the step."""
+        if self.is_cuda:
+            for _job, ev, _t0, _n in self._pending:
+                ev.synchronize()
+            return
+        with self._cv:
+            self._cv.wait_for(lambda: not self._inflight or self._closed)
+
     def shutdown(self) -> None:
         """Finish in-flight copies, stop the thread, unpin. Idempotent."""
         if self._closed:

@@ -62,8 +62,9 @@ class RealEngine:
                  world_size: int = 1, max_model_len: int = 256,
                  worker_half: bool = True, sync_tiers: bool = False) -> None:
         self.layout = layout
-        # Before each step, wait until every kvtier tier job has finished and been collected:
-        # promotions and write-throughs land at the same step in every run (deterministic).
+        # Before each step, wait until every kvtier tier job has finished and been collected, and
+        # within each step until the worker half's copies have: promotions, write-throughs and
+        # the copies to and from the engine land at the same step in every run (deterministic).
         self.sync_tiers = sync_tiers
         self.vllm_config = make_vllm_config(
             model_dir(root), extra or {}, layout=layout, async_scheduling=async_scheduling,
@@ -112,7 +113,8 @@ class RealEngine:
                 self.worker_connector = OffloadingConnector(
                     self.vllm_config, KVConnectorRole.WORKER, worker_cfg)
             self.runner = StandInRunner(self.vllm_config, worker_cfg, self.worker_connector,
-                                        acknowledge=extra is not None and not worker_half)
+                                        acknowledge=extra is not None and not worker_half,
+                                        sync_transfers=sync_tiers and self.worker_connector is not None)
         self.hasher = get_request_block_hasher(hash_block_size, sha256)
         self.async_scheduling = async_scheduling
         self.prompts: dict[str, list[int]] = {}

@@ -71,8 +71,11 @@ class StandInRunner:
 
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
                  connector: OffloadingConnector | None, salt: int = 0,
-                 acknowledge: bool = False) -> None:
+                 acknowledge: bool = False, sync_transfers: bool = False) -> None:
         self.cfg = kv_cache_config
+        # Wait for the worker half's copies before each step's transfer results, so that each
+        # step's copies are reported in that step however fast the copy thread runs.
+        self.sync_transfers = sync_transfers
         # No worker half: report every transfer job done without copying (for vLLM's own
         # specs, whose worker needs CUDA); loaded tokens then hold no bytes, so nothing is
         # checked and only the scheduler's behaviour is observed.
@@ -225,6 +228,8 @@ class StandInRunner:
             if not out.has_sync_kv_loads:
                 conn.start_load_kv(None)  # type: ignore[arg-type]
             conn.wait_for_save()
+            if self.sync_transfers:  # this step's copies end within it, whatever the threads' pace
+                conn.connector_worker.worker.kv.wait_all()
             results = conn.get_transfer_results(out.finished_req_ids)
             kv_out = KVConnectorOutput(
                 finished_sending=results.finished_sending,
