@@ -42,7 +42,6 @@ def direct_io(targets: Sequence[tuple[str, Sequence[int]]], block: int, mode: st
                     os.preadv(fd, [b], off)
         finally:
             os.close(fd)
-            del bufs
 
     ts = [threading.Thread(target=work, args=t) for t in targets]
     for t in ts:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import pickle
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,16 +137,26 @@ def test_spec_pickles_with_instance_id() -> None:
     assert other.instance_id != kvtier.TieringOffloadingSpec({"cpu_bytes_to_use": 1 << 20}).instance_id
 
 
-def test_wait_returns_for_finished_and_unknown_jobs() -> None:
-    """An engine may flush a job again before it heard the job finished: wait must not hang."""
+@contextlib.contextmanager
+def _manager_and_worker(namespace: str, seed: int) -> Iterator[tuple[Any, list[torch.Tensor], Any]]:
+    """A manager with a CPU tier of 8 blocks, engine tensors and the worker over them."""
     spec = kvtier.TieringOffloadingSpec(
         {"cpu_bytes_to_use": 8 * BYTES_PER_GPU_BLOCK},
-        gpu_block_size=16, bytes_per_gpu_block=BYTES_PER_GPU_BLOCK, namespace="wait-test",
+        gpu_block_size=16, bytes_per_gpu_block=BYTES_PER_GPU_BLOCK, namespace=namespace,
     )
     manager = spec.get_manager()
-    kv = _kv(seed=7)
+    kv = _kv(seed=seed)
     worker = spec.get_worker(kv)
     try:
+        yield manager, kv, worker
+    finally:
+        worker.shutdown()
+        manager.shutdown()
+
+
+def test_wait_returns_for_finished_and_unknown_jobs() -> None:
+    """An engine may flush a job again before it heard the job finished: wait must not hang."""
+    with _manager_and_worker("wait-test", 7) as (manager, kv, worker):
         assert worker.transfer_async(1, kvtier.GPULoadStoreSpec([3]), kvtier.LoadStoreSpec([0]))
         worker.wait([1])
         worker.wait([1])  # asked again (as vLLM's connector does under async scheduling)
@@ -152,21 +165,11 @@ def test_wait_returns_for_finished_and_unknown_jobs() -> None:
         region = manager.primary_blocks()
         want = np.concatenate([t[3].numpy().view(np.uint8).reshape(-1) for t in kv])
         assert np.array_equal(region[0], want)
-    finally:
-        worker.shutdown()
-        manager.shutdown()
 
 
 def test_wait_all_returns_once_every_started_copy_is_done() -> None:
     """``wait_all`` blocks until every copy started so far is finished; each is reported once."""
-    spec = kvtier.TieringOffloadingSpec(
-        {"cpu_bytes_to_use": 8 * BYTES_PER_GPU_BLOCK},
-        gpu_block_size=16, bytes_per_gpu_block=BYTES_PER_GPU_BLOCK, namespace="wait-all-test",
-    )
-    manager = spec.get_manager()
-    kv = _kv(seed=11)
-    worker = spec.get_worker(kv)
-    try:
+    with _manager_and_worker("wait-all-test", 11) as (manager, kv, worker):
         worker.wait_all()  # nothing in flight: returns at once
         for job, (gpu, slot) in enumerate([(1, 0), (2, 1), (5, 2)], start=1):
             assert worker.transfer_async(job, kvtier.GPULoadStoreSpec([gpu]), kvtier.LoadStoreSpec([slot]))
@@ -177,6 +180,3 @@ def test_wait_all_returns_once_every_started_copy_is_done() -> None:
         for gpu, slot in [(1, 0), (2, 1), (5, 2)]:
             want = np.concatenate([t[gpu].numpy().view(np.uint8).reshape(-1) for t in kv])
             assert np.array_equal(region[slot], want)
-    finally:
-        worker.shutdown()
-        manager.shutdown()

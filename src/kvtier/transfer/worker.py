@@ -207,19 +207,18 @@ class OffloadingWorker:
         """Block until every transfer started so far is finished (they are still reported once
         by ``get_finished``): a caller that wants each step's copies done within the step."""
         if self.is_cuda:
-            for _job, ev, _t0, _n in self._pending:
-                ev.synchronize()
-            return
-        with self._cv:
-            self._cv.wait_for(lambda: not self._inflight or self._closed)
+            ids = {job_id for job_id, _ev, _t0, _n in self._pending}
+        else:
+            with self._cv:
+                ids = set(self._inflight)
+        self.wait(ids)
 
     def shutdown(self) -> None:
         """Finish in-flight copies, stop the thread, unpin. Idempotent."""
         if self._closed:
             return
         if self.is_cuda:
-            for _job, ev, _t0, _n in self._pending:
-                ev.synchronize()
+            self.wait_all()
             if self._registered:
                 with contextlib.suppress(Exception):
                     self._torch.cuda.cudart().cudaHostUnregister(self.primary.data_ptr())
