@@ -305,8 +305,10 @@ def test_recency_of_a_load_survives_a_restart(tmp_path: Path, namespace: str) ->
             ctx.primary[0] = block_bytes_for(k, BB)
             assert run_job(tier, "store", [k], [0]).success
         assert run_job(tier, "load", [keys[3]], [1]).success  # young: nothing to persist
+        tier.sync_now()  # renewals are logged by an I/O thread after the load: now
         assert tier.stats()["recency_refreshes"] == 0
         assert run_job(tier, "load", [keys[0]], [1]).success  # the oldest write, used again
+        tier.sync_now()
         assert tier.stats()["recency_refreshes"] == 1
     finally:
         tier.shutdown()
@@ -340,6 +342,7 @@ def test_one_load_renews_the_recency_of_each_old_block_it_reads(tmp_path: Path,
             ctx.primary[0] = block_bytes_for(k, BB)
             assert run_job(tier, "store", [k], [0]).success
         assert run_job(tier, "load", keys[:4], [0, 1, 2, 3]).success  # the four oldest, one job
+        tier.sync_now()
         assert tier.stats()["recency_refreshes"] == 4
     finally:
         tier.shutdown()
@@ -354,6 +357,70 @@ def test_one_load_renews_the_recency_of_each_old_block_it_reads(tmp_path: Path,
         assert run_job(tier, "load", keys[:4], [4, 5, 6, 7]).success
         for i, k in enumerate(keys[:4]):
             assert np.array_equal(ctx.primary[4 + i], block_bytes_for(k, BB))
+    finally:
+        tier.shutdown()
+
+
+def _held_renewals(tier: StorageTier) -> list[str]:
+    """Keep the tier's housekeeping tasks from being queued (so load renewals stay pending);
+    the kinds asked for."""
+    asked: list[str] = []
+    tier._io.housekeep = lambda kind, first=False: asked.append(kind)  # type: ignore[method-assign]
+    return asked
+
+
+def test_a_renewal_of_a_slot_rewritten_before_it_is_logged_is_dropped(tmp_path: Path,
+                                                                      namespace: str) -> None:
+    """A load's renewal logged after its slot took another block would name the old block in
+    that slot again: it is left out, the log keeps the new block."""
+    ctx = tier_ctx(namespace, slots=4)
+    keys = [make_key(i) for i in range(8)]
+    tier = open_small_tier(tmp_path, ctx, 4)
+    try:
+        for k in keys[:4]:
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        asked = _held_renewals(tier)
+        assert run_job(tier, "load", [keys[0]], [1]).success  # old: a renewal, not yet logged
+        assert asked == ["renew"] and tier.stats()["recency_refreshes"] == 0
+        for k in keys[4:]:  # every slot rewritten, keys[0]'s too
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        assert tier.lookup([keys[0]]) == 0
+        tier.sync_now()
+        assert tier.stats()["recency_refreshes"] == 0
+    finally:
+        tier.shutdown()
+    tier = open_small_tier(tmp_path, ctx, 4)
+    try:
+        assert tier.lookup([keys[0]]) == 0 and tier.lookup(keys[4:]) == 4
+        assert run_job(tier, "load", keys[4:], [0, 1, 2, 3]).success
+        for i, k in enumerate(keys[4:]):
+            assert np.array_equal(ctx.primary[i], block_bytes_for(k, BB))
+        assert tier.stats()["corrupt"] == 0
+    finally:
+        tier.shutdown()
+
+
+def test_shutdown_logs_the_renewals_still_pending(tmp_path: Path, namespace: str) -> None:
+    ctx = tier_ctx(namespace, slots=4)
+    keys = [make_key(i) for i in range(5)]
+    tier = open_small_tier(tmp_path, ctx, 4)
+    try:
+        for k in keys[:4]:
+            ctx.primary[0] = block_bytes_for(k, BB)
+            assert run_job(tier, "store", [k], [0]).success
+        _held_renewals(tier)
+        assert run_job(tier, "load", [keys[0]], [1]).success
+        assert tier.stats()["recency_refreshes"] == 0
+    finally:
+        tier.shutdown()
+    assert tier.stats()["recency_refreshes"] == 1
+    tier = open_small_tier(tmp_path, ctx, 4)
+    try:  # keys[0] is now the newest but for none: keys[1] goes first
+        ctx.primary[0] = block_bytes_for(keys[4], BB)
+        assert run_job(tier, "store", [keys[4]], [0]).success
+        assert [e.keys for e in tier.take_events() if e.removed] == [[keys[1]]]
     finally:
         tier.shutdown()
 

@@ -12,6 +12,9 @@ the thread's buffer, payloads straight into their primary slots). Every record i
 (magic, header checksum, namespace, key, length, payload checksum) before its block counts;
 blocks that count are reported through ``loaded`` as each run ends, before the job does, so that
 a request's leading blocks can be served early.
+A load of an own block from the older half of the write order renews its recency with a new
+sequence; the PUT entries that log it are appended by a housekeeping task (``RENEW``), not by the
+load's thread, so a load never waits for a region log's lock.
 Each load chunk adds its time waiting in the queue, reading, verifying and in the rest of its
 bookkeeping to the tier's ``load_*_seconds`` counters; each store chunk its time queued, writing
 records (header, checksum and ``pwritev``), appending to the logs and in the rest to
@@ -32,7 +35,8 @@ from typing import Any, TypeVar
 
 from kvtier.tiers.base import Completions, TierJobResult
 from kvtier.tiers.storage import log as ilog
-from kvtier.tiers.storage.shared import Shared
+from kvtier.tiers.storage.index import OwnedRegion
+from kvtier.tiers.storage.shared import LogEntries, Shared
 from kvtier.tiers.storage.slab import SLOT_HEADER, aligned_buffer
 
 log = logging.getLogger("kvtier.tiers.storage")
@@ -45,6 +49,7 @@ MERGE_BYTES = 1 << 20  # adjacent records: one pwritev up to this many payload b
 #: request of the virtio disk measured takes), and 4% faster than one record at a time
 LOAD_MERGE_BYTES = 512 << 10
 MERGE_MAX = 32  # and up to this many records (two iovecs each)
+RENEW = "renew"  # the housekeeping task that logs the recency renewals of loads
 _T = TypeVar("_T", bound=tuple[Any, ...])
 
 
@@ -79,7 +84,7 @@ class IOPool:
         self.n_read = n_read
         self.n_write = n_write
         self.done = done
-        self.housekeeping = housekeeping
+        self.housekeeping = {**housekeeping, RENEW: self.log_renewals}
         self.sh: Shared | None = None
         self.refresh_window: Callable[[], int] = lambda: 1
         self.cond = threading.Condition(threading.Lock())
@@ -88,6 +93,11 @@ class IOPool:
         #: (job id, keys) of load runs that finished before their job; filled once wanted
         self.loaded: deque[tuple[int, list[bytes]]] = deque()
         self.report_loaded = False
+        #: recency renewals of loads not logged yet: region -> (its region, [(index key, slot,
+        #: new sequence)]), and whether a ``RENEW`` task is queued for them
+        self.renewals: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]] = {}
+        self.renew_lock = threading.Lock()
+        self.renew_queued = False
         self.stop = False
         self.threads = [
             threading.Thread(target=self._worker, args=(i < n_read,),
@@ -332,13 +342,13 @@ class IOPool:
 
     def _note_hits(self, hits: list[tuple[bytes, int]], refresh: list[tuple[bytes, int]]) -> None:
         """Loads that counted: remote ones are reported to their owner (HIT entries, logged by
-        the sync thread); own old ones get a new sequence in the log, so that the next engine
-        to take the region over keeps them among the recent ones."""
+        the sync thread); own old ones get a new sequence, logged by a ``RENEW`` task, so that
+        the next engine to take the region over keeps them among the recent ones."""
         sh = self.sh
         assert sh is not None
         index = sh.index
         window = self.refresh_window()
-        todo: dict[int, tuple[Any, list[tuple[bytes, int, int]]]] = {}  # region -> (reg, renewals)
+        todo: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]] = {}  # region -> (reg, renewals)
         with index.lock:
             for key, s in hits:
                 ik = ilog.index_key(key)
@@ -354,17 +364,51 @@ class IOPool:
                     continue
                 todo.setdefault(r, (reg, []))[1].append((ik, s, sh.seq))
                 sh.seq += 1
-        for r, (reg, renewals) in todo.items():  # one log append per region and chunk
-            def renew(renewals: list[tuple[bytes, int, int]] = renewals) -> None:
-                slots = index.slots
-                for ik, s, seq in renewals:
-                    if slots.get(s, (b"",))[0] == ik:
-                        slots[s] = (ik, seq)
+        if not todo:
+            return
+        with self.renew_lock:
+            for r, (reg, renewals) in todo.items():
+                cur = self.renewals.get(r)
+                if cur is None or cur[0] is not reg:
+                    self.renewals[r] = (reg, renewals)
+                else:
+                    cur[1].extend(renewals)
+            queue, self.renew_queued = not self.renew_queued, True
+        if queue:
+            self.housekeep(RENEW)
 
-            base = sh.geo.base(r)
+    def log_renewals(self) -> None:
+        """Log the recency renewals of loads so far: one append per region, of the renewals
+        whose slot still holds the block with an older sequence (a slot rewritten since, or a
+        region given up, keeps what its log says)."""
+        sh = self.sh
+        with self.renew_lock:
+            todo, self.renewals = self.renewals, {}
+            self.renew_queued = False
+        if sh is None:
+            return
+        index = sh.index
+        for r, (reg, renewals) in todo.items():
+            def pick(r: int = r, reg: OwnedRegion = reg,
+                     renewals: list[tuple[bytes, int, int]] = renewals
+                     ) -> tuple[LogEntries, Callable[[], None] | None]:
+                if reg.releasing or index.regions.get(r) is not reg:
+                    return [], None
+                slots = index.slots
+                keep = [(ik, s, seq) for ik, s, seq in renewals
+                        if (v := slots.get(s)) is not None and v[0] == ik and v[1] < seq]
+
+                def renew() -> None:
+                    for ik, s, seq in keep:
+                        if slots.get(s, (b"",))[0] == ik:
+                            slots[s] = (ik, seq)
+
+                base = sh.geo.base(r)
+                return [(ilog.PUT, s - base, 0, seq, ik) for ik, s, seq in keep], renew
+
             try:
-                sh.append(reg, [(ilog.PUT, s - base, 0, seq, ik) for ik, s, seq in renewals], renew)
-                sh.count(recency_refreshes=len(renewals))
+                n = sh.append_current(reg, pick)
+                sh.count(recency_refreshes=n)
             except OSError as e:  # only recency is lost; the blocks themselves were served
                 log.debug("tier %s: could not log the recency of %d blocks of region %d: %s",
                           sh.name, len(renewals), r, e)

@@ -77,14 +77,34 @@ class Shared:
     def append(self, reg: OwnedRegion, entries: LogEntries, apply: Callable[[], None] | None = None,
                *, sync: bool = False) -> None:
         """Append ``entries`` to ``reg``'s log, then run ``apply`` under the index lock."""
+        with reg.log.lock:
+            self._append_locked(reg, entries, apply, sync)
+
+    def append_current(self, reg: OwnedRegion,
+                       pick: Callable[[], tuple[LogEntries, Callable[[], None] | None]]) -> int:
+        """Append the entries ``pick`` chooses, then run the ``apply`` it returns; the number
+        appended.
+
+        ``pick`` runs under the index lock with the log's lock held: an own region's slots
+        change only under its log's lock, so what it finds still holds when its entries are
+        logged (an entry decided earlier could follow a DEL and a PUT of the same slot).
+        """
+        with reg.log.lock:
+            with self.index.lock:
+                entries, apply = pick()
+            if entries:
+                self._append_locked(reg, entries, apply, False)
+            return len(entries)
+
+    def _append_locked(self, reg: OwnedRegion, entries: LogEntries,
+                       apply: Callable[[], None] | None, sync: bool) -> None:
         w = reg.log
-        with w.lock:
+        if not w.room(len(entries)):
+            self.rewrite_log(reg)
             if not w.room(len(entries)):
-                self.rewrite_log(reg)
-                if not w.room(len(entries)):
-                    raise OSError(errno.ENOSPC, f"{len(entries)} log entries do not fit region "
-                                                f"{reg.region}'s log")
-            w.append(entries, sync=sync)
-            if apply is not None:
-                with self.index.lock:
-                    apply()
+                raise OSError(errno.ENOSPC, f"{len(entries)} log entries do not fit region "
+                                            f"{reg.region}'s log")
+        w.append(entries, sync=sync)
+        if apply is not None:
+            with self.index.lock:
+                apply()

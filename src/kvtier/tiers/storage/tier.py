@@ -483,7 +483,9 @@ class StorageTier(SecondaryTier):
         return self._sh.store if self._sh is not None else None
 
     def sync_now(self) -> None:
-        """Run a sync pass now, on the calling thread (for tools, tests and benchmarks)."""
+        """Log the recency renewals of loads so far and run a sync pass, now, on the calling
+        thread (for tools, tests and benchmarks)."""
+        self._io.log_renewals()
         if self._fleet is not None:
             self._fleet.sync()
 
@@ -553,6 +555,7 @@ class StorageTier(SecondaryTier):
             fleet.stop()
         self._io.shutdown()
         if sh is not None:
+            self._io.log_renewals()  # the recency of the last loads
             with sh.index.lock:
                 regs = list(sh.index.regions.values())
             for reg in regs:
