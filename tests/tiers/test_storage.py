@@ -510,6 +510,49 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
         tier.shutdown()
 
 
+def test_stores_run_on_the_write_threads_only(tmp_path: Path, namespace: str) -> None:
+    """Read threads take loads only; stores (and so their number in flight) stay on the write
+    threads, however many store chunks wait."""
+    import threading
+
+    ctx = tier_ctx(namespace, slots=32)
+    tier = StorageTier(ctx, path=str(tmp_path), capacity_bytes=StorageTier.capacity_for(64, BB),
+                       n_read_threads=3, n_write_threads=1)
+    ran: dict[str, set[str]] = {"store": set(), "load": set()}
+    io = tier._io
+    for kind in ran:
+        inner = getattr(io, f"_run_{kind}")
+
+        def wrapped(*a: object, _inner: object = inner, _kind: str = kind) -> None:
+            ran[_kind].add(threading.current_thread().name)
+            _inner(*a)  # type: ignore[operator]
+
+        setattr(io, f"_run_{kind}", wrapped)
+    try:
+        keys = [make_key(i) for i in range(32)]
+        for i, k in enumerate(keys):
+            ctx.primary[i] = block_bytes_for(k, BB)
+        for kind in ("store", "load"):  # 16 jobs of 2 blocks at once: many chunks wait
+            submit = tier.submit_store if kind == "store" else tier.submit_load
+            ids = set(range(1000, 1016)) if kind == "store" else set(range(2000, 2016))
+            for j, jid in enumerate(sorted(ids)):
+                submit(jid, keys[2 * j : 2 * j + 2], np.arange(2 * j, 2 * j + 2, dtype=np.int64))
+            deadline = time.monotonic() + 20
+            while ids:
+                for res in tier.poll():
+                    assert res.success
+                    ids.discard(res.job_id)
+                assert time.monotonic() < deadline, "tier jobs did not finish"
+                time.sleep(0.001)
+        for i, k in enumerate(keys):
+            assert np.array_equal(ctx.primary[i], block_bytes_for(k, BB))
+        readers = {f"kvtier-{tier.name}-io{i}" for i in range(3)}
+        assert ran["store"] == {f"kvtier-{tier.name}-io3"}
+        assert ran["load"] & readers
+    finally:
+        tier.shutdown()
+
+
 def test_concurrent_loads_and_stores_under_eviction(tmp_path: Path) -> None:
     """Many overlapping jobs while evicting: a load in flight keeps its slot; bytes always exact."""
     bb = 8192
