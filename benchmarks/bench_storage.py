@@ -366,6 +366,19 @@ PHASES = [
 ]
 
 
+def _raw_round(raw: RawFile, runs: dict[str, list[Result]], rep: int, args: argparse.Namespace,
+               block: int) -> None:
+    """One round of the baseline: both ways (in alternating order), each in its better layout;
+    the round's raw figure is the better of the two ways."""
+    _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
+    for distinct in (False, True) if rep % 2 == 0 else (True, False):
+        layouts = raw.measure(args.settle, distinct)
+        runs[DISTINCT if distinct else ONE_BUFFER].append(
+            (max(x[0] for x in layouts), max(x[1] for x in layouts), layouts[0][2]))
+    a, b = runs[ONE_BUFFER][-1], runs[DISTINCT][-1]
+    runs[RAW].append((max(a[0], b[0]), max(a[1], b[1]), a[2]))
+
+
 def main() -> None:
     """Run the storage benchmark and print a table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,7 +389,10 @@ def main() -> None:
     ap.add_argument("--job-blocks", type=int, default=JOB_BLOCKS, help="blocks per tier job")
     ap.add_argument("--jobs-in-flight", type=int, default=8)
     ap.add_argument("--rebuild-blocks", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3, help="rounds: raw, then every system, once each")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds: raw and every system once each (raw first in odd rounds, last in even)")
+    ap.add_argument("--raw-first", action="store_true",
+                    help="raw first in every round (the order before 2026-12-01)")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds the disk gets (after a sync) before each timed phase")
     ap.add_argument("--systems", default="manager,tier,vllm,lmcache",
@@ -433,14 +449,8 @@ def main() -> None:
         failed: set[str] = set()
         try:
             for rep in range(args.repeat):
-                _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: raw")
-                for distinct in (False, True) if rep % 2 == 0 else (True, False):
-                    layouts = raw.measure(args.settle, distinct)  # this round's: its better layout
-                    runs[DISTINCT if distinct else ONE_BUFFER].append(
-                        (max(x[0] for x in layouts), max(x[1] for x in layouts), layouts[0][2]))
-                # the round's raw figure: the better of the two ways
-                a, b = runs[ONE_BUFFER][-1], runs[DISTINCT][-1]
-                runs[RAW].append((max(a[0], b[0]), max(a[1], b[1]), a[2]))
+                if rep % 2 == 0 or args.raw_first:
+                    _raw_round(raw, runs, rep, args, block)
                 for name, fn in systems:
                     if name in failed:
                         continue
@@ -450,6 +460,8 @@ def main() -> None:
                     except Exception as e:
                         skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
                         failed.add(name)
+                if rep % 2 == 1 and not args.raw_first:
+                    _raw_round(raw, runs, rep, args, block)
         finally:
             raw.close()
         raws = runs[RAW]
