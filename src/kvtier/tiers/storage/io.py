@@ -2,9 +2,10 @@
 
 A job's blocks are cut into tasks spread over the threads: the read threads take loads only,
 the write threads take stores (and housekeeping) first, then loads. So loads have every thread
-when no store waits, and stores never more than the write threads: on a 2-core machine,
-stores written by 8 threads instead of 16 went 12-16% faster at 256 KiB and 2 MiB in
-alternating rounds (the threads past that only queued for the GIL and the logs' locks).
+when no store waits, and a load that arrives during a burst of stores finds the read threads
+free instead of waiting for a store chunk to end. On a 2-core machine stores ran as fast on
+the 8 write threads as on all 16 (within the disk's drift: 14 alternating pairs through the
+manager at 256 KiB and 2 MiB, see docs/BENCHMARKS.md).
 
 A store chunk logs a DEL for every slot whose old record it is about to overwrite, writes the
 records (each run of adjacent slots of one region, up to ``MERGE_BYTES`` of payload, with one
