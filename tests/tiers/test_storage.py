@@ -361,6 +361,13 @@ def test_one_load_renews_the_recency_of_each_old_block_it_reads(tmp_path: Path,
         tier.shutdown()
 
 
+def _store_one_by_one(tier: StorageTier, ctx: TierContext, keys: Sequence[bytes]) -> None:
+    """Store ``keys`` one job each, in order (each through primary slot 0)."""
+    for k in keys:
+        ctx.primary[0] = block_bytes_for(k, BB)
+        assert run_job(tier, "store", [k], [0]).success
+
+
 def _held_renewals(tier: StorageTier) -> list[str]:
     """Keep the tier's housekeeping tasks from being queued (so load renewals stay pending);
     the kinds asked for."""
@@ -377,15 +384,11 @@ def test_a_renewal_of_a_slot_rewritten_before_it_is_logged_is_dropped(tmp_path: 
     keys = [make_key(i) for i in range(8)]
     tier = open_small_tier(tmp_path, ctx, 4)
     try:
-        for k in keys[:4]:
-            ctx.primary[0] = block_bytes_for(k, BB)
-            assert run_job(tier, "store", [k], [0]).success
+        _store_one_by_one(tier, ctx, keys[:4])
         asked = _held_renewals(tier)
         assert run_job(tier, "load", [keys[0]], [1]).success  # old: a renewal, not yet logged
         assert asked == ["renew"] and tier.stats()["recency_refreshes"] == 0
-        for k in keys[4:]:  # every slot rewritten, keys[0]'s too
-            ctx.primary[0] = block_bytes_for(k, BB)
-            assert run_job(tier, "store", [k], [0]).success
+        _store_one_by_one(tier, ctx, keys[4:])  # every slot rewritten, keys[0]'s too
         assert tier.lookup([keys[0]]) == 0
         tier.sync_now()
         assert tier.stats()["recency_refreshes"] == 0
@@ -407,9 +410,7 @@ def test_shutdown_logs_the_renewals_still_pending(tmp_path: Path, namespace: str
     keys = [make_key(i) for i in range(5)]
     tier = open_small_tier(tmp_path, ctx, 4)
     try:
-        for k in keys[:4]:
-            ctx.primary[0] = block_bytes_for(k, BB)
-            assert run_job(tier, "store", [k], [0]).success
+        _store_one_by_one(tier, ctx, keys[:4])
         _held_renewals(tier)
         assert run_job(tier, "load", [keys[0]], [1]).success
         assert tier.stats()["recency_refreshes"] == 0
