@@ -512,8 +512,8 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
 
 
 def test_stores_run_on_the_write_threads_only(tmp_path: Path, namespace: str) -> None:
-    """Read threads take loads only; stores (and so their number in flight) stay on the write
-    threads, however many store chunks wait."""
+    """With blocks smaller than a store run, read threads take loads only; stores (and so their
+    number in flight) stay on the write threads, however many store chunks wait."""
     import threading
 
     ctx = tier_ctx(namespace, slots=32)
@@ -552,6 +552,24 @@ def test_stores_run_on_the_write_threads_only(tmp_path: Path, namespace: str) ->
         assert ran["load"] & readers
     finally:
         tier.shutdown()
+
+
+def test_read_threads_store_only_blocks_written_one_record_a_call(tmp_path: Path) -> None:
+    from kvtier.tiers.storage.io import MERGE_BYTES
+
+    for bb, expected in ((MERGE_BYTES // 2, False), (MERGE_BYTES, True)):
+        ctx = tier_ctx(f"rs{bb}", slots=2, bb=bb)
+        tier = StorageTier(ctx, path=str(tmp_path / str(bb)),
+                           capacity_bytes=StorageTier.capacity_for(4, bb))
+        try:
+            assert tier._io.readers_store is expected
+            key = make_key(1, f"rs{bb}")
+            ctx.primary[0] = block_bytes_for(key, bb)
+            assert run_job(tier, "store", [key], [0]).success
+            assert run_job(tier, "load", [key], [1]).success
+            assert np.array_equal(ctx.primary[1], block_bytes_for(key, bb))
+        finally:
+            tier.shutdown()
 
 
 def test_concurrent_loads_and_stores_under_eviction(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """The storage tier's I/O threads: loads and stores.
 
-A job's blocks are cut into tasks spread over the threads: the read threads take loads only,
-the write threads take stores (and housekeeping) first, then loads. So loads have every thread
-when no store waits, and a load that arrives during a burst of stores finds the read threads
-free instead of waiting for a store chunk to end. On a 2-core machine stores ran as fast on
-the 8 write threads as on all 16 (within the disk's drift: 14 alternating pairs through the
-manager at 256 KiB and 2 MiB, see docs/BENCHMARKS.md).
+A job's blocks are cut into tasks spread over the threads: the write threads take stores (and
+housekeeping) first, then loads; the read threads take loads, and stores only of blocks of
+``MERGE_BYTES`` or more. So loads have every thread when no store waits, and with smaller blocks
+a load that arrives during a burst of stores finds the read threads free instead of waiting for
+a store chunk to end; there the write threads' runs of up to ``MERGE_BYTES`` keep enough bytes
+in flight (on a 2-core VM, 256 KiB stores ran as fast on 8 threads as on 16). A larger block is
+written one record a call, a thread holds one block in flight, and 2 MiB stores ran about 10%
+faster on 16 threads than on 8 (docs/BENCHMARKS.md).
 
 A store chunk logs a DEL for every slot whose old record it is about to overwrite, writes the
 records (each run of adjacent slots of one region, up to ``MERGE_BYTES`` of payload, with one
@@ -115,6 +117,13 @@ class IOPool:
         for t in self.threads:
             t.start()
 
+    @property
+    def readers_store(self) -> bool:
+        """Whether read threads also take stores when no load waits: for blocks of
+        ``MERGE_BYTES`` or more, written one record a call, a write thread holds a single block
+        in flight and the write threads alone leave the disk's queue short."""
+        return self.sh is not None and self.sh.store.block_bytes >= MERGE_BYTES
+
     # -- queueing --------------------------------------------------------------------------
     def enqueue(self, kind: str, job_id: int, work: list[tuple[bytes, int, int, bool]],
                 failed: set[bytes]) -> None:
@@ -132,7 +141,7 @@ class IOPool:
         with self.cond:
             for c in chunks:
                 q.append(Task(kind, job, c))
-            if kind == "load":
+            if kind == "load" or self.readers_store:
                 self.cond_load.notify(len(chunks))
             self.cond.notify(len(chunks))  # idle write threads take loads too
 
@@ -190,13 +199,13 @@ class IOPool:
         load_q, store_q = self.load_q, self.store_q
         try:
             while True:
-                if reader:  # loads only
+                if reader:  # loads (and stores of large blocks when no load waits)
                     with self.cond_load:
-                        while not (self.stop or load_q):
+                        while not (self.stop or load_q or store_q and self.readers_store):
                             self.cond_load.wait()
                         if self.stop:
                             return
-                        task = load_q.popleft()
+                        task = load_q.popleft() if load_q else store_q.popleft()
                 else:  # stores and housekeeping first, then loads
                     with self.cond:
                         while not (self.stop or load_q or store_q):

@@ -61,7 +61,7 @@ class StorageTier(SecondaryTier):
         "path": "directory for the tier's files (created if missing)",
         "capacity_bytes": "bytes the namespace directory may occupy, files and metadata, "
                           "all engines together",
-        "n_read_threads": "I/O threads that serve loads only",
+        "n_read_threads": "I/O threads that serve loads (and stores of blocks of 1 MiB or more)",
         "n_write_threads": "I/O threads that serve stores first",
         "direct_io": '"auto", true or false',
         "fsync": '"none", "batch" or "always"',
