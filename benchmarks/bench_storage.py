@@ -449,7 +449,8 @@ def main() -> None:
         failed: set[str] = set()
         try:
             for rep in range(args.repeat):
-                if rep % 2 == 0 or args.raw_first:
+                raw_last = rep % 2 == 1 and not args.raw_first
+                if not raw_last:
                     _raw_round(raw, runs, rep, args, block)
                 for name, fn in systems:
                     if name in failed:
@@ -460,7 +461,7 @@ def main() -> None:
                     except Exception as e:
                         skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
                         failed.add(name)
-                if rep % 2 == 1 and not args.raw_first:
+                if raw_last:
                     _raw_round(raw, runs, rep, args, block)
         finally:
             raw.close()

@@ -40,19 +40,29 @@ def tier_ctx(namespace: str, slots: int = 8, bb: int = BB) -> TierContext:
     return TierContext(namespace, namespace_fingerprint(namespace), bb, primary, "storage0")
 
 
+def run_jobs(tier: StorageTier, kind: str, jobs: Sequence[tuple[Sequence[bytes], Sequence[int]]],
+             timeout: float = 20.0) -> list[TierJobResult]:
+    """Submit ``jobs`` (keys, slots) all at once and poll until every one finishes; their
+    results in the same order."""
+    submit = tier.submit_store if kind == "store" else tier.submit_load
+    ids = [next(_ids) for _ in jobs]
+    for jid, (keys, slots) in zip(ids, jobs):
+        submit(jid, list(keys), np.asarray(slots, dtype=np.int64))
+    got: dict[int, TierJobResult] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < len(ids):
+        for res in tier.poll():
+            got[res.job_id] = res
+        if len(got) < len(ids):
+            assert time.monotonic() < deadline, "tier job did not finish"
+            time.sleep(0.001)
+    return [got[jid] for jid in ids]
+
+
 def run_job(tier: StorageTier, kind: str, keys: Sequence[bytes], slots: Sequence[int],
             timeout: float = 20.0) -> TierJobResult:
     """Submit one job and poll until it finishes."""
-    jid = next(_ids)
-    submit = tier.submit_store if kind == "store" else tier.submit_load
-    submit(jid, list(keys), np.asarray(slots, dtype=np.int64))
-    deadline = time.monotonic() + timeout
-    while True:
-        for res in tier.poll():
-            if res.job_id == jid:
-                return res
-        assert time.monotonic() < deadline, "tier job did not finish"
-        time.sleep(0.001)
+    return run_jobs(tier, kind, [(keys, slots)], timeout)[0]
 
 
 def open_small_tier(path: Path, ctx: TierContext, blocks: int) -> StorageTier:
@@ -533,18 +543,9 @@ def test_stores_run_on_the_write_threads_only(tmp_path: Path, namespace: str) ->
         keys = [make_key(i) for i in range(32)]
         for i, k in enumerate(keys):
             ctx.primary[i] = block_bytes_for(k, BB)
+        jobs = [(keys[j : j + 2], [j, j + 1]) for j in range(0, 32, 2)]
         for kind in ("store", "load"):  # 16 jobs of 2 blocks at once: many chunks wait
-            submit = tier.submit_store if kind == "store" else tier.submit_load
-            ids = set(range(1000, 1016)) if kind == "store" else set(range(2000, 2016))
-            for j, jid in enumerate(sorted(ids)):
-                submit(jid, keys[2 * j : 2 * j + 2], np.arange(2 * j, 2 * j + 2, dtype=np.int64))
-            deadline = time.monotonic() + 20
-            while ids:
-                for res in tier.poll():
-                    assert res.success
-                    ids.discard(res.job_id)
-                assert time.monotonic() < deadline, "tier jobs did not finish"
-                time.sleep(0.001)
+            assert all(res.success for res in run_jobs(tier, kind, jobs))
         for i, k in enumerate(keys):
             assert np.array_equal(ctx.primary[i], block_bytes_for(k, BB))
         readers = {f"kvtier-{tier.name}-io{i}" for i in range(3)}

@@ -424,10 +424,9 @@ class IOPool:
                 keep = [(ik, s, seq) for ik, s, seq in renewals
                         if (v := slots.get(s)) is not None and v[0] == ik and v[1] < seq]
 
-                def renew() -> None:
+                def renew() -> None:  # the log's lock is still held: ``keep`` still holds
                     for ik, s, seq in keep:
-                        if slots.get(s, (b"",))[0] == ik:
-                            slots[s] = (ik, seq)
+                        slots[s] = (ik, seq)
 
                 base = sh.geo.base(r)
                 return [(ilog.PUT, s - base, 0, seq, ik) for ik, s, seq in keep], renew
