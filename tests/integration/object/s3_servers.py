@@ -29,6 +29,7 @@ SECRET_KEY = "kvtier-test-secret-0123456789"
 READER_KEY = "kvtier-test-reader"  # may read and list, not write or delete
 READER_SECRET = "kvtier-reader-secret-0123456789"
 BUCKET = "kvtier-test"
+BUCKET_GRACE_S = 5.0  # how long weed mini gets to create its buckets itself
 
 # weed mini ports: master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc,
 # admin (its grpc port is admin + 10000, where the embedded worker looks for it), https s3.
@@ -55,11 +56,25 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (32768 where unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port() -> int:
-    """A base port whose ten neighbours (and the admin grpc port) are all free."""
+    """A base port whose ten neighbours (and the admin grpc port) are all free.
+
+    Every one of them lies below the kernel's ephemeral range: weed mini's components connect to
+    each other before the last of them listens, and an outgoing connection given one of the
+    ports still to be bound would make that listener fail.
+    """
     rng = random.Random()
+    top = min(_ephemeral_low(), 32768) - _OFFSETS["admin"] - 10000 - 16
     for _ in range(500):
-        base = rng.randrange(20000, 45000, 16)
+        base = rng.randrange(10000, top, 16)
         ports = [base + o for o in _OFFSETS.values()] + [base + _OFFSETS["admin"] + 10000]
         if all(_free(p) for p in ports):
             return base
@@ -180,12 +195,13 @@ class S3Server:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      cwd=self.workdir, start_new_session=True)
         store = self.client(self.buckets[0]) if self.buckets else None
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         last = ""
+        created = False
         while True:
             if self.proc.poll() is not None:
-                tail = (self.workdir / "weed.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {tail}")
+                raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {self._log_tail()}")
             try:
                 if store is not None:
                     obstore.put(store, "kvtier-ready", b"ready")
@@ -195,10 +211,31 @@ class S3Server:
                     return
             except Exception as e:  # not ready yet: 403 before credentials load, refused, ...
                 last = str(e)[:200]
+                # weed mini creates its -bucket list only once every component is up, and a
+                # component slow to come up delays it without a word: past a few seconds of
+                # a missing bucket, create the buckets through the administrative shell.
+                if (not created and "not found" in last.lower()
+                        and time.monotonic() - start > BUCKET_GRACE_S):
+                    self._create_buckets()
+                    created = True
             if time.monotonic() > deadline:
+                tail = self._log_tail()
                 self.kill()
-                raise RuntimeError(f"weed mini did not become ready: {last}")
+                raise RuntimeError(f"weed mini did not become ready: {last}\n{tail}")
             time.sleep(0.1)
+
+    def _log_tail(self) -> str:
+        return (self.workdir / "weed.log").read_text(errors="replace")[-2000:]
+
+    def _create_buckets(self) -> None:
+        """Create the server's buckets with ``weed shell`` (an existing one stays as it is)."""
+        p = self.port
+        script = "".join(f"s3.bucket.create -name {b}\n" for b in self.buckets) + "exit\n"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [self.binary, "shell", f"-master=127.0.0.1:{p('master')}.{p('master.grpc')}",
+                 f"-filer=127.0.0.1:{p('filer')}.{p('filer.grpc')}"],
+                input=script.encode(), capture_output=True, timeout=30, cwd=self.workdir)
 
     def kill(self) -> None:
         """Kill the process at once (SIGKILL); the data directory stays."""
