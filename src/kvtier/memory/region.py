@@ -4,6 +4,15 @@ The manager's process and every worker process of one engine map the same segmen
 worker's copies land in the slots the scheduler assigned without any extra copy. The segment is
 page-aligned; with ``block_bytes`` a multiple of 4096 every slot is usable for O_DIRECT.
 
+Every process that maps the segment advises huge pages for it (``MADV_HUGEPAGE``): where the
+``/dev/shm`` file system gives huge pages on advice (tmpfs mounted ``huge=advise``, or
+``within_size``/``always``), every 2 MiB of slots is then one physically contiguous page. That
+matters for O_DIRECT tiers: the kernel hands a device one segment per run of physically adjacent
+pages, and 4 KiB pages reused right after another mapping freed them come back in descending order,
+one segment each (on a virtual disk a 256 KiB read from such memory ran at about half the speed;
+docs/BENCHMARKS.md). On a mount without ``huge=`` (tmpfs's default) the advice changes nothing.
+The creator logs how much of the region huge pages back.
+
 The process that creates the segment populates it at once (``MADV_POPULATE_WRITE``): the engine's
 workers pin it for DMA (``cudaHostRegister``, which faults in every page anyway), and otherwise the
 first stores and loads after start would pay for faulting in the pages one at a time.
@@ -22,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
+import mmap
 import os
 import sys
 import weakref
@@ -30,6 +41,8 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 
 from kvtier.memory.watchdog import Watchdog
+
+log = logging.getLogger("kvtier")
 
 _PAGE = 4096
 _MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
@@ -57,6 +70,43 @@ def populate(array: np.ndarray) -> bool:
         if madvise(addr + off, min(_POPULATE_STEP, size - off), _MADV_POPULATE_WRITE) != 0:
             return False
     return True
+
+
+def advise_huge(mapping: mmap.mmap) -> bool:
+    """Advise transparent huge pages for ``mapping`` (before its pages are faulted in); False
+    where the platform or the kernel refuses."""
+    flag = getattr(mmap, "MADV_HUGEPAGE", None)
+    if flag is None or not hasattr(mapping, "madvise"):
+        return False
+    try:
+        mapping.madvise(flag)
+    except OSError:
+        return False
+    return True
+
+
+def huge_page_bytes(array: np.ndarray) -> int | None:
+    """Bytes of ``array``'s mapping that this process maps as huge pages (``ShmemPmdMapped`` and
+    ``AnonHugePages`` of its ``/proc/self/smaps`` entry); None where that cannot be read."""
+    if array.nbytes == 0:
+        return 0
+    start = array.ctypes.data
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            total = 0
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    if inside:
+                        break
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= start < hi
+                elif inside and head in ("ShmemPmdMapped:", "AnonHugePages:"):
+                    total += int(line.split()[1]) * 1024
+            return total if inside else None
+    except (OSError, ValueError):
+        return None
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
@@ -115,6 +165,8 @@ class BlockRegion:
                 self._watchdog = Watchdog(name, os.fstat(self._shm._fd).st_ino)  # type: ignore[attr-defined]
             except OSError:
                 self._watchdog = None  # no watchdog: shutdown and the finalizer still unlink
+        mapping = getattr(self._shm, "_mmap", None)
+        self.huge_advised = advise_huge(mapping) if mapping is not None else False
         buf = self._shm.buf
         assert buf is not None
         self.array: np.ndarray = np.ndarray(
@@ -123,6 +175,19 @@ class BlockRegion:
         self._finalizer = weakref.finalize(self, _cleanup, name, owner, self._watchdog)
         self._closed = False
         self.populated = populate(self.array) if self.created else False
+        if self.created:
+            self._log_pages()
+
+    def _log_pages(self) -> None:
+        huge = huge_page_bytes(self.array)
+        size = self.array.nbytes
+        if huge is None or size < 2 << 20:
+            return
+        msg = f"CPU region {self.name}: {size / 2**20:.0f} MiB, {huge / 2**20:.0f} MiB of it in huge pages"
+        if huge < size // 2:
+            msg += ("; O_DIRECT tiers (storage) move blocks faster from huge pages: mount /dev/shm "
+                    "with huge=advise (README, storage tier)")
+        log.info(msg)
 
     def slot(self, slot_id: int) -> np.ndarray:
         """A writable view of one slot."""
