@@ -12,6 +12,10 @@ For each block size (256 KiB and 2 MiB by default), on one directory:
   copies the data, and which way it serves faster varies: either was ahead by up to a third in
   runs on the same day). Measured once per round in each layout and way; a round's raw figure is
   the best of the four, rounds interleaved with the systems below; the baseline is the best round.
+* raw, one run (control): the raw file measured once per round the way a system is (the timed
+  writes, then the reads; contiguous parts, distinct memory), in the systems' place in the
+  round. It gets no best-of, so its ratios are what the disk's drift alone takes from a run
+  scored against the best-of baseline: the yardstick for reading the systems' ratios.
 * kvtier manager: the storage tier behind kvtier's manager, driven with the engine's calls, in
   steady state: the tier holds exactly the blocks of one measurement (``capacity_for``), is filled
   once, then stores as many blocks again (every store evicts an old block: the timed writes,
@@ -54,12 +58,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pagemap import segments_per_block
 from raw_direct import direct_io
 from storage_peers import LMCACHE_NOTES, lmcache_throughput, lmcache_worker, vllm_throughput
 
 MiB = 1 << 20
 JOB_BLOCKS = 32  # blocks per job / per request
 RAW, ONE_BUFFER, DISTINCT = "raw O_DIRECT", "raw, one buffer a thread", "raw, distinct memory"
+CONTROL = "raw, one run (control)"
 Result = tuple[float, float, dict[str, float]]  # write GB/s, read GB/s, load phases
 
 
@@ -87,12 +93,19 @@ class RawFile:
             os.posix_fallocate(fd, 0, self.per * threads * block)
         finally:
             os.close(fd)
-        # a place of its own for every block of the file, filled (and so faulted in) now
-        self.memory = mmap.mmap(-1, self.per * threads * block)
+        # a place of its own for every block of the file, in memory of the kind kvtier's CPU
+        # region is (shared memory, huge pages advised, populated), filled now
+        from kvtier.memory.region import BlockRegion
+
+        self.region = BlockRegion(f"kvtier-bench-raw-{os.getpid()}-{block}", self.per * threads,
+                                  block, owner=True)
+        flat = self.region.array.reshape(-1)
         step = 64 * MiB
-        for at in range(0, len(self.memory), step):
-            n = min(step, len(self.memory) - at)
-            self.memory[at : at + n] = np.random.default_rng(at).integers(0, 256, n, dtype=np.uint8).tobytes()
+        for at in range(0, len(flat), step):
+            n = min(step, len(flat) - at)
+            flat[at : at + n] = np.random.default_rng(at).integers(0, 256, n, dtype=np.uint8)
+        self.memory = self.region._shm._mmap  # type: ignore[attr-defined]
+        self.segments = segments_per_block(self.region.array, block)
         self._run("w")  # written once: reads then come from the disk, not unwritten extents
 
     def _run(self, mode: str, strided: bool = False, distinct: bool = False) -> float:
@@ -117,12 +130,30 @@ class RawFile:
             cpu = self.cpu
             settle(settle_s)
             w = self._run("w", strided, distinct)
-            out.append((w, r, {"cpu_s_per_gib": cpu}))
+            phases = {"cpu_s_per_gib": cpu}
+            if distinct and self.segments is not None:
+                phases["mem_segments"] = self.segments
+            out.append((w, r, phases))
         return out
+
+    def single(self, settle_s: float) -> Result:
+        """One run measured as a system is: the timed writes, then the reads, once each (each
+        thread over its own contiguous part, every block from or into its own memory), with no
+        best-of. Scored like the systems, it shows what the disk's drift alone costs a run
+        against the best-of baseline."""
+        settle(settle_s)
+        w = self._run("w", False, True)
+        settle(settle_s)
+        r = self._run("r", False, True)
+        phases = {"cpu_s_per_gib": self.cpu}
+        if self.segments is not None:
+            phases["mem_segments"] = self.segments
+        return w, r, phases
 
     def close(self) -> None:
         """Remove the file."""
-        self.memory.close()
+        del self.memory
+        self.region.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -276,6 +307,7 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
                                         namespace=f"bench/{block}")
     m = spec.get_manager()
     m.primary_blocks()[:] = 1  # an engine's worker has written the slots before they are stored
+    segments = segments_per_block(m.primary_blocks(), block)
     fill, keys = _keys("f", n), _keys("s", n)
     tier_name = m.tiers[0].name
     try:
@@ -323,6 +355,7 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
             "load_other_seconds", "hits")}
         chunks = max(1.0, d["load_chunks"])
         phases = {
+            **({} if segments is None else {"mem_segments": segments}),
             "cpu_s_per_gib": cpu,
             "request_wait_ms": 1e3 * statistics.mean(waits),
             "scheduler_share": sched / dt_r,
@@ -350,6 +383,7 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
 
 
 PHASES = [
+    ("mem_segments", "memory: physically contiguous runs per block (1: one; pagemap, as root)"),
     ("cpu_s_per_gib", "CPU seconds per GiB loaded (all threads)"),
     ("request_wait_ms", "request: first lookup to answer (ms)"),
     ("scheduler_share", "scheduler calls (lookup, on_schedule_end), share of wall time"),
@@ -395,9 +429,9 @@ def main() -> None:
                     help="raw first in every round (the order before 2026-12-01)")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="seconds the disk gets (after a sync) before each timed phase")
-    ap.add_argument("--systems", default="manager,tier,vllm,lmcache",
-                    help="which systems to measure beside raw (manager, tier, vllm, lmcache; "
-                         "also manager-python: the manager with native_io false)")
+    ap.add_argument("--systems", default="control,manager,tier,vllm,lmcache",
+                    help="which systems to measure beside raw (control, manager, tier, vllm, "
+                         "lmcache; also manager-python: the manager with native_io false)")
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python",
                     help="python of a venv with lmcache==0.5.6 ('' to skip LMCache)")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's fs tier")
@@ -421,7 +455,9 @@ def main() -> None:
           f"{args.jobs_in_flight} in flight; {args.total_mib} MiB per measurement, {args.repeat} rounds")
     total = args.total_mib * MiB
     wanted = set(args.systems.split(","))
-    systems: list[tuple[str, Callable[..., Result]]] = []
+    systems: list[tuple[str, Callable[..., Result] | None]] = []  # None: the control
+    if "control" in wanted:
+        systems.append((CONTROL, None))
     if "manager" in wanted:
         systems.append(("kvtier manager", kvtier_manager_throughput))
     if "manager-python" in wanted:
@@ -457,7 +493,8 @@ def main() -> None:
                         continue
                     _progress(f"{block >> 10} KiB, round {rep + 1}/{args.repeat}: {name}")
                     try:
-                        runs[name].append(fn(args.dir, block, total, args))
+                        runs[name].append(raw.single(args.settle) if fn is None
+                                          else fn(args.dir, block, total, args))
                     except Exception as e:
                         skipped.append(f"{name} at {block >> 10} KiB failed: {type(e).__name__}: {e}")
                         failed.add(name)
@@ -502,7 +539,8 @@ def main() -> None:
     print("(GB/s: medians over the rounds. Raw, one buffer a thread: every block through the "
           "thread's one buffer (as fio does); raw, distinct memory: every block from or into "
           "memory of its own; each round's better layout. 'raw O_DIRECT', the baseline: each "
-          "round's better of the two. 'x best raw': median of each run's ratio to the best raw "
+          "round's better of the two; raw, one run (control): one run a round, measured as the systems "
+          "are, no best-of. 'x best raw': median of each run's ratio to the best raw "
           "round; 'x median raw': median GB/s over the raw rounds' median; 'x same round': median "
           "of each run's ratio to the raw run of its round)")
     if phase_rows:
