@@ -451,8 +451,8 @@ class StorageTier(SecondaryTier):
 
     def take_events(self) -> list[TierEvent]:
         sh = self._sh
-        if sh is None:
-            return []
+        if sh is None or not sh.index.events:  # read without the lock: one appended meanwhile
+            return []  # is taken next time, and the scheduler does not wait for an I/O thread
         with sh.index.lock:
             ev, sh.index.events = sh.index.events, []
         return [TierEvent(keys, removed=removed) for keys, removed in ev]
