@@ -104,8 +104,8 @@ class RawFile:
         for at in range(0, len(flat), step):
             n = min(step, len(flat) - at)
             flat[at : at + n] = np.random.default_rng(at).integers(0, 256, n, dtype=np.uint8)
-        self.memory = self.region._shm._mmap  # type: ignore[attr-defined]
-        self.segments = segments_per_block(self.region.array, block)
+        self.memory = memoryview(flat)  # released before the region closes
+        self.segments = segments_per_block(flat, block)
         self._run("w")  # written once: reads then come from the disk, not unwritten extents
 
     def _run(self, mode: str, strided: bool = False, distinct: bool = False) -> float:
@@ -130,11 +130,16 @@ class RawFile:
             cpu = self.cpu
             settle(settle_s)
             w = self._run("w", strided, distinct)
-            phases = {"cpu_s_per_gib": cpu}
-            if distinct and self.segments is not None:
-                phases["mem_segments"] = self.segments
-            out.append((w, r, phases))
+            out.append((w, r, self._phases(cpu, distinct)))
         return out
+
+    def _phases(self, cpu: float, distinct: bool) -> dict[str, float]:
+        """A run's CPU seconds per GiB, and its memory's contiguity where it used the distinct
+        memory and pagemap could tell."""
+        phases = {"cpu_s_per_gib": cpu}
+        if distinct and self.segments is not None:
+            phases["mem_segments"] = self.segments
+        return phases
 
     def single(self, settle_s: float) -> Result:
         """One run measured as a system is: the timed writes, then the reads, once each (each
@@ -145,14 +150,11 @@ class RawFile:
         w = self._run("w", False, True)
         settle(settle_s)
         r = self._run("r", False, True)
-        phases = {"cpu_s_per_gib": self.cpu}
-        if self.segments is not None:
-            phases["mem_segments"] = self.segments
-        return w, r, phases
+        return w, r, self._phases(self.cpu, True)
 
     def close(self) -> None:
         """Remove the file."""
-        del self.memory
+        self.memory.release()
         self.region.close()
         if os.path.exists(self.path):
             os.unlink(self.path)

@@ -10,17 +10,18 @@ from collections.abc import Sequence
 
 
 def direct_io(targets: Sequence[tuple[str, Sequence[int]]], block: int, mode: str,
-              memory: mmap.mmap | None = None) -> float:
+              memory: mmap.mmap | memoryview | None = None) -> float:
     """GB/s of one thread per ``(path, offsets)`` target, each writing (``mode`` "w") or reading
     ("r") ``block`` bytes at every offset with O_DIRECT. The clock starts once every thread has
     its file open.
 
     Without ``memory`` each thread moves every block from or into its own page-aligned buffer
-    of one block, the same memory each time (what ``fio`` does). With ``memory`` (page-aligned,
-    a whole number of blocks, filled) the block at file offset ``o`` comes from or goes to its
-    own place in it, block ``(o // block) % (len(memory) // block)``: distinct memory for every
-    block, as a cache tier's blocks are, where the reused buffer of the first way may stay in
-    the caches of whatever copies the data (a virtual disk's host)."""
+    of one block, the same memory each time (what ``fio`` does). With ``memory`` (an mmap or a
+    byte memoryview, page-aligned, a whole number of blocks, filled) the block at file offset
+    ``o`` comes from or goes to its own place in it, block ``(o // block) % (len(memory) //
+    block)``: distinct memory for every block, as a cache tier's blocks are, where the reused
+    buffer of the first way may stay in the caches of whatever copies the data (a virtual disk's
+    host)."""
     barrier = threading.Barrier(len(targets) + 1)
     slots = len(memory) // block if memory is not None else 0
 

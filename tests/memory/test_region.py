@@ -44,24 +44,10 @@ def test_an_unpopulated_region_still_works() -> None:
     assert not region_mod.populate(np.zeros(0, dtype=np.uint8))
 
 
-def _vm_flags(addr: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds ``addr``."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
 def test_every_mapping_of_the_region_advises_huge_pages_and_the_creator_logs_them(caplog) -> None:
     """Huge pages keep a block's memory physically contiguous, one segment per O_DIRECT call,
     where /dev/shm gives them on advice; the creator says how much of the region they back."""
-    from kvtier.memory.region import huge_page_bytes
+    from kvtier.memory.region import huge_page_bytes, smaps_entry
 
     name = f"kvtier-test-{uuid.uuid4().hex[:12]}"
     with caplog.at_level("INFO", logger="kvtier"):
@@ -71,7 +57,8 @@ def test_every_mapping_of_the_region_advises_huge_pages_and_the_creator_logs_the
         try:
             for r in (owner, worker):
                 assert r.huge_advised
-                assert "hg" in _vm_flags(r.array.ctypes.data)
+                fields = smaps_entry(r.array.ctypes.data)
+                assert fields is not None and "hg" in fields["VmFlags"].split()
             huge = huge_page_bytes(owner.array)
             assert huge is not None and 0 <= huge <= owner.array.nbytes
             lines = [m for m in caplog.messages if m.startswith(f"CPU region {name}: 4 MiB, ")]

@@ -85,27 +85,40 @@ def advise_huge(mapping: mmap.mmap) -> bool:
     return True
 
 
-def huge_page_bytes(array: np.ndarray) -> int | None:
-    """Bytes of ``array``'s mapping that this process maps as huge pages (``ShmemPmdMapped`` and
-    ``AnonHugePages`` of its ``/proc/self/smaps`` entry); None where that cannot be read."""
-    if array.nbytes == 0:
-        return 0
-    start = array.ctypes.data
+def smaps_entry(addr: int) -> dict[str, str] | None:
+    """The fields of this process's ``/proc/self/smaps`` entry for the mapping that holds
+    ``addr`` (name -> the rest of its line, e.g. ``"Rss" -> "4 kB"``); None where that cannot
+    be read or no mapping holds it."""
+    fields: dict[str, str] | None = None
     try:
         with open("/proc/self/smaps") as f:
-            inside = False
-            total = 0
             for line in f:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):
-                    if inside:
+                head, _, rest = line.partition(" ")
+                if "-" in head and not head.endswith(":"):  # the next mapping's first line
+                    if fields is not None:
                         break
                     lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= start < hi
-                elif inside and head in ("ShmemPmdMapped:", "AnonHugePages:"):
-                    total += int(line.split()[1]) * 1024
-            return total if inside else None
+                    if lo <= addr < hi:
+                        fields = {}
+                elif fields is not None and head.endswith(":"):
+                    fields[head[:-1]] = rest.strip()
     except (OSError, ValueError):
+        return None
+    return fields
+
+
+def huge_page_bytes(array: np.ndarray) -> int | None:
+    """Bytes of ``array``'s mapping that this process maps as huge pages (``ShmemPmdMapped`` and
+    ``AnonHugePages`` of its smaps entry); None where that cannot be read."""
+    if array.nbytes == 0:
+        return 0
+    fields = smaps_entry(array.ctypes.data)
+    if fields is None:
+        return None
+    try:
+        return sum(int(fields.get(k, "0 kB").split()[0]) * 1024
+                   for k in ("ShmemPmdMapped", "AnonHugePages"))
+    except ValueError:
         return None
 
 
