@@ -2,8 +2,8 @@
 root; elsewhere they read as zero and the answer is None).
 
 O_DIRECT hands the device one segment per run of physically adjacent pages, and on a virtual disk
-every segment costs: memory whose 4 KiB pages came back in descending order (reused right after
-another mapping freed them) moved 256 KiB blocks at about half the speed of contiguous memory. The
+every segment costs: kvtier's 256 KiB loads from 4 KiB pages (24-36 segments a block) ran at
+about 0.7 of their speed from huge pages (docs/BENCHMARKS.md). The
 storage benchmark reports this for its baseline's memory and for kvtier's CPU region.
 """
 

@@ -9,9 +9,9 @@ Every process that maps the segment advises huge pages for it (``MADV_HUGEPAGE``
 ``within_size``/``always``), every 2 MiB of slots is then one physically contiguous page. That
 matters for O_DIRECT tiers: the kernel hands a device one segment per run of physically adjacent
 pages, and 4 KiB pages reused right after another mapping freed them come back in descending order,
-one segment each (on a virtual disk a 256 KiB read from such memory ran at about half the speed;
-docs/BENCHMARKS.md). On a mount without ``huge=`` (tmpfs's default) the advice changes nothing.
-The creator logs how much of the region huge pages back.
+one segment each (on a virtual disk, 256 KiB loads from 4 KiB pages ran at about 0.7 of their
+speed from huge pages; docs/BENCHMARKS.md). On a mount without ``huge=`` (tmpfs's default) the
+advice changes nothing. The creator logs how much of the region huge pages back.
 
 The process that creates the segment populates it at once (``MADV_POPULATE_WRITE``): the engine's
 workers pin it for DMA (``cudaHostRegister``, which faults in every page anyway), and otherwise the
