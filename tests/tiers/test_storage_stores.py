@@ -153,7 +153,7 @@ def test_native_io_false_moves_every_record_in_python(tmp_path: Path, namespace:
         raise AssertionError("the native record I/O was used")
 
     monkeypatch.setattr(fast, "seal_write", refuse)
-    monkeypatch.setattr(fast, "read_sums", refuse)
+    monkeypatch.setattr(fast, "read_runs", refuse)
     try:
         assert tier.stats()["native_io"] is False
         assert run_job(tier, "store", keys, range(n)).success
@@ -215,3 +215,64 @@ def test_native_and_python_record_io_write_the_same_bytes(tmp_path: Path, namesp
             del hdr
             tier.shutdown()
     assert seen["native"] == seen["python"]
+
+
+def test_a_load_chunks_runs_are_read_in_one_call_with_headers_numbered_across_them(
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 8
+    keys = [make_key(i, namespace) for i in range(n)]
+    ctx = tier_ctx(namespace, n, BB)
+    for j, k in enumerate(keys):
+        ctx.primary[j] = block_bytes_for(k, BB)
+    tier = open_small_tier(tmp_path, ctx, 1024)
+    store = tier._sh.store  # type: ignore[union-attr]
+    assert store.fast is not None
+    hdr = aligned_buffer(n * SLOT_HEADER)
+    no_file = store.slots_per_file * 3  # a slot of a region whose slab file is gone
+    fd = store.fd
+
+    def gone(region: int, **kw: bool) -> int:
+        if region == 3:
+            raise FileNotFoundError(store.slab_path(region))
+        return fd(region, **kw)
+
+    calls: list[int] = []
+    read_runs = store.fast.read_runs
+
+    def counted(runs: Sequence[tuple[int, int, int]], *a: object) -> object:
+        calls.append(len(runs))
+        return read_runs(runs, *a)  # type: ignore[arg-type]
+
+    try:
+        store.write_run(0, [(k, memoryview(ctx.primary[j]), 100 + j) for j, k in enumerate(keys)], hdr)
+        for read_path in ("native", "python"):
+            monkeypatch.setattr(store, "fd", gone)
+            if read_path == "python":
+                monkeypatch.setattr(store, "fast", None)
+            else:
+                monkeypatch.setattr(store.fast, "read_runs", counted)
+            bufs = [aligned_buffer(BB) for _ in range(5)]
+            dests = [memoryview(b) for b in bufs]
+            # slots 5-6, then 1-3 (out of order), then one in a region with no file
+            results = store.read_runs([(5, dests[0:2]), (1, dests[2:4]), (no_file, dests[4:5])], hdr)
+            assert [r if isinstance(r, OSError) else r[0] for r in results] == [2, 2, -1]
+            assert all((r[1] is None) == (read_path == "python") for r in results[:2])  # type: ignore[index]
+            hv = memoryview(hdr)
+            for at, (slot, run) in enumerate([(5, 0), (6, 0), (1, 1), (2, 1)]):
+                got = results[run]
+                assert not isinstance(got, OSError)
+                sums = got[1]
+                head = hv[at * SLOT_HEADER:(at + 1) * SLOT_HEADER]
+                assert store.check_record(head, keys[slot], dests[at],
+                                          None if sums is None else sums[at % 2]) is None
+                assert bytes(dests[at]) == bytes(block_bytes_for(keys[slot], BB))
+            hv.release()
+            for d in dests:
+                d.release()
+            monkeypatch.undo()
+        assert calls == [3]  # the native path: every run in one call
+        with pytest.raises(ValueError):
+            store.read_runs([(0, [memoryview(aligned_buffer(BB)) for _ in range(n + 1)])], hdr)
+    finally:
+        del hdr
+        tier.shutdown()

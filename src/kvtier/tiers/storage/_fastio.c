@@ -1,10 +1,12 @@
 /*
- * The storage tier's record I/O for a run of adjacent slots, in one call that runs without
- * Python's GIL (it is called through ctypes, which lets the GIL go for the whole call).
+ * The storage tier's record I/O: a run of adjacent slots written, or a load chunk's runs read,
+ * in one call that runs without Python's GIL (it is called through ctypes, which lets the GIL
+ * go for the whole call).
  *
  * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
  * once per record (each payload checksum) and once more for the pwritev; on a small machine
- * under load, every take-back waits for the threads in line before it. Here a run costs one.
+ * under load, every take-back waits for the threads in line before it. Here a run costs one, and
+ * a load chunk of several runs one too.
  *
  * The header built here is byte for byte the one kvtier.format.record.pack_header builds
  * (padded to hdr_len), with the slab's write sequence and its check in the last 16 bytes
@@ -94,20 +96,40 @@ int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *
 }
 
 /*
- * Read n records with one preadv at offset: headers into hdr (hdr_len bytes each), payloads
- * into payloads[i]; then hash the payload of every record read whole (stride bytes per record
- * in the file) into sums[i]. Returns the bytes read, or -errno. The caller checks the headers
- * and compares sums with the payload checksums they carry.
+ * Read n_runs runs of records, one preadv each, in order: run r is counts[r] records at
+ * offsets[r] of fds[r]. The records' headers go to hdr, hdr_len bytes apart, and their payloads
+ * to payloads[], both numbered across the runs (run r's first record is the sum of the counts
+ * before it). got[r] is the bytes run r read, or -errno; a failed run does not stop the next.
+ * The payload of every record read whole (stride bytes per record in the file) is hashed into
+ * sums[] at its number. The caller checks the headers and compares sums with the payload
+ * checksums they carry. Returns 0, or -EINVAL for arguments this function does not take
+ * (nothing was read: the caller then reads the runs itself).
+ *
+ * One call reads a whole load chunk, so a thread moves from one run's read to the next
+ * without taking the GIL back in between.
  */
-int64_t kvt_read_sums(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *hdr,
-                      size_t hdr_len, uint8_t *const *payloads, size_t payload_len,
-                      size_t stride, uint64_t *sums) {
-    if (n <= 0 || n > KVT_MAX_RECORDS || stride == 0) return -EINVAL;
-    int64_t done = run_io(0, fd, offset, n, hdr, hdr_len, payloads, payload_len);
-    if (done < 0) return done;
-    size_t whole = (size_t)done / stride;
-    for (size_t i = 0; i < whole && i < (size_t)n; i++) sums[i] = hash(payloads[i], payload_len);
-    return (int64_t)done;
+int64_t kvt_read_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t *offsets,
+                      const int *counts, uint8_t *hdr, size_t hdr_len, uint8_t *const *payloads,
+                      size_t payload_len, size_t stride, uint64_t *sums, int64_t *got) {
+    int total = 0;
+    if (n_runs <= 0 || stride == 0) return -EINVAL;
+    for (int r = 0; r < n_runs; r++) {
+        if (counts[r] <= 0 || counts[r] > KVT_MAX_RECORDS - total) return -EINVAL;
+        total += counts[r];
+    }
+    int first = 0;
+    for (int r = 0; r < n_runs; r++) {
+        int n = counts[r];
+        got[r] = run_io(0, fds[r], offsets[r], n, hdr + (size_t)first * hdr_len, hdr_len,
+                        payloads + first, payload_len);
+        if (got[r] > 0) {
+            size_t whole = (size_t)got[r] / stride;
+            for (size_t i = 0; i < whole && i < (size_t)n; i++)
+                sums[first + i] = hash(payloads[first + i], payload_len);
+        }
+        first += n;
+    }
+    return 0;
 }
 
 /* Importable as a module too (it holds nothing callable from Python: see fastio.py). */

@@ -1,10 +1,10 @@
 """Record I/O of a run of adjacent slots without Python's GIL, where the native part is built.
 
 ``_fastio.c`` seals and writes a run of records (every checksum, then one ``pwritev``), or reads
-one (one ``preadv``, then every payload's checksum), in one call made through ctypes, which lets
-the GIL go for the whole call. In Python the same work gives the GIL up and waits to take it
-back once per record; with many I/O threads on few cores those waits, not the disk, set the
-pace of the storage tier (see docs/BENCHMARKS.md).
+the runs of a load chunk (one ``preadv`` a run, then every payload's checksum), in one call made
+through ctypes, which lets the GIL go for the whole call. In Python the same work gives the GIL
+up and waits to take it back once per record; with many I/O threads on few cores those waits,
+not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md).
 
 The native part is optional: it is built when kvtier is installed with a C compiler at hand.
 It is used only when the ``xxhash`` package exports the hash it is given (``XXH3_64bits``, or
@@ -49,9 +49,9 @@ class FastIO:
         self._seal.restype = ctypes.c_int64
         self._seal.argtypes = [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _vp, _sz, ctypes.c_char_p,
                                _vp, _vp, _vp, _vp, _sz]
-        self._read = lib.kvt_read_sums
+        self._read = lib.kvt_read_runs
         self._read.restype = ctypes.c_int64
-        self._read.argtypes = [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _vp, _sz, _vp, _sz, _sz, _vp]
+        self._read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz, _vp, _vp]
 
     @staticmethod
     def pin_all(bufs: Sequence[memoryview | mmap.mmap]) -> tuple[list[ctypes.c_char], list[int]] | None:
@@ -77,17 +77,31 @@ class FastIO:
         return int(self._seal(self._hash, fd, offset, n, hdr, hdr_len, prefix, keys, lens, seqs,
                               pays, payload_len))
 
-    def read_sums(self, fd: int, offset: int, hdr: int, hdr_len: int, payloads: Sequence[int],
-                  payload_len: int, stride: int) -> tuple[int, list[int]]:
-        """Read ``len(payloads)`` records (headers at address ``hdr``, payloads at the given
-        addresses) with one ``preadv``; returns (bytes read or -errno, the payload checksums of
-        the records read whole, each ``stride`` bytes in the file)."""
-        n = len(payloads)
-        pays = (_vp * n)(*payloads)
-        sums = (_u64 * n)()
-        got = int(self._read(self._hash, fd, offset, n, hdr, hdr_len, pays, payload_len, stride, sums))
-        whole = min(n, got // stride) if got > 0 else 0
-        return got, list(sums[:whole])
+    def read_runs(self, runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int,
+                  payloads: Sequence[int], payload_len: int, stride: int
+                  ) -> list[tuple[int, list[int]]] | None:
+        """Read runs of records, each ``(fd, offset, records)`` with one ``preadv``, in order:
+        headers from address ``hdr`` on, ``hdr_len`` bytes apart, and payloads at the given
+        addresses, both numbered across the runs. Per run: (bytes read or -errno, the payload
+        checksums of its records read whole, each ``stride`` bytes in the file). None when the
+        native part does not take these arguments (nothing was read)."""
+        n_runs, total = len(runs), len(payloads)
+        fds = (ctypes.c_int * n_runs)(*[r[0] for r in runs])
+        offs = (ctypes.c_int64 * n_runs)(*[r[1] for r in runs])
+        counts = (ctypes.c_int * n_runs)(*[r[2] for r in runs])
+        pays = (_vp * total)(*payloads)
+        sums = (_u64 * total)()
+        got = (ctypes.c_int64 * n_runs)()
+        if self._read(self._hash, n_runs, fds, offs, counts, hdr, hdr_len, pays, payload_len,
+                      stride, sums, got) < 0:
+            return None
+        out: list[tuple[int, list[int]]] = []
+        first = 0
+        for (_fd, _off, n), g in zip(runs, got):
+            whole = min(n, g // stride) if g > 0 else 0
+            out.append((int(g), list(sums[first:first + whole])))
+            first += n
+        return out
 
 
 _lock = threading.Lock()
@@ -169,14 +183,17 @@ def _self_test(fio: FastIO, reference: ReferenceHeader) -> bool:
                     return False
                 at += got
             for i in range(2):
-                want = reference(ns, keys[i], memoryview(payloads[i]), seqs[i])
-                if hdr[i * hdr_len:(i + 1) * hdr_len] != want:
+                header = reference(ns, keys[i], memoryview(payloads[i]), seqs[i])
+                if hdr[i * hdr_len:(i + 1) * hdr_len] != header:
                     return False
             bh, *back_addr = back_pinned[1]
-            got, sums = fio.read_sums(f.fileno(), 0, bh, hdr_len, back_addr, plen, hdr_len + plen)
-            return (got == 2 * (hdr_len + plen) and back_hdr[:] == hdr[:]
-                    and all(back[i][:] == payloads[i][:] for i in range(2))
-                    and sums == [xxhash.xxh3_64_intdigest(p) for p in payloads])
+            rec = hdr_len + plen  # read as two runs of one record, the second first
+            runs = fio.read_runs([(f.fileno(), rec, 1), (f.fileno(), 0, 1)], bh, hdr_len,
+                                 back_addr[::-1], plen, rec)
+            want = [xxhash.xxh3_64_intdigest(p) for p in payloads]
+            return (runs == [(rec, [want[1]]), (rec, [want[0]])]
+                    and back_hdr[:hdr_len] == hdr[hdr_len:] and back_hdr[hdr_len:] == hdr[:hdr_len]
+                    and all(back[i][:] == payloads[i][:] for i in range(2)))
     finally:
         pinned = back_pinned = None  # let go of the buffers (on every return) before closing them
         for m in (*payloads, hdr, *back, back_hdr):

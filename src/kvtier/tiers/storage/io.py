@@ -16,10 +16,13 @@ is whole.
 
 A load job's chunks are queued in the job's (prefix) order; a chunk reads each run of adjacent
 slots of one region (up to ``LOAD_MERGE_BYTES`` of payload) with one ``preadv`` (headers into
-the thread's buffer, payloads straight into their primary slots). Every record is verified
-(magic, header checksum, namespace, key, length, payload checksum) before its block counts;
-blocks that count are reported through ``loaded`` as each run ends, before the job does, so that
-a request's leading blocks can be served early.
+the thread's buffer, payloads straight into their primary slots); with the native record I/O
+every run of the chunk is read and hashed in one call, so the thread takes the GIL back once a
+chunk, not once a run (on a 2-core VM a take-back after a read waited about a millisecond
+on average, with the read's slot in the disk's queue left empty meanwhile: docs/BENCHMARKS.md).
+Every record is verified (magic, header checksum, namespace, key, length, payload checksum)
+before its block counts; blocks that count are reported through ``loaded`` as their chunk's
+reads end, before the job does, so that a request's leading blocks can be served early.
 A load of an own block from the older half of the write order renews its recency with a new
 sequence; the PUT entries that log it are appended by a housekeeping task (``RENEW``), not by the
 load's thread, so a load never waits for a region log's lock.
@@ -263,19 +266,20 @@ class IOPool:
         hits: list[tuple[bytes, int]] = []
         moved = ok = 0
         io_error: OSError | None = None
-        t_read = t_check = 0.0
-        for run in self._runs(items, LOAD_MERGE_BYTES):
-            t0 = time.perf_counter()
-            dests = [memoryview(primary[ps]) for _k, ps, _s, _r in run]
-            try:
-                got, sums = store.read_run(run[0][2], dests, hdr)
-            except OSError as e:
-                io_error = e
+        runs = self._runs(items, LOAD_MERGE_BYTES)
+        t0 = time.perf_counter()
+        dests = [[memoryview(primary[ps]) for _k, ps, _s, _r in run] for run in runs]
+        results = store.read_runs([(run[0][2], d) for run, d in zip(runs, dests)], hdr)
+        t_read = time.perf_counter() - t0
+        hv = memoryview(hdr)
+        first = 0  # the run's first header in ``hdr``
+        for run, run_dests, result in zip(runs, dests, results):
+            at, first = first, first + len(run)
+            if isinstance(result, OSError):
+                io_error = result
                 failed.update(k for k, _ps, _s, _r in run)
                 continue
-            t1 = time.perf_counter()
-            t_read += t1 - t0
-            hv = memoryview(hdr)
+            got, sums = result
             loaded: list[bytes] = []
             for i, (key, _ps, s, is_remote) in enumerate(run):
                 if got < 0:
@@ -283,8 +287,8 @@ class IOPool:
                 elif i >= got:
                     reason = "truncated record"
                 else:
-                    reason = store.check_record(hv[i * SLOT_HEADER : (i + 1) * SLOT_HEADER], key,
-                                                dests[i], None if sums is None else sums[i])
+                    reason = store.check_record(hv[(at + i) * SLOT_HEADER : (at + i + 1) * SLOT_HEADER],
+                                                key, run_dests[i], None if sums is None else sums[i])
                 if reason is None:
                     moved += store.block_bytes
                     ok += 1
@@ -296,10 +300,10 @@ class IOPool:
                 else:
                     failed.add(key)
                     bad.append((key, s, reason))
-            hv.release()
-            del dests
             self.report(task.job, loaded)
-            t_check += time.perf_counter() - t1
+        hv.release()
+        del dests
+        t_check = time.perf_counter() - t0 - t_read
         k = ilog.index_key
         if stale:  # another engine overwrote or dropped it since its log said so: a plain miss
             with index.lock:

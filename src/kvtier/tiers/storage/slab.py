@@ -314,32 +314,62 @@ class SlabStore:
         computed with the read (the native path), else None: pass them to ``check_record``.
         More than one record needs ``mergeable``. Raises OSError.
         """
-        region, off = self.locate(slot)
-        try:
-            fd = self.fd(region)
-        except FileNotFoundError:
-            return -1, None
+        got = self.read_runs([(slot, dests)], hdr)[0]
+        if isinstance(got, OSError):
+            raise got
+        return got
+
+    def read_runs(self, runs: Sequence[tuple[int, Sequence[memoryview]]], hdr: mmap.mmap
+                  ) -> list[tuple[int, list[int] | None] | OSError]:
+        """Read runs of records in order, each ``(slot, dests)`` as :meth:`read_run` reads one,
+        with the runs' headers numbered across them in ``hdr`` (the first header of a run
+        follows the last of the run before it). On the native path every run is read and
+        hashed in one call without the GIL. Per run: what :meth:`read_run` returns, or the
+        OSError its read met (the runs after it are still read). ValueError when ``hdr`` cannot
+        hold every header.
+        """
         stride = self.slot_size if self.mergeable else self.record_bytes
+        located: list[tuple[int, int, int]] = []  # (fd, offset, records); fd -1: not opened
+        unopened: dict[int, tuple[int, None] | OSError] = {}  # run -> (-1, None): no slab file
+        for i, (slot, dests) in enumerate(runs):
+            region, off = self.locate(slot)
+            try:
+                fd = self.fd(region)
+            except FileNotFoundError:
+                fd, unopened[i] = -1, (-1, None)
+            except OSError as e:
+                fd, unopened[i] = -1, e
+            located.append((fd, off, len(dests)))
+        if sum(n for _fd, _off, n in located) * SLOT_HEADER > len(hdr):
+            raise ValueError("the header buffer cannot hold every record of the runs")
         fast = self.fast
-        if (fast is not None and len(dests) * SLOT_HEADER <= len(hdr)
-                and all(d.nbytes == self.block_bytes for d in dests)):
-            pinned = fast.pin_all([hdr, *dests])
+        if fast is not None and all(d.nbytes == self.block_bytes for _s, ds in runs for d in ds):
+            pinned = fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
             if pinned is not None:
                 hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
-                got, sums = fast.read_sums(fd, off, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
-                                           stride)
+                done = fast.read_runs(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, stride)
                 del pinned
-                if got >= 0:
-                    return min(got // stride, len(dests)), sums
-                if got != -errno.EINVAL:
-                    raise OSError(-got, os.strerror(-got))
+                if done is not None:
+                    return [unopened[i] if i in unopened else
+                            OSError(-g, os.strerror(-g)) if g < 0 else (min(g // stride, n), sums)
+                            for i, ((_fd, _off, n), (g, sums)) in enumerate(zip(located, done))]
+        out: list[tuple[int, list[int] | None] | OSError] = []
         hv = memoryview(hdr)
-        iov: list[memoryview] = []
-        for i, dest in enumerate(dests):
-            iov.append(hv[i * SLOT_HEADER : (i + 1) * SLOT_HEADER])
-            iov.append(dest)
-        n = os.preadv(fd, iov, off)
-        return min(n // stride, len(dests)), None
+        first = 0
+        for r, ((fd, off, n), (_slot, dests)) in enumerate(zip(located, runs)):
+            iov: list[memoryview] = []
+            for i, dest in enumerate(dests):
+                iov.append(hv[(first + i) * SLOT_HEADER : (first + i + 1) * SLOT_HEADER])
+                iov.append(dest)
+            first += n
+            if r in unopened:
+                out.append(unopened[r])
+                continue
+            try:
+                out.append((min(os.preadv(fd, iov, off) // stride, n), None))
+            except OSError as e:
+                out.append(e)
+        return out
 
     def check_record(self, head: memoryview, key: bytes, dest: memoryview,
                      payload_sum: int | None = None) -> str | None:
