@@ -97,6 +97,8 @@ class IOPool:
         self.done = done
         self.housekeeping = {**housekeeping, RENEW: self.log_renewals}
         self.sh: Shared | None = None
+        #: how far behind the newest sequence a loaded own block gets a new one (called with
+        #: the index's lock held)
         self.refresh_window: Callable[[], int] = lambda: 1
         lock = threading.Lock()
         self.cond = threading.Condition(lock)  # the write threads wait here
@@ -304,20 +306,16 @@ class IOPool:
         hv.release()
         del dests
         t_check = time.perf_counter() - t0 - t_read
-        k = ilog.index_key
-        if stale:  # another engine overwrote or dropped it since its log said so: a plain miss
-            with index.lock:
-                for key, s in stale:
-                    ik = k(key)
-                    if index.slots.get(s, (b"",))[0] == ik:
-                        del index.slots[s]
-                    index._forget_remote(ik, s)
-            sh.count(stale_misses=len(stale))
         if bad:
             io_error = self._drop_bad(bad, zeros) or io_error
-        if hits or refresh:
-            self._note_hits(hits, refresh)
-        with index.lock:
+        k = ilog.index_key
+        with index.lock:  # once a chunk: every I/O thread takes this lock
+            for key, s in stale:  # another engine overwrote or dropped it since its log said so
+                ik = k(key)
+                if index.slots.get(s, (b"",))[0] == ik:
+                    del index.slots[s]
+                index._forget_remote(ik, s)
+            renew = self._note_hits(hits, refresh) if hits or refresh else None
             pins = index.pins
             for _key, _ps, s, _r in items:
                 c = pins[s] - 1
@@ -328,13 +326,15 @@ class IOPool:
                     if s in index.doomed:
                         index.doomed.discard(s)
                         index.free_slot(s)
+        if renew:
+            self._queue_renewals(renew)
         if io_error is not None:
             sh.read_health.record_failure(io_error)
         elif ok:
             sh.read_health.record_success()
         sh.count(hits=ok, bytes_read=moved, load_failures=len(failed), remote_hits=len(hits),
-                 load_chunks=1, load_wait_seconds=t_pick - task.queued, load_read_seconds=t_read,
-                 load_check_seconds=t_check,
+                 stale_misses=len(stale), load_chunks=1, load_wait_seconds=t_pick - task.queued,
+                 load_read_seconds=t_read, load_check_seconds=t_check,
                  load_other_seconds=time.perf_counter() - t_pick - t_read - t_check)
         self.finish_chunk(task.job, failed, moved)
 
@@ -370,32 +370,37 @@ class IOPool:
         sh.count(corrupt=removed)
         return err
 
-    def _note_hits(self, hits: list[tuple[bytes, int]], refresh: list[tuple[bytes, int]]) -> None:
-        """Loads that counted: remote ones are reported to their owner (HIT entries, logged by
-        the sync thread); own old ones get a new sequence, logged by a ``RENEW`` task, so that
-        the next engine to take the region over keeps them among the recent ones."""
+    def _note_hits(self, hits: list[tuple[bytes, int]], refresh: list[tuple[bytes, int]]
+                   ) -> dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]]:
+        """Loads that counted, with the index's lock held: remote ones are reported to their
+        owner (HIT entries, logged by the sync thread); own old ones get a new sequence, to be
+        logged by a ``RENEW`` task (pass what this returns, region -> (its region, renewals), to
+        ``_queue_renewals`` once the lock is let go), so that the next engine to take the region
+        over keeps them among the recent ones."""
         sh = self.sh
         assert sh is not None
         index = sh.index
         window = self.refresh_window()
-        todo: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]] = {}  # region -> (reg, renewals)
-        with index.lock:
-            for key, s in hits:
-                ik = ilog.index_key(key)
-                v = index.slots.get(s)
-                if v is not None and v[0] == ik:
-                    index.remote_hits[(s, ik)] = v[1]
-            for key, s in refresh:
-                ik = ilog.index_key(key)
-                v = index.slots.get(s)
-                r = index.region_of(s)
-                reg = index.regions.get(r)
-                if v is None or v[0] != ik or reg is None or v[1] + window > sh.seq:
-                    continue
-                todo.setdefault(r, (reg, []))[1].append((ik, s, sh.seq))
-                sh.seq += 1
-        if not todo:
-            return
+        todo: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]] = {}
+        for key, s in hits:
+            ik = ilog.index_key(key)
+            v = index.slots.get(s)
+            if v is not None and v[0] == ik:
+                index.remote_hits[(s, ik)] = v[1]
+        for key, s in refresh:
+            ik = ilog.index_key(key)
+            v = index.slots.get(s)
+            r = index.region_of(s)
+            reg = index.regions.get(r)
+            if v is None or v[0] != ik or reg is None or v[1] + window > sh.seq:
+                continue
+            todo.setdefault(r, (reg, []))[1].append((ik, s, sh.seq))
+            sh.seq += 1
+        return todo
+
+    def _queue_renewals(self, todo: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]]
+                        ) -> None:
+        """Hand renewals from ``_note_hits`` to the ``RENEW`` task (queued once for many)."""
         with self.renew_lock:
             for r, (reg, renewals) in todo.items():
                 cur = self.renewals.get(r)

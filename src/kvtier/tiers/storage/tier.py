@@ -196,7 +196,7 @@ class StorageTier(SecondaryTier):
         self._done = Completions()
         self._io = IOPool(self.name, n_read_threads, n_write_threads, self._done,
                           {"open": self._run_open, "regrow": self._run_regrow})
-        self._io.refresh_window = lambda: self.refresh_window
+        self._io.refresh_window = self._refresh_window_locked
         try:
             self._open()
         except OSError as e:
@@ -475,7 +475,12 @@ class StorageTier(SecondaryTier):
         if sh is None:
             return 1
         with sh.index.lock:
-            return max(1, sh.index.usable_slots() // 2)
+            return self._refresh_window_locked()
+
+    def _refresh_window_locked(self) -> int:
+        """``refresh_window``, for a caller that holds the index's lock."""
+        sh = self._sh
+        return 1 if sh is None else max(1, sh.index.usable_slots() // 2)
 
     @property
     def _store(self) -> SlabStore | None:
