@@ -5,6 +5,7 @@ bytes and check them the same way."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,12 +67,13 @@ def test_adjacent_records_are_written_together_and_each_verified(
             writes.append(got // (SLOT_HEADER + BB))
         return got
 
-    def counting_native(fd: int, offset: int, hdr: int, hdr_len: int, prefix: bytes,
-                        records: Sequence[tuple[bytes, int, int]], payload_len: int) -> int:
+    def counting_native(runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int, prefix: bytes,
+                        records: Sequence[tuple[bytes, int, int]], payload_len: int) -> list[int] | None:
         assert fast is not None
-        got = type(fast).seal_write(fast, fd, offset, hdr, hdr_len, prefix, records, payload_len)
-        writes.append(got // (SLOT_HEADER + BB))
-        return got
+        done = type(fast).write_runs(fast, runs, hdr, hdr_len, prefix, records, payload_len)
+        assert done is not None
+        writes.extend(got // (SLOT_HEADER + BB) for got in done)
+        return done
 
     keys = [make_key(i, namespace) for i in range(n)]
     try:
@@ -80,7 +82,7 @@ def test_adjacent_records_are_written_together_and_each_verified(
         if fast is None:
             monkeypatch.setattr(os, "pwritev", counting)
         else:
-            monkeypatch.setattr(fast, "seal_write", counting_native)
+            monkeypatch.setattr(fast, "write_runs", counting_native)
         assert run_job(tier, "store", keys, range(n)).success  # one chunk (one write thread)
         monkeypatch.undo()
         if io_path == "python":  # the loads below too
@@ -152,7 +154,7 @@ def test_native_io_false_moves_every_record_in_python(tmp_path: Path, namespace:
     def refuse(*_a: object) -> int:
         raise AssertionError("the native record I/O was used")
 
-    monkeypatch.setattr(fast, "seal_write", refuse)
+    monkeypatch.setattr(fast, "write_runs", refuse)
     monkeypatch.setattr(fast, "read_runs", refuse)
     try:
         assert tier.stats()["native_io"] is False
@@ -273,6 +275,55 @@ def test_a_load_chunks_runs_are_read_in_one_call_with_headers_numbered_across_th
         assert calls == [3]  # the native path: every run in one call
         with pytest.raises(ValueError):
             store.read_runs([(0, [memoryview(aligned_buffer(BB)) for _ in range(n + 1)])], hdr)
+    finally:
+        del hdr
+        tier.shutdown()
+
+
+@pytest.mark.parametrize("io_path", ["native", "python"])
+def test_a_store_chunks_runs_are_written_in_one_call_and_a_failed_run_stops_no_other(
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, io_path: str) -> None:
+    n = 4
+    keys = [make_key(i, namespace) for i in range(n)]
+    ctx = tier_ctx(namespace, n, BB)
+    for j, k in enumerate(keys):
+        ctx.primary[j] = block_bytes_for(k, BB)
+    tier = open_small_tier(tmp_path, ctx, 1024)
+    store = tier._sh.store  # type: ignore[union-attr]
+    hdr = aligned_buffer(n * SLOT_HEADER)
+    broken = store.slots_per_file * 3  # a slot of a region whose file cannot be opened
+    fd = store.fd
+
+    def failing(region: int, **kw: bool) -> int:
+        if region == 3:
+            raise OSError(errno.EIO, "cannot open")
+        return fd(region, **kw)
+
+    calls: list[int] = []
+    if io_path == "python":
+        monkeypatch.setattr(store, "fast", None)
+    else:
+        assert store.fast is not None
+        write_runs = store.fast.write_runs
+
+        def counted(runs: Sequence[tuple[int, int, int]], *a: object) -> object:
+            calls.append(len(runs))
+            return write_runs(runs, *a)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store.fast, "write_runs", counted)
+    monkeypatch.setattr(store, "fd", failing)
+    recs = [(k, memoryview(ctx.primary[j]), 10 + j) for j, k in enumerate(keys)]
+    try:
+        out = store.write_runs([(6, recs[2:4]), (broken, recs[:1]), (1, recs[:2])], hdr)
+        assert out[0] == 0 and out[2] == 0
+        assert isinstance(out[1], OSError) and out[1].errno == errno.EIO
+        assert calls == ([2] if io_path == "native" else [])  # the two runs it could open
+        monkeypatch.undo()
+        back = aligned_buffer(BB)
+        for slot, j in ((6, 2), (7, 3), (1, 0), (2, 1)):  # every record whole and its own
+            assert store.read_record(slot, keys[j], memoryview(back), hdr) is None
+            assert bytes(back) == bytes(block_bytes_for(keys[j], BB))
+        del back
     finally:
         del hdr
         tier.shutdown()

@@ -1,12 +1,12 @@
 /*
- * The storage tier's record I/O: a run of adjacent slots written, or a load chunk's runs read,
- * in one call that runs without Python's GIL (it is called through ctypes, which lets the GIL
+ * The storage tier's record I/O: a store chunk's runs of adjacent slots written, or a load
+ * chunk's runs read, in one call that runs without Python's GIL (it is called through ctypes, which lets the GIL
  * go for the whole call).
  *
  * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
  * once per record (each payload checksum) and once more for the pwritev; on a small machine
- * under load, every take-back waits for the threads in line before it. Here a run costs one, and
- * a load chunk of several runs one too.
+ * under load, every take-back waits for the threads in line before it. Here a chunk of several
+ * runs costs one.
  *
  * The header built here is byte for byte the one kvtier.format.record.pack_header builds
  * (padded to hdr_len), with the slab's write sequence and its check in the last 16 bytes
@@ -61,21 +61,11 @@ static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, si
     return done < 0 ? -(int64_t)errno : (int64_t)done;
 }
 
-/*
- * Build the headers of n records in hdr (hdr_len bytes each) and write header and payload of
- * each, in order, with one pwritev at offset. Returns the bytes written, or -errno (-EINVAL
- * for arguments this function does not take: the caller then writes the records itself).
- */
-int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *hdr,
-                       size_t hdr_len, const uint8_t *prefix, const uint8_t *const *keys,
-                       const size_t *key_lens, const uint64_t *seqs,
-                       uint8_t *const *payloads, size_t payload_len) {
+/* Build the headers of n records in hdr, hdr_len bytes each (the caller checked the lengths). */
+static void seal(kvt_hash64 hash, int n, uint8_t *hdr, size_t hdr_len, const uint8_t *prefix,
+                 const uint8_t *const *keys, const size_t *key_lens, const uint64_t *seqs,
+                 uint8_t *const *payloads, size_t payload_len) {
     uint8_t tmp[KVT_MAX_HEADER + 8];
-    if (n <= 0 || n > KVT_MAX_RECORDS || hdr_len > KVT_MAX_HEADER) return -EINVAL;
-    for (int i = 0; i < n; i++) {
-        size_t klen = key_lens[i];
-        if (KVT_KEY_AT + klen + 16 > hdr_len) return -EINVAL;
-    }
     for (int i = 0; i < n; i++) {
         uint8_t *h = hdr + (size_t)i * hdr_len;
         const uint8_t *key = keys[i];
@@ -92,7 +82,42 @@ int64_t kvt_seal_write(kvt_hash64 hash, int fd, int64_t offset, int n, uint8_t *
         put_le64(h + hdr_len - 16, seqs[i]);
         put_le64(h + hdr_len - 8, hash(tmp, 8 + klen));
     }
-    return run_io(1, fd, offset, n, hdr, hdr_len, payloads, payload_len);
+}
+
+/*
+ * Write n_runs runs of records, in order: run r is counts[r] records written with one pwritev
+ * at offsets[r] of fds[r]. The records (keys, key_lens, seqs, payloads) are numbered across the
+ * runs, and so are their headers, built in hdr (hdr_len bytes each) just before their run is
+ * written. done[r] is the bytes run r wrote, or -errno; a failed run does not stop the next.
+ * Returns 0, or -EINVAL for arguments this function does not take (nothing was written: the
+ * caller then writes the records itself).
+ *
+ * One call writes a whole store chunk, so a thread moves from one run's write to the next
+ * without taking the GIL back in between.
+ */
+int64_t kvt_seal_write_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t *offsets,
+                            const int *counts, uint8_t *hdr, size_t hdr_len,
+                            const uint8_t *prefix, const uint8_t *const *keys,
+                            const size_t *key_lens, const uint64_t *seqs,
+                            uint8_t *const *payloads, size_t payload_len, int64_t *done) {
+    int total = 0;
+    if (n_runs <= 0 || hdr_len > KVT_MAX_HEADER) return -EINVAL;
+    for (int r = 0; r < n_runs; r++) {
+        if (counts[r] <= 0 || counts[r] > KVT_MAX_RECORDS - total) return -EINVAL;
+        total += counts[r];
+    }
+    for (int i = 0; i < total; i++)
+        if (KVT_KEY_AT + key_lens[i] + 16 > hdr_len) return -EINVAL;
+    int first = 0;
+    for (int r = 0; r < n_runs; r++) {
+        int n = counts[r];
+        uint8_t *h = hdr + (size_t)first * hdr_len;
+        seal(hash, n, h, hdr_len, prefix, keys + first, key_lens + first, seqs + first,
+             payloads + first, payload_len);
+        done[r] = run_io(1, fds[r], offsets[r], n, h, hdr_len, payloads + first, payload_len);
+        first += n;
+    }
+    return 0;
 }
 
 /*

@@ -1,10 +1,10 @@
-"""Record I/O of a run of adjacent slots without Python's GIL, where the native part is built.
+"""Record I/O of runs of adjacent slots without Python's GIL, where the native part is built.
 
-``_fastio.c`` seals and writes a run of records (every checksum, then one ``pwritev``), or reads
-the runs of a load chunk (one ``preadv`` a run, then every payload's checksum), in one call made
-through ctypes, which lets the GIL go for the whole call. In Python the same work gives the GIL
-up and waits to take it back once per record; with many I/O threads on few cores those waits,
-not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md).
+``_fastio.c`` seals and writes the runs of a store chunk (every checksum, then one ``pwritev`` a
+run), or reads the runs of a load chunk (one ``preadv`` a run, then every payload's checksum), in
+one call made through ctypes, which lets the GIL go for the whole call. In Python the same work
+gives the GIL up and waits to take it back once per record; with many I/O threads on few cores
+those waits, not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md).
 
 The native part is optional: it is built when kvtier is installed with a C compiler at hand.
 It is used only when the ``xxhash`` package exports the hash it is given (``XXH3_64bits``, or
@@ -45,10 +45,10 @@ class FastIO:
 
     def __init__(self, lib: ctypes.CDLL, hash_addr: int) -> None:
         self._hash = hash_addr
-        self._seal = lib.kvt_seal_write
+        self._seal = lib.kvt_seal_write_runs
         self._seal.restype = ctypes.c_int64
-        self._seal.argtypes = [_vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _vp, _sz, ctypes.c_char_p,
-                               _vp, _vp, _vp, _vp, _sz]
+        self._seal.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, ctypes.c_char_p,
+                               _vp, _vp, _vp, _vp, _sz, _vp]
         self._read = lib.kvt_read_runs
         self._read.restype = ctypes.c_int64
         self._read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz, _vp, _vp]
@@ -64,18 +64,27 @@ class FastIO:
             return None
         return pins, [ctypes.addressof(p) for p in pins]
 
-    def seal_write(self, fd: int, offset: int, hdr: int, hdr_len: int, prefix: bytes,
-                   records: Sequence[tuple[bytes, int, int]], payload_len: int) -> int:
-        """Build the headers of ``records`` (key, payload address, sequence) at address ``hdr``
-        and write each header and payload with one ``pwritev``: bytes written, or -errno
-        (-EINVAL: arguments the native part does not take; nothing was written)."""
-        n = len(records)
+    def write_runs(self, runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int,
+                   prefix: bytes, records: Sequence[tuple[bytes, int, int]], payload_len: int
+                   ) -> list[int] | None:
+        """Write runs of records, each ``(fd, offset, records)`` with one ``pwritev``, in order:
+        ``records`` (key, payload address, sequence), numbered across the runs, each sealed with
+        a header built from ``prefix`` at address ``hdr`` on, ``hdr_len`` bytes apart. Per run:
+        bytes written, or -errno. None when the native part does not take these arguments
+        (nothing was written)."""
+        n_runs, n = len(runs), len(records)
+        fds = (ctypes.c_int * n_runs)(*[r[0] for r in runs])
+        offs = (ctypes.c_int64 * n_runs)(*[r[1] for r in runs])
+        counts = (ctypes.c_int * n_runs)(*[r[2] for r in runs])
         keys = (ctypes.c_char_p * n)(*[k for k, _, _ in records])
         lens = (_sz * n)(*[len(k) for k, _, _ in records])
         seqs = (_u64 * n)(*[q for _, _, q in records])
         pays = (_vp * n)(*[p for _, p, _ in records])
-        return int(self._seal(self._hash, fd, offset, n, hdr, hdr_len, prefix, keys, lens, seqs,
-                              pays, payload_len))
+        done = (ctypes.c_int64 * n_runs)()
+        if self._seal(self._hash, n_runs, fds, offs, counts, hdr, hdr_len, prefix, keys, lens,
+                      seqs, pays, payload_len, done) < 0:
+            return None
+        return [int(d) for d in done]
 
     def read_runs(self, runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int,
                   payloads: Sequence[int], payload_len: int, stride: int
@@ -174,20 +183,18 @@ def _self_test(fio: FastIO, reference: ReferenceHeader) -> bool:
             return False
         with tempfile.TemporaryFile() as f:
             hdr_addr, *addr = pinned[1]
-            at = 0
-            for i in range(2):
+            rec = hdr_len + plen
+            for i in range(2):  # keys of two lengths: a call each, of one run
                 prefix = header_prefix(ns, len(keys[i]), plen, align=hdr_len)
-                got = fio.seal_write(f.fileno(), at, hdr_addr + i * hdr_len, hdr_len, prefix,
-                                     [(keys[i], addr[i], seqs[i])], plen)
-                if got != hdr_len + plen:
+                done = fio.write_runs([(f.fileno(), i * rec, 1)], hdr_addr + i * hdr_len, hdr_len,
+                                      prefix, [(keys[i], addr[i], seqs[i])], plen)
+                if done != [rec]:
                     return False
-                at += got
             for i in range(2):
                 header = reference(ns, keys[i], memoryview(payloads[i]), seqs[i])
                 if hdr[i * hdr_len:(i + 1) * hdr_len] != header:
                     return False
-            bh, *back_addr = back_pinned[1]
-            rec = hdr_len + plen  # read as two runs of one record, the second first
+            bh, *back_addr = back_pinned[1]  # read as two runs of one record, the second first
             runs = fio.read_runs([(f.fileno(), rec, 1), (f.fileno(), 0, 1)], bh, hdr_len,
                                  back_addr[::-1], plen, rec)
             want = [xxhash.xxh3_64_intdigest(p) for p in payloads]

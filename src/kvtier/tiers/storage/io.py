@@ -60,6 +60,11 @@ MERGE_BYTES = 1 << 20  # adjacent records: one pwritev up to this many payload b
 #: request of the virtio disk measured takes), and 4% faster than one record at a time
 LOAD_MERGE_BYTES = 512 << 10
 MERGE_MAX = 32  # and up to this many records (two iovecs each)
+#: a store job queued while the store queue already holds a chunk for every write thread is
+#: cut into chunks of up to this many payload bytes (and ``CHUNK_MAX`` blocks): the threads are
+#: busy anyway, and a larger chunk pays its log appends and its take-backs of the GIL once
+#: for more blocks
+STORE_CHUNK_BYTES = 4 << 20
 RENEW = "renew"  # the housekeeping task that logs the recency renewals of loads
 _T = TypeVar("_T", bound=tuple[Any, ...])
 
@@ -140,6 +145,8 @@ class IOPool:
         per = min(CHUNK_MAX, max(1, -(-len(work) // n_threads)))
         if kind == "load" and self.sh is not None:  # small chunks, taken in prefix order
             per = min(per, max(1, LOAD_CHUNK_BYTES // self.sh.store.block_bytes))
+        elif kind == "store" and self.sh is not None and len(self.store_q) >= self.n_write:
+            per = max(per, min(CHUNK_MAX, STORE_CHUNK_BYTES // self.sh.store.block_bytes))
         chunks = [work[i : i + per] for i in range(0, len(work), per)]
         job = JobState(job_id, len(chunks), failed)
         q = self.load_q if kind == "load" else self.store_q
@@ -487,14 +494,16 @@ class IOPool:
         done: list[tuple[bytes, int, int]] = []
         written: set[int] = set()
         t_write = time.perf_counter()
-        for run in self._runs(ok_items, MERGE_BYTES) if ok_items else []:  # adjacent: one pwritev
-            try:
-                written.add(store.write_run(run[0][2], [(k, memoryview(primary[ps]), q)
-                                                        for k, ps, _s, q in run], hdr))
-                done.extend((k, s, q) for k, _ps, s, q in run)
-            except OSError as e:
-                err = e
+        runs = self._runs(ok_items, MERGE_BYTES) if ok_items else []  # adjacent: one pwritev
+        results = store.write_runs([(run[0][2], [(k, memoryview(primary[ps]), q)
+                                                  for k, ps, _s, q in run]) for run in runs], hdr)
+        for run, result in zip(runs, results):
+            if isinstance(result, OSError):
+                err = result
                 failed_items.extend((k, s) for k, _ps, s, _q in run)
+            else:
+                written.add(result)
+                done.extend((k, s, q) for k, _ps, s, q in run)
         t_write = time.perf_counter() - t_write
         if done and sh.fsync == "batch":
             try:

@@ -224,18 +224,42 @@ class SlabStore:
         on, with one ``pwritev`` (headers built in ``hdr``, ``SLOT_HEADER`` bytes each); returns
         the region. More than one record needs ``mergeable``. Raises OSError (ENOSPC when short).
         """
-        self.ensure_allocated(slot + len(records) - 1)
-        region, off = self.locate(slot)
-        fd = self.fd(region, create=True)
-        want = self.record_bytes * len(records)
-        n = self._write_native(fd, off, records, hdr) if self.fast is not None else None
-        if n is None:
-            n = self._write_python(fd, off, records, hdr)
-        if n != want:  # a short write to a regular file: out of space
-            raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
-        if self.fsync == "always":
-            os.fdatasync(fd)
-        return region
+        done = self.write_runs([(slot, records)], hdr)[0]
+        if isinstance(done, OSError):
+            raise done
+        return done
+
+    def write_runs(self, runs: Sequence[tuple[int, Sequence[tuple[bytes, memoryview, int]]]],
+                   hdr: mmap.mmap) -> list[int | OSError]:
+        """Write runs of records in order, each ``(slot, records)`` as :meth:`write_run` writes
+        one. On the native path every run is sealed and written in one call without the GIL,
+        the headers numbered across the runs in ``hdr``. Per run: its region, or the OSError
+        its write met (the runs after it are still written)."""
+        out: list[int | OSError] = []
+        plan: list[tuple[int, int, int, int]] = []  # (run, fd, offset, region) of runs to write
+        for i, (slot, records) in enumerate(runs):
+            try:
+                self.ensure_allocated(slot + len(records) - 1)
+                region, off = self.locate(slot)
+                plan.append((i, self.fd(region, create=True), off, region))
+                out.append(region)
+            except OSError as e:
+                out.append(e)
+        written = self._write_native(plan, runs, hdr) if self.fast is not None and plan else None
+        for j, (i, fd, off, _region) in enumerate(plan):
+            records = runs[i][1]
+            want = self.record_bytes * len(records)
+            try:
+                n = self._write_python(fd, off, records, hdr) if written is None else written[j]
+                if n < 0:
+                    raise OSError(-n, os.strerror(-n))
+                if n != want:  # a short write to a regular file: out of space
+                    raise OSError(errno.ENOSPC, f"short write ({n} of {want} bytes)")
+                if self.fsync == "always":
+                    os.fdatasync(fd)
+            except OSError as e:
+                out[i] = e
+        return out
 
     def _write_python(self, fd: int, off: int, records: Sequence[tuple[bytes, memoryview, int]],
                       hdr: mmap.mmap) -> int:
@@ -248,13 +272,17 @@ class SlabStore:
             iov.append(payload)
         return os.pwritev(fd, iov, off)
 
-    def _write_native(self, fd: int, off: int, records: Sequence[tuple[bytes, memoryview, int]],
-                      hdr: mmap.mmap) -> int | None:
-        """The same records and ``pwritev`` as ``_write_python``, in one call without the GIL;
-        None for records it does not take (keys of different lengths, read-only payloads, more
-        headers than ``hdr`` holds: the Python path then writes them or fails as it would)."""
+    def _write_native(self, plan: Sequence[tuple[int, int, int, int]],
+                      runs: Sequence[tuple[int, Sequence[tuple[bytes, memoryview, int]]]],
+                      hdr: mmap.mmap) -> list[int] | None:
+        """The runs ``plan`` names ((run, fd, offset, region)), their records and ``pwritev``s as
+        ``_write_python`` would write them, in one call without the GIL: per planned run, bytes
+        written or -errno. None for records it does not take (keys of different lengths,
+        read-only payloads, more headers than ``hdr`` holds: the Python path then writes them
+        or fails as it would)."""
         fast = self.fast
         assert fast is not None
+        records = [rec for i, _fd, _off, _r in plan for rec in runs[i][1]]
         klen = len(records[0][0])
         if len(records) * SLOT_HEADER > len(hdr) or any(
                 len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
@@ -264,14 +292,11 @@ class SlabStore:
         if pinned is None:
             return None
         hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
-        n = fast.seal_write(fd, off, hdr_addr, SLOT_HEADER, self._prefix(klen),
-                            [(k, a, q) for (k, _p, q), a in zip(records, addrs)], self.block_bytes)
+        done = fast.write_runs([(fd, off, len(runs[i][1])) for i, fd, off, _r in plan], hdr_addr,
+                               SLOT_HEADER, self._prefix(klen),
+                               [(k, a, q) for (k, _p, q), a in zip(records, addrs)], self.block_bytes)
         del pinned
-        if n == -errno.EINVAL:
-            return None
-        if n < 0:
-            raise OSError(-n, os.strerror(-n))
-        return n
+        return done
 
     def _prefix(self, key_len: int) -> bytes:
         """The first bytes of every record header for a key of ``key_len`` bytes."""
