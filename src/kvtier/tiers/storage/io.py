@@ -11,8 +11,10 @@ faster on 16 threads than on 8 (docs/BENCHMARKS.md).
 
 A store chunk logs a DEL for every slot whose old record it is about to overwrite, writes the
 records (each run of adjacent slots of one region, up to ``MERGE_BYTES`` of payload, with one
-``pwritev``), then logs a PUT for each record written: a record is named by a log only while it
-is whole.
+``pwritev``; with the native record I/O every run of the chunk in one call), then logs a PUT for
+each record written: a record is named by a log only while it is whole. A store job is spread
+over the write threads, unless the store queue already holds a chunk for each of them: then its
+chunks grow to ``STORE_CHUNK_BYTES``.
 
 A load job's chunks are queued in the job's (prefix) order; a chunk reads each run of adjacent
 slots of one region (up to ``LOAD_MERGE_BYTES`` of payload) with one ``preadv`` (headers into
