@@ -9,6 +9,7 @@ import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,15 +220,20 @@ def test_native_and_python_record_io_write_the_same_bytes(tmp_path: Path, namesp
     assert seen["native"] == seen["python"]
 
 
-def test_a_load_chunks_runs_are_read_in_one_call_with_headers_numbered_across_them(
-        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    n = 8
+def _tier_of(tmp_path: Path, namespace: str, n: int) -> tuple[list[bytes], Any, StorageTier, Any]:
+    """Keys, a context whose primary slots hold their blocks, a small tier and its slab store."""
     keys = [make_key(i, namespace) for i in range(n)]
     ctx = tier_ctx(namespace, n, BB)
     for j, k in enumerate(keys):
         ctx.primary[j] = block_bytes_for(k, BB)
     tier = open_small_tier(tmp_path, ctx, 1024)
-    store = tier._sh.store  # type: ignore[union-attr]
+    return keys, ctx, tier, tier._sh.store  # type: ignore[union-attr]
+
+
+def test_a_load_chunks_runs_are_read_in_one_call_with_headers_numbered_across_them(
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 8
+    keys, ctx, tier, store = _tier_of(tmp_path, namespace, n)
     assert store.fast is not None
     hdr = aligned_buffer(n * SLOT_HEADER)
     no_file = store.slots_per_file * 3  # a slot of a region whose slab file is gone
@@ -284,12 +290,7 @@ def test_a_load_chunks_runs_are_read_in_one_call_with_headers_numbered_across_th
 def test_a_store_chunks_runs_are_written_in_one_call_and_a_failed_run_stops_no_other(
         tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, io_path: str) -> None:
     n = 4
-    keys = [make_key(i, namespace) for i in range(n)]
-    ctx = tier_ctx(namespace, n, BB)
-    for j, k in enumerate(keys):
-        ctx.primary[j] = block_bytes_for(k, BB)
-    tier = open_small_tier(tmp_path, ctx, 1024)
-    store = tier._sh.store  # type: ignore[union-attr]
+    keys, ctx, tier, store = _tier_of(tmp_path, namespace, n)
     hdr = aligned_buffer(n * SLOT_HEADER)
     broken = store.slots_per_file * 3  # a slot of a region whose file cannot be opened
     fd = store.fd
