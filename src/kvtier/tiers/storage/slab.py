@@ -236,17 +236,17 @@ class SlabStore:
         the headers numbered across the runs in ``hdr``. Per run: its region, or the OSError
         its write met (the runs after it are still written)."""
         out: list[int | OSError] = []
-        plan: list[tuple[int, int, int, int]] = []  # (run, fd, offset, region) of runs to write
+        plan: list[tuple[int, int, int]] = []  # (run, fd, offset) of the runs to write
         for i, (slot, records) in enumerate(runs):
             try:
                 self.ensure_allocated(slot + len(records) - 1)
                 region, off = self.locate(slot)
-                plan.append((i, self.fd(region, create=True), off, region))
+                plan.append((i, self.fd(region, create=True), off))
                 out.append(region)
             except OSError as e:
                 out.append(e)
         written = self._write_native(plan, runs, hdr) if self.fast is not None and plan else None
-        for j, (i, fd, off, _region) in enumerate(plan):
+        for j, (i, fd, off) in enumerate(plan):
             records = runs[i][1]
             want = self.record_bytes * len(records)
             try:
@@ -272,17 +272,17 @@ class SlabStore:
             iov.append(payload)
         return os.pwritev(fd, iov, off)
 
-    def _write_native(self, plan: Sequence[tuple[int, int, int, int]],
+    def _write_native(self, plan: Sequence[tuple[int, int, int]],
                       runs: Sequence[tuple[int, Sequence[tuple[bytes, memoryview, int]]]],
                       hdr: mmap.mmap) -> list[int] | None:
-        """The runs ``plan`` names ((run, fd, offset, region)), their records and ``pwritev``s as
+        """The runs ``plan`` names ((run, fd, offset)), their records and ``pwritev``s as
         ``_write_python`` would write them, in one call without the GIL: per planned run, bytes
         written or -errno. None for records it does not take (keys of different lengths,
         read-only payloads, more headers than ``hdr`` holds: the Python path then writes them
         or fails as it would)."""
         fast = self.fast
         assert fast is not None
-        records = [rec for i, _fd, _off, _r in plan for rec in runs[i][1]]
+        records = [rec for i, _fd, _off in plan for rec in runs[i][1]]
         klen = len(records[0][0])
         if len(records) * SLOT_HEADER > len(hdr) or any(
                 len(k) != klen or type(k) is not bytes or p.nbytes != self.block_bytes
@@ -292,7 +292,7 @@ class SlabStore:
         if pinned is None:
             return None
         hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
-        done = fast.write_runs([(fd, off, len(runs[i][1])) for i, fd, off, _r in plan], hdr_addr,
+        done = fast.write_runs([(fd, off, len(runs[i][1])) for i, fd, off in plan], hdr_addr,
                                SLOT_HEADER, self._prefix(klen),
                                [(k, a, q) for (k, _p, q), a in zip(records, addrs)], self.block_bytes)
         del pinned
