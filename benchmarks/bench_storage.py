@@ -391,7 +391,7 @@ PHASES = [
     ("scheduler_share", "scheduler calls (lookup, on_schedule_end), share of wall time"),
     ("blocks_per_chunk", "blocks per I/O chunk"),
     ("chunk_wait_ms", "chunk: queued until a thread takes it (ms)"),
-    ("chunk_read_ms", "chunk: preadv (ms)"),
+    ("chunk_read_ms", "chunk: reading, preadv (and the payloads' hashes, native) (ms)"),
     ("chunk_check_ms", "chunk: verifying headers and checksums (ms)"),
     ("chunk_other_ms", "chunk: bookkeeping (ms)"),
     ("store_chunk_wait_ms", "store chunk: queued until a thread takes it (ms)"),
