@@ -1,7 +1,7 @@
 /*
  * The storage tier's record I/O: a store chunk's runs of adjacent slots written, or a load
- * chunk's runs read, in one call that runs without Python's GIL (it is called through ctypes, which lets the GIL
- * go for the whole call).
+ * chunk's runs read, in one call that runs without Python's GIL (it is called through ctypes,
+ * which lets the GIL go for the whole call).
  *
  * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
  * once per record (each payload checksum) and once more for the pwritev; on a small machine
@@ -61,6 +61,18 @@ static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, si
     return done < 0 ? -(int64_t)errno : (int64_t)done;
 }
 
+/* The records of n_runs runs of counts[r] records each, or -1 when a count is not positive or
+ * the runs hold more than KVT_MAX_RECORDS records in all. */
+static int total_records(int n_runs, const int *counts) {
+    int total = 0;
+    if (n_runs <= 0) return -1;
+    for (int r = 0; r < n_runs; r++) {
+        if (counts[r] <= 0 || counts[r] > KVT_MAX_RECORDS - total) return -1;
+        total += counts[r];
+    }
+    return total;
+}
+
 /* Build the headers of n records in hdr, hdr_len bytes each (the caller checked the lengths). */
 static void seal(kvt_hash64 hash, int n, uint8_t *hdr, size_t hdr_len, const uint8_t *prefix,
                  const uint8_t *const *keys, const size_t *key_lens, const uint64_t *seqs,
@@ -100,12 +112,8 @@ int64_t kvt_seal_write_runs(kvt_hash64 hash, int n_runs, const int *fds, const i
                             const uint8_t *prefix, const uint8_t *const *keys,
                             const size_t *key_lens, const uint64_t *seqs,
                             uint8_t *const *payloads, size_t payload_len, int64_t *done) {
-    int total = 0;
-    if (n_runs <= 0 || hdr_len > KVT_MAX_HEADER) return -EINVAL;
-    for (int r = 0; r < n_runs; r++) {
-        if (counts[r] <= 0 || counts[r] > KVT_MAX_RECORDS - total) return -EINVAL;
-        total += counts[r];
-    }
+    int total = total_records(n_runs, counts);
+    if (total < 0 || hdr_len > KVT_MAX_HEADER) return -EINVAL;
     for (int i = 0; i < total; i++)
         if (KVT_KEY_AT + key_lens[i] + 16 > hdr_len) return -EINVAL;
     int first = 0;
@@ -136,12 +144,7 @@ int64_t kvt_seal_write_runs(kvt_hash64 hash, int n_runs, const int *fds, const i
 int64_t kvt_read_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t *offsets,
                       const int *counts, uint8_t *hdr, size_t hdr_len, uint8_t *const *payloads,
                       size_t payload_len, size_t stride, uint64_t *sums, int64_t *got) {
-    int total = 0;
-    if (n_runs <= 0 || stride == 0) return -EINVAL;
-    for (int r = 0; r < n_runs; r++) {
-        if (counts[r] <= 0 || counts[r] > KVT_MAX_RECORDS - total) return -EINVAL;
-        total += counts[r];
-    }
+    if (total_records(n_runs, counts) < 0 || stride == 0) return -EINVAL;
     int first = 0;
     for (int r = 0; r < n_runs; r++) {
         int n = counts[r];

@@ -23,6 +23,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import xxhash
 
@@ -73,9 +74,7 @@ class FastIO:
         bytes written, or -errno. None when the native part does not take these arguments
         (nothing was written)."""
         n_runs, n = len(runs), len(records)
-        fds = (ctypes.c_int * n_runs)(*[r[0] for r in runs])
-        offs = (ctypes.c_int64 * n_runs)(*[r[1] for r in runs])
-        counts = (ctypes.c_int * n_runs)(*[r[2] for r in runs])
+        fds, offs, counts = _run_arrays(runs)
         keys = (ctypes.c_char_p * n)(*[k for k, _, _ in records])
         lens = (_sz * n)(*[len(k) for k, _, _ in records])
         seqs = (_u64 * n)(*[q for _, _, q in records])
@@ -95,9 +94,7 @@ class FastIO:
         checksums of its records read whole, each ``stride`` bytes in the file). None when the
         native part does not take these arguments (nothing was read)."""
         n_runs, total = len(runs), len(payloads)
-        fds = (ctypes.c_int * n_runs)(*[r[0] for r in runs])
-        offs = (ctypes.c_int64 * n_runs)(*[r[1] for r in runs])
-        counts = (ctypes.c_int * n_runs)(*[r[2] for r in runs])
+        fds, offs, counts = _run_arrays(runs)
         pays = (_vp * total)(*payloads)
         sums = (_u64 * total)()
         got = (ctypes.c_int64 * n_runs)()
@@ -111,6 +108,15 @@ class FastIO:
             out.append((int(g), list(sums[first:first + whole])))
             first += n
         return out
+
+
+def _run_arrays(runs: Sequence[tuple[int, int, int]]
+                ) -> tuple[ctypes.Array[Any], ctypes.Array[Any], ctypes.Array[Any]]:
+    """The descriptors, offsets and record counts of ``(fd, offset, records)`` runs, as the
+    native calls take them."""
+    n = len(runs)
+    return ((ctypes.c_int * n)(*[r[0] for r in runs]), (ctypes.c_int64 * n)(*[r[1] for r in runs]),
+            (ctypes.c_int * n)(*[r[2] for r in runs]))
 
 
 _lock = threading.Lock()
