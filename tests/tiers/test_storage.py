@@ -531,14 +531,14 @@ def test_stores_run_on_the_write_threads_only(tmp_path: Path, namespace: str) ->
                        n_read_threads=3, n_write_threads=1)
     ran: dict[str, set[str]] = {"store": set(), "load": set()}
     io = tier._io
-    for kind in ran:
-        inner = getattr(io, f"_run_{kind}")
+    for kind, method in (("store", "_run_store"), ("load", "_start_load")):
+        inner = getattr(io, method)
 
-        def wrapped(*a: object, _inner: object = inner, _kind: str = kind) -> None:
+        def wrapped(*a: object, _inner: object = inner, _kind: str = kind) -> object:
             ran[_kind].add(threading.current_thread().name)
-            _inner(*a)  # type: ignore[operator]
+            return _inner(*a)  # type: ignore[operator]
 
-        setattr(io, f"_run_{kind}", wrapped)
+        setattr(io, method, wrapped)
     try:
         keys = [make_key(i) for i in range(32)]
         for i, k in enumerate(keys):

@@ -53,6 +53,18 @@ class FastIO:
         self._read = lib.kvt_read_runs
         self._read.restype = ctypes.c_int64
         self._read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz, _vp, _vp]
+        self._batch_new = lib.kvt_batch_new
+        self._batch_new.restype = _vp
+        self._batch_new.argtypes = []
+        self._batch_read = lib.kvt_batch_read
+        self._batch_read.restype = ctypes.c_int64
+        self._batch_read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz]
+        self._batch_wait = lib.kvt_batch_wait
+        self._batch_wait.restype = ctypes.c_int64
+        self._batch_wait.argtypes = [_vp, _vp, _vp, _vp]
+        self._batch_free = lib.kvt_batch_free
+        self._batch_free.restype = None
+        self._batch_free.argtypes = [_vp]
 
     @staticmethod
     def pin_all(bufs: Sequence[memoryview | mmap.mmap]) -> tuple[list[ctypes.c_char], list[int]] | None:
@@ -101,13 +113,69 @@ class FastIO:
         if self._read(self._hash, n_runs, fds, offs, counts, hdr, hdr_len, pays, payload_len,
                       stride, sums, got) < 0:
             return None
-        out: list[tuple[int, list[int]]] = []
-        first = 0
-        for (_fd, _off, n), g in zip(runs, got):
-            whole = min(n, g // stride) if g > 0 else 0
-            out.append((int(g), list(sums[first:first + whole])))
-            first += n
-        return out
+        return _per_run(runs, got, sums, stride)
+
+    def read_batch(self) -> ReadBatch | None:
+        """A batch for reads in flight while the thread does other work; None where the kernel
+        gives no native AIO context (then read with :meth:`read_runs`)."""
+        handle = self._batch_new()
+        return ReadBatch(self, handle) if handle else None
+
+
+class ReadBatch:
+    """A load chunk's reads in flight (Linux native AIO, asynchronous on O_DIRECT files): the
+    runs :meth:`FastIO.read_runs` would read, started by :meth:`start` and ended, with their
+    payloads' checksums, by :meth:`wait`. One thread uses a batch; one start at a time. The
+    buffers whose addresses :meth:`start` was given must stay pinned until :meth:`wait`
+    returns (pin them with :meth:`FastIO.pin_all`)."""
+
+    def __init__(self, fio: FastIO, handle: int) -> None:
+        self._fio = fio
+        self._handle: int | None = handle
+        self._runs: Sequence[tuple[int, int, int]] = ()
+        self._stride = 1
+
+    def start(self, runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int,
+              payloads: Sequence[int], payload_len: int, stride: int) -> bool:
+        """Start reading ``runs`` as :meth:`FastIO.read_runs` reads them; False when the native
+        part does not take these arguments (nothing was started)."""
+        assert self._handle is not None, "the batch is closed"
+        fds, offs, counts = _run_arrays(runs)
+        pays = (_vp * len(payloads))(*payloads)
+        if self._fio._batch_read(self._handle, len(runs), fds, offs, counts, hdr, hdr_len, pays,
+                                 payload_len, stride) < 0:
+            return False
+        self._runs, self._stride = runs, stride
+        return True
+
+    def wait(self) -> list[tuple[int, list[int]]]:
+        """Wait for the started reads: per run, what :meth:`FastIO.read_runs` returns."""
+        assert self._handle is not None, "the batch is closed"
+        runs = self._runs
+        sums = (_u64 * max(1, sum(n for _fd, _off, n in runs)))()
+        got = (ctypes.c_int64 * max(1, len(runs)))()
+        if self._fio._batch_wait(self._handle, self._fio._hash, sums, got) < 0:
+            raise RuntimeError("no reads were started on this batch")
+        self._runs = ()
+        return _per_run(runs, got, sums, self._stride)
+
+    def close(self) -> None:
+        """Free the batch (after any reads still in flight end)."""
+        if self._handle is not None:
+            self._fio._batch_free(self._handle)
+            self._handle = None
+
+
+def _per_run(runs: Sequence[tuple[int, int, int]], got: ctypes.Array[Any], sums: ctypes.Array[Any],
+             stride: int) -> list[tuple[int, list[int]]]:
+    """Per run: (bytes read or -errno, the payload checksums of its records read whole)."""
+    out: list[tuple[int, list[int]]] = []
+    first = 0
+    for (_fd, _off, n), g in zip(runs, got):
+        whole = min(n, g // stride) if g > 0 else 0
+        out.append((int(g), list(sums[first:first + whole])))
+        first += n
+    return out
 
 
 def _run_arrays(runs: Sequence[tuple[int, int, int]]

@@ -9,12 +9,9 @@ in flight (on a 2-core VM, 256 KiB stores ran as fast on 8 threads as on 16). A 
 written one record a call, a thread holds one block in flight, and 2 MiB stores ran about 10%
 faster on 16 threads than on 8 (docs/BENCHMARKS.md).
 
-A store chunk logs a DEL for every slot whose old record it is about to overwrite, writes the
-records (each run of adjacent slots of one region, up to ``MERGE_BYTES`` of payload, with one
-``pwritev``; with the native record I/O every run of the chunk in one call), then logs a PUT for
-each record written: a record is named by a log only while it is whole. A store job is spread
-over the write threads, unless the store queue already holds a chunk for each of them: then its
-chunks grow to ``STORE_CHUNK_BYTES``.
+A store chunk's work is in :mod:`kvtier.tiers.storage.stores`. A store job is spread over the
+write threads, unless the store queue already holds a chunk for each of them: then its chunks
+grow to ``STORE_CHUNK_BYTES``.
 
 A load job's chunks are queued in the job's (prefix) order; a chunk reads each run of adjacent
 slots of one region (up to ``LOAD_MERGE_BYTES`` of payload) with one ``preadv`` (headers into
@@ -22,6 +19,11 @@ the thread's buffer, payloads straight into their primary slots); with the nativ
 every run of the chunk is read and hashed in one call, so the thread takes the GIL back once a
 chunk, not once a run (on a 2-core VM a take-back after a read waited about a millisecond
 on average, with the read's slot in the disk's queue left empty meanwhile: docs/BENCHMARKS.md).
+On O_DIRECT files the native path also keeps a thread's next chunk in flight: the thread takes
+the next chunk and starts its reads (Linux native AIO, every run at once) before it checks the
+chunk whose reads just ended, so the disk is not left without that thread's reads while it
+waits for the GIL (the reads of a host's virtual disk end in batches, and every thread of a
+batch then wants the GIL at once).
 Every record is verified (magic, header checksum, namespace, key, length, payload checksum)
 before its block counts; blocks that count are reported through ``loaded`` as their chunk's
 reads end, before the job does, so that a request's leading blocks can be served early.
@@ -37,7 +39,6 @@ records (header, checksum and ``pwritev``), appending to the logs and in the res
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import threading
 import time
@@ -48,15 +49,17 @@ from typing import Any, TypeVar
 
 from kvtier.tiers.base import Completions, TierJobResult
 from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage import stores
+from kvtier.tiers.storage.fastio import ReadBatch
 from kvtier.tiers.storage.index import OwnedRegion
 from kvtier.tiers.storage.shared import LogEntries, Shared
-from kvtier.tiers.storage.slab import SLOT_HEADER, aligned_buffer
+from kvtier.tiers.storage.slab import SLOT_HEADER, Reads, aligned_buffer
+from kvtier.tiers.storage.stores import MERGE_BYTES
 
 log = logging.getLogger("kvtier.tiers.storage")
 
 CHUNK_MAX = 32  # blocks per I/O task
 LOAD_CHUNK_BYTES = 1 << 20  # payload bytes per load task (at least one block)
-MERGE_BYTES = 1 << 20  # adjacent records: one pwritev up to this many payload bytes
 #: and one preadv up to this many: at 256 KiB, runs of two records loaded 9-11% faster than runs
 #: of four in alternating rounds (a read of four spans 260 pages, more than the 254 segments a
 #: request of the virtio disk measured takes), and 4% faster than one record at a time
@@ -69,6 +72,7 @@ MERGE_MAX = 32  # and up to this many records (two iovecs each)
 STORE_CHUNK_BYTES = 4 << 20
 RENEW = "renew"  # the housekeeping task that logs the recency renewals of loads
 _T = TypeVar("_T", bound=tuple[Any, ...])
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -81,6 +85,20 @@ class JobState:
     moved: int = 0
     t0: float = field(default_factory=time.perf_counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class StartedLoad:
+    """A load chunk whose reads were started (``_start_load``), to be finished."""
+
+    task: Task
+    hdr: Any  # the headers' buffer
+    runs: list[list[tuple[bytes, int, int, bool]]]
+    dests: list[list[memoryview]]  # the payloads' primary slots, a list a run
+    reads: Reads
+    t_pick: float  # when a thread took the chunk
+    t_read: float  # seconds spent starting the reads
+    t_started: float  # when they were started
 
 
 @dataclass
@@ -119,8 +137,12 @@ class IOPool:
         #: new sequence)]), and whether a ``RENEW`` task is queued for them
         self.renewals: dict[int, tuple[OwnedRegion, list[tuple[bytes, int, int]]]] = {}
         self.renew_lock = threading.Lock()
+        #: held while renewals are logged, so that a caller of ``log_renewals`` returns only
+        #: once the renewals taken by a ``RENEW`` task running meanwhile are logged too
+        self.renew_log_lock = threading.Lock()
         self.renew_queued = False
         self.stop = False
+        self.no_aio_logged = False
         self.threads = [
             threading.Thread(target=self._worker, args=(i < n_read,),
                              name=f"kvtier-{name}-io{i}", daemon=True)
@@ -207,43 +229,98 @@ class IOPool:
         return not any(t.is_alive() for t in self.threads)
 
     # -- threads ---------------------------------------------------------------------------
-    def _worker(self, reader: bool) -> None:
-        hdr = aligned_buffer(MERGE_MAX * SLOT_HEADER)
-        zeros = aligned_buffer(SLOT_HEADER)
+    def _take(self, reader: bool, wait: bool) -> Task | None:
+        """The next task for a read thread (loads, and stores of large blocks when no load
+        waits) or a write thread (stores and housekeeping first, then loads); None once the
+        pool stops, or when nothing is queued and ``wait`` is false."""
         load_q, store_q = self.load_q, self.store_q
+        with self.cond:
+            while not (self.stop or load_q or store_q and (not reader or self.readers_store)):
+                if not wait:
+                    return None
+                (self.cond_load if reader else self.cond).wait()
+            if self.stop:
+                return None
+            if reader:
+                return load_q.popleft() if load_q else store_q.popleft()
+            return store_q.popleft() if store_q else load_q.popleft()
+
+    def _worker(self, reader: bool) -> None:
+        """An I/O thread. With the native record I/O on O_DIRECT files a thread keeps a load
+        chunk's reads in flight while it checks the chunk before: it takes the next chunk,
+        starts its reads, then finishes the held one (a thread that waits for the GIL after
+        its reads ended no longer leaves the disk without its next reads)."""
+        hdrs = [aligned_buffer(MERGE_MAX * SLOT_HEADER) for _ in range(2)]
+        zeros = aligned_buffer(SLOT_HEADER)
+        batches: list[ReadBatch] | None = None  # made at the first load
+        held: StartedLoad | None = None  # reads in flight
+        turn = 0
         try:
             while True:
-                if reader:  # loads (and stores of large blocks when no load waits)
-                    with self.cond_load:
-                        while not (self.stop or load_q or store_q and self.readers_store):
-                            self.cond_load.wait()
-                        if self.stop:
-                            return
-                        task = load_q.popleft() if load_q else store_q.popleft()
-                else:  # stores and housekeeping first, then loads
-                    with self.cond:
-                        while not (self.stop or load_q or store_q):
-                            self.cond.wait()
-                        if self.stop:
-                            return
-                        task = store_q.popleft() if store_q else load_q.popleft()
-                try:
-                    if task.kind == "load":
-                        self._run_load(task, hdr, zeros)
-                    elif task.kind == "store":
-                        self._run_store(task, hdr)
-                    else:
-                        self.housekeeping[task.kind]()
-                except Exception as e:  # never let an I/O thread die
-                    log.exception("tier %s: I/O task failed", self.name)
-                    if task.job is not None:
-                        self.finish_chunk(task.job, {k for k, _, _, _ in task.items}, 0)
-                    if self.sh is not None:
-                        self.sh.read_health.record_failure(e)
+                task = self._take(reader, wait=held is None)
+                if task is None and held is None:
+                    return
+                started: StartedLoad | None = None
+                if task is not None and task.kind == "load":
+                    if batches is None:
+                        batches = self._read_batches()
+                    if batches:
+                        turn ^= 1
+                        started = self._attempt(task, self._start_load, task, hdrs[turn],
+                                                batches[turn])
+                        task = None  # started, or failed as a whole
+                if held is not None:
+                    self._attempt(held.task, self._finish_load, held, zeros)
+                    held = None
+                held = started
+                if task is not None:
+                    self._attempt(task, self._run, task, hdrs[turn], zeros)
         finally:
+            if held is not None:  # only on an unexpected exit: let the reads end first
+                with contextlib.suppress(Exception):
+                    held.reads.batch.wait()  # type: ignore[union-attr]
+            for b in batches or []:
+                b.close()
             with contextlib.suppress(BufferError):
-                hdr.close()
+                for h in hdrs:
+                    h.close()
                 zeros.close()
+
+    def _read_batches(self) -> list[ReadBatch]:
+        """A thread's two batches of reads in flight; none where reads cannot be asynchronous
+        (no native record I/O, no O_DIRECT, or no native AIO context to be had)."""
+        sh = self.sh
+        fast = sh.store.fast if sh is not None and sh.store.direct else None
+        made = [b for b in (fast.read_batch(), fast.read_batch()) if b is not None] if fast else []
+        if len(made) == 2:
+            return made
+        for b in made:
+            b.close()
+        if fast is not None and not self.no_aio_logged:
+            self.no_aio_logged = True
+            log.warning("tier %s: no native AIO context (fs.aio-max-nr used up, or io_setup not "
+                        "allowed here); loads keep one read in flight a thread", self.name)
+        return []
+
+    def _run(self, task: Task, hdr: Any, zeros: Any) -> None:
+        if task.kind == "load":
+            self._run_load(task, hdr, zeros)
+        elif task.kind == "store":
+            self._run_store(task, hdr)
+        else:
+            self.housekeeping[task.kind]()
+
+    def _attempt(self, task: Task, fn: Callable[..., _R], *args: Any) -> _R | None:
+        """``fn(*args)`` for ``task``; an exception fails the task's chunk (never the thread)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            log.exception("tier %s: I/O task failed", self.name)
+            if task.job is not None:
+                self.finish_chunk(task.job, {k for k, _, _, _ in task.items}, 0)
+            if self.sh is not None:
+                self.sh.read_health.record_failure(e)
+            return None
 
     def finish_chunk(self, job: JobState, failed: set[bytes], moved: int) -> None:
         """Count a finished chunk; the job's result goes out with its last chunk."""
@@ -265,10 +342,29 @@ class IOPool:
 
     # -- loads -----------------------------------------------------------------------------
     def _run_load(self, task: Task, hdr: Any, zeros: Any) -> None:
+        self._finish_load(self._start_load(task, hdr, None), zeros)
+
+    def _start_load(self, task: Task, hdr: Any, batch: ReadBatch | None) -> StartedLoad:
+        """A load chunk's reads started: in flight on ``batch`` when given (and the native path
+        takes them), else made by :meth:`_finish_load`."""
         t_pick = time.perf_counter()
         sh = self.sh
         assert sh is not None and task.job is not None
-        store, index, primary = sh.store, sh.index, sh.primary
+        primary = sh.primary
+        runs = self._runs(task.items, LOAD_MERGE_BYTES)
+        t0 = time.perf_counter()
+        dests = [[memoryview(primary[ps]) for _k, ps, _s, _r in run] for run in runs]
+        reads = sh.store.start_reads([(run[0][2], d) for run, d in zip(runs, dests)], hdr, batch)
+        now = time.perf_counter()
+        return StartedLoad(task, hdr, runs, dests, reads, t_pick, now - t0, now)
+
+    def _finish_load(self, started: StartedLoad, zeros: Any) -> None:
+        """A load chunk's reads ended, every record verified, and the index told."""
+        task, hdr, runs, dests, t_pick = (started.task, started.hdr, started.runs, started.dests,
+                                          started.t_pick)
+        sh = self.sh
+        assert sh is not None and task.job is not None
+        store, index = sh.store, sh.index
         items = task.items
         failed: set[bytes] = set()
         bad: list[tuple[bytes, int, str]] = []  # own records that failed verification
@@ -277,11 +373,11 @@ class IOPool:
         hits: list[tuple[bytes, int]] = []
         moved = ok = 0
         io_error: OSError | None = None
-        runs = self._runs(items, LOAD_MERGE_BYTES)
         t0 = time.perf_counter()
-        dests = [[memoryview(primary[ps]) for _k, ps, _s, _r in run] for run in runs]
-        results = store.read_runs([(run[0][2], d) for run, d in zip(runs, dests)], hdr)
-        t_read = time.perf_counter() - t0
+        elsewhere = t0 - started.t_started  # the thread's time on other chunks meanwhile
+        results = store.finish_reads(started.reads)
+        t_read = started.t_read + time.perf_counter() - t0
+        t0 -= started.t_read  # so that t_check below is the time after the reads
         hv = memoryview(hdr)
         first = 0  # the run's first header in ``hdr``
         for run, run_dests, result in zip(runs, dests, results):
@@ -313,7 +409,7 @@ class IOPool:
                     bad.append((key, s, reason))
             self.report(task.job, loaded)
         hv.release()
-        del dests
+        del dests, started.dests
         t_check = time.perf_counter() - t0 - t_read
         if bad:
             io_error = self._drop_bad(bad, zeros) or io_error
@@ -344,7 +440,7 @@ class IOPool:
         sh.count(hits=ok, bytes_read=moved, load_failures=len(failed), remote_hits=len(hits),
                  stale_misses=len(stale), load_chunks=1, load_wait_seconds=t_pick - task.queued,
                  load_read_seconds=t_read, load_check_seconds=t_check,
-                 load_other_seconds=time.perf_counter() - t_pick - t_read - t_check)
+                 load_other_seconds=time.perf_counter() - t_pick - elsewhere - t_read - t_check)
         self.finish_chunk(task.job, failed, moved)
 
     def _drop_bad(self, bad: list[tuple[bytes, int, str]], zeros: Any) -> OSError | None:
@@ -424,7 +520,12 @@ class IOPool:
     def log_renewals(self) -> None:
         """Log the recency renewals of loads so far: one append per region, of the renewals
         whose slot still holds the block with an older sequence (a slot rewritten since, or a
-        region given up, keeps what its log says)."""
+        region given up, keeps what its log says). Returns once those that another thread took
+        to log before the call are logged too."""
+        with self.renew_log_lock:
+            self._log_renewals()
+
+    def _log_renewals(self) -> None:
         sh = self.sh
         with self.renew_lock:
             todo, self.renewals = self.renewals, {}
@@ -458,131 +559,4 @@ class IOPool:
 
     # -- stores ----------------------------------------------------------------------------
     def _run_store(self, task: Task, hdr: Any) -> None:
-        t_pick = time.perf_counter()
-        t_log = 0.0
-        sh = self.sh
-        assert sh is not None and task.job is not None
-        store, index, primary, geo = sh.store, sh.index, sh.primary, sh.geo
-        items = task.items
-        err: OSError | None = None
-        with index.lock:
-            seq0 = sh.seq
-            sh.seq += len(items)
-            regs = {index.region_of(s): index.regions[index.region_of(s)] for _, _, s, _ in items}
-        # 1. the old records of reused slots leave the log before they are overwritten
-        failed_items: list[tuple[bytes, int]] = []
-        ok_items: list[tuple[bytes, int, int, int]] = []  # key, primary slot, slot, seq
-        for r, reg in regs.items():
-            base = geo.base(r)
-            mine = [(k, ps, s, old, seq0 + i) for i, (k, ps, s, old) in enumerate(items)
-                    if s // geo.slots_per_region == r]
-            dels = [s for _k, _ps, s, old, _q in mine if old]
-            if dels:
-                def forget(dels: list[int] = dels) -> None:
-                    for s in dels:
-                        index.slots.pop(s, None)
-
-                t0 = time.perf_counter()
-                try:
-                    sh.append(reg, [(ilog.DEL, s - base, 0, 0, b"") for s in dels], forget)
-                except OSError as e:
-                    err = e
-                    failed_items.extend((k, s) for k, _ps, s, _o, _q in mine)
-                    continue
-                finally:
-                    t_log += time.perf_counter() - t0
-            ok_items.extend((k, ps, s, q) for k, ps, s, _o, q in mine)
-        # 2. the records
-        done: list[tuple[bytes, int, int]] = []
-        written: set[int] = set()
-        t_write = time.perf_counter()
-        runs = self._runs(ok_items, MERGE_BYTES) if ok_items else []  # adjacent: one pwritev
-        results = store.write_runs([(run[0][2], [(k, memoryview(primary[ps]), q)
-                                                  for k, ps, _s, q in run]) for run in runs], hdr)
-        for run, result in zip(runs, results):
-            if isinstance(result, OSError):
-                err = result
-                failed_items.extend((k, s) for k, _ps, s, _q in run)
-            else:
-                written.add(result)
-                done.extend((k, s, q) for k, _ps, s, q in run)
-        t_write = time.perf_counter() - t_write
-        if done and sh.fsync == "batch":
-            try:
-                store.sync_regions(written)
-            except OSError as e:
-                err = e
-                failed_items.extend((k, s) for k, s, _q in done)
-                done = []
-        if err is not None and err.errno == errno.ENOSPC:
-            self._shrink_to_fit([s for _, s in failed_items])
-        # 3. the log names them; they become loadable here
-        stored: list[tuple[bytes, int, int]] = []
-        for r, reg in regs.items():
-            mine_done = [(k, s, q) for k, s, q in done if s // geo.slots_per_region == r]
-            if not mine_done:
-                continue
-
-            def publish(mine_done: list[tuple[bytes, int, int]] = mine_done) -> None:
-                for key, s, seq in mine_done:
-                    index.slots[s] = (ilog.index_key(key), seq)
-
-            base = geo.base(r)
-            t0 = time.perf_counter()
-            try:
-                sh.append(reg, [(ilog.PUT, s - base, 0, q, k) for k, s, q in mine_done], publish,
-                          sync=sh.sync_logs)
-                stored.extend(mine_done)
-            except OSError as e:
-                err = e
-                failed_items.extend((k, s) for k, s, _q in mine_done)
-            t_log += time.perf_counter() - t0
-        stored.sort(key=lambda x: x[2])  # the job's order: the last key stored is the newest
-        with index.lock:
-            own, writing, remote = index.own, index.writing, index.remote
-            for key, s, _seq in stored:  # loadable here from now on
-                ik = ilog.index_key(key)
-                if len(key) > ilog.KEY_INLINE:
-                    index.full_keys[ik] = key
-                writing.pop(ik, None)
-                own[ik] = s
-                if ik not in remote:
-                    index._event(ik, False)
-            for key, s in failed_items:
-                index.writing.pop(ilog.index_key(key), None)
-                index.free_slot(s)
-            for _k, _ps, s, _o in items:
-                index.regions[index.region_of(s)].writing -= 1
-        sh.count(bytes_written=len(stored) * store.block_bytes, store_failures=len(failed_items),
-                 store_chunks=1, store_wait_seconds=t_pick - task.queued,
-                 store_write_seconds=t_write, store_log_seconds=t_log,
-                 store_other_seconds=time.perf_counter() - t_pick - t_write - t_log)
-        if err is not None:
-            sh.write_health.record_failure(err)
-        elif stored:
-            sh.write_health.record_success()
-        self.finish_chunk(task.job, {k for k, _ in failed_items}, len(stored) * store.block_bytes)
-
-    def _shrink_to_fit(self, slots: list[int]) -> None:
-        """The file system is full: from now on, stay within the file space already allocated.
-
-        The region that found no space keeps below that slot; the others stop growing. Slots
-        given up this way come back when the file system has room again (``regrow``).
-        """
-        sh = self.sh
-        if not slots or sh is None:
-            return
-        index, geo = sh.index, sh.geo
-        with index.lock:
-            before = index.usable_slots()
-            for s in slots:
-                reg = index.regions.get(index.region_of(s))
-                if reg is not None:
-                    reg.limit = min(reg.limit, s - geo.base(reg.region))
-            for reg in index.regions.values():
-                reg.limit = min(reg.limit, reg.fresh)
-                sh.store.limits[reg.region] = reg.limit
-            after = index.usable_slots()
-        if after < before:
-            log.warning("tier %s: file system full; keeping to %d blocks (%d bytes) from now on",
-                        sh.name, after, after * geo.slot_size)
+        stores.run_store(self, task, hdr)

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -36,7 +37,7 @@ from kvtier.format.record import (
     parse_header,
     verify,
 )
-from kvtier.tiers.storage.fastio import FastIO, native
+from kvtier.tiers.storage.fastio import FastIO, ReadBatch, native
 from kvtier.tiers.storage.layout import ALIGN, SLOT_HEADER, Geometry, round_up, slab_name
 
 MAX_KEY_BYTES = SLOT_HEADER - FIXED_HEADER_SIZE - 16
@@ -99,6 +100,18 @@ class ScannedRecord:
     slot: int
     key: bytes
     seq: int
+
+
+@dataclass
+class Reads:
+    """Reads started by :meth:`SlabStore.start_reads`, for :meth:`SlabStore.finish_reads`."""
+
+    runs: Sequence[tuple[int, Sequence[memoryview]]]
+    hdr: mmap.mmap
+    located: list[tuple[int, int, int]]  # (fd, offset, records) a run; fd -1: not opened
+    unopened: dict[int, tuple[int, None] | OSError]  # run -> its result without a read
+    batch: ReadBatch | None = None  # in flight on this batch
+    pinned: Any = None  # the buffers' pins while in flight
 
 
 class SlabStore:
@@ -353,7 +366,14 @@ class SlabStore:
         OSError its read met (the runs after it are still read). ValueError when ``hdr`` cannot
         hold every header.
         """
-        stride = self.slot_size if self.mergeable else self.record_bytes
+        return self.finish_reads(self.start_reads(runs, hdr))
+
+    def start_reads(self, runs: Sequence[tuple[int, Sequence[memoryview]]], hdr: mmap.mmap,
+                    batch: ReadBatch | None = None) -> Reads:
+        """:meth:`read_runs` in two steps: with a ``batch`` (from ``fast.read_batch()``) and the
+        native path, the reads are in flight when this returns (``hdr`` and the destinations
+        stay pinned until :meth:`finish_reads`); otherwise they are made by
+        :meth:`finish_reads`. Every start must be finished."""
         located: list[tuple[int, int, int]] = []  # (fd, offset, records); fd -1: not opened
         unopened: dict[int, tuple[int, None] | OSError] = {}  # run -> (-1, None): no slab file
         for i, (slot, dests) in enumerate(runs):
@@ -367,17 +387,38 @@ class SlabStore:
             located.append((fd, off, len(dests)))
         if sum(n for _fd, _off, n in located) * SLOT_HEADER > len(hdr):
             raise ValueError("the header buffer cannot hold every record of the runs")
+        reads = Reads(runs, hdr, located, unopened)
         fast = self.fast
-        if fast is not None and all(d.nbytes == self.block_bytes for _s, ds in runs for d in ds):
+        if batch is not None and fast is not None and self._native_sized(runs):
             pinned = fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
             if pinned is not None:
+                hdr_addr, *addrs = pinned[1]
+                if batch.start(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, self.stride):
+                    reads.pinned, reads.batch = pinned, batch
+        return reads
+
+    def finish_reads(self, reads: Reads) -> list[tuple[int, list[int] | None] | OSError]:
+        """The reads of :meth:`start_reads`, ended (or made now): per run, what
+        :meth:`read_runs` returns."""
+        runs, hdr, located, unopened, stride = (reads.runs, reads.hdr, reads.located,
+                                                reads.unopened, self.stride)
+        done: list[tuple[int, list[int]]] | None = None
+        if reads.batch is not None:
+            try:
+                done = reads.batch.wait()
+            finally:
+                reads.pinned = reads.batch = None  # the buffers are ours again
+        elif self.fast is not None and self._native_sized(runs):
+            pinned = self.fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
+            if pinned is not None:
                 hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
-                done = fast.read_runs(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, stride)
+                done = self.fast.read_runs(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
+                                           stride)
                 del pinned
-                if done is not None:
-                    return [unopened[i] if i in unopened else
-                            OSError(-g, os.strerror(-g)) if g < 0 else (min(g // stride, n), sums)
-                            for i, ((_fd, _off, n), (g, sums)) in enumerate(zip(located, done))]
+        if done is not None:
+            return [unopened[i] if i in unopened else
+                    OSError(-g, os.strerror(-g)) if g < 0 else (min(g // stride, n), sums)
+                    for i, ((_fd, _off, n), (g, sums)) in enumerate(zip(located, done))]
         out: list[tuple[int, list[int] | None] | OSError] = []
         hv = memoryview(hdr)
         first = 0
@@ -395,6 +436,14 @@ class SlabStore:
             except OSError as e:
                 out.append(e)
         return out
+
+    @property
+    def stride(self) -> int:
+        """Bytes from one record to the next in a run."""
+        return self.slot_size if self.mergeable else self.record_bytes
+
+    def _native_sized(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> bool:
+        return all(d.nbytes == self.block_bytes for _s, ds in runs for d in ds)
 
     def check_record(self, head: memoryview, key: bytes, dest: memoryview,
                      payload_sum: int | None = None) -> str | None:
