@@ -1,7 +1,7 @@
 """Storage tier loads with a chunk's reads in flight: reads started on a native AIO batch end
 with what the one-call read gives (headers, payloads, checksums, failed runs), an I/O thread
 starts its next chunk's reads before it checks the chunk before, every record is still verified,
-and where no batch can be had the thread reads as before."""
+and for small blocks, or where no batch can be had, the thread reads as before."""
 
 from __future__ import annotations
 
@@ -15,10 +15,17 @@ from helpers import block_bytes_for, make_key
 from test_storage import run_job, run_jobs, tier_ctx
 
 from kvtier.tiers.storage import StorageTier
+from kvtier.tiers.storage import io as sio
 from kvtier.tiers.storage.layout import SLOT_HEADER
 from kvtier.tiers.storage.slab import aligned_buffer
 
 BB = 16 << 10
+
+
+@pytest.fixture
+def pipelined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads keep a chunk in flight at this test's small block size too."""
+    monkeypatch.setattr(sio, "PIPELINE_BYTES", BB)
 
 
 def _stored(tmp_path: Path, namespace: str, n: int, n_read: int = 1
@@ -93,7 +100,7 @@ def test_reads_started_on_a_batch_end_as_the_one_call_read_ends(
 
 
 def test_a_thread_starts_its_next_chunks_reads_before_it_checks_the_last(
-        tmp_path: Path, namespace: str) -> None:
+        tmp_path: Path, namespace: str, pipelined: None) -> None:
     n = 48
     keys, primary, tier = _stored(tmp_path, namespace, n)
     io = tier._io
@@ -135,7 +142,7 @@ def test_a_thread_starts_its_next_chunks_reads_before_it_checks_the_last(
 
 
 def test_a_record_corrupted_on_disk_fails_its_load_on_the_asynchronous_path(
-        tmp_path: Path, namespace: str) -> None:
+        tmp_path: Path, namespace: str, pipelined: None) -> None:
     n = 16
     keys, primary, tier = _stored(tmp_path, namespace, n)
     store = tier._sh.store  # type: ignore[union-attr]
@@ -160,13 +167,18 @@ def test_a_record_corrupted_on_disk_fails_its_load_on_the_asynchronous_path(
         tier.shutdown()
 
 
+@pytest.mark.parametrize("why", ["no AIO context", "small blocks"])
 def test_without_a_batch_a_thread_reads_each_chunk_as_before(
-        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
     n = 16
     keys, primary, tier = _stored(tmp_path, namespace, n, n_read=2)
     store = tier._sh.store  # type: ignore[union-attr]
     assert store.fast is not None
-    monkeypatch.setattr(store.fast, "read_batch", lambda: None)  # no native AIO context
+    if why == "no AIO context":
+        monkeypatch.setattr(sio, "PIPELINE_BYTES", BB)
+        monkeypatch.setattr(store.fast, "read_batch", lambda: None)
+    else:
+        assert BB < sio.PIPELINE_BYTES
     calls: list[int] = []
     read_runs = store.fast.read_runs
 

@@ -19,11 +19,11 @@ the thread's buffer, payloads straight into their primary slots); with the nativ
 every run of the chunk is read and hashed in one call, so the thread takes the GIL back once a
 chunk, not once a run (on a 2-core VM a take-back after a read waited about a millisecond
 on average, with the read's slot in the disk's queue left empty meanwhile: docs/BENCHMARKS.md).
-On O_DIRECT files the native path also keeps a thread's next chunk in flight: the thread takes
-the next chunk and starts its reads (Linux native AIO, every run at once) before it checks the
-chunk whose reads just ended, so the disk is not left without that thread's reads while it
-waits for the GIL (the reads of a host's virtual disk end in batches, and every thread of a
-batch then wants the GIL at once).
+For blocks of ``PIPELINE_BYTES`` or more on O_DIRECT files the native path also keeps a thread's
+next chunk in flight: the thread takes the next chunk and starts its read (Linux native AIO)
+before it checks the chunk whose read just ended, so the disk is not left without that thread's
+read while it waits for the GIL (the reads of a host's virtual disk end in batches, and every
+thread of a batch then wants the GIL at once).
 Every record is verified (magic, header checksum, namespace, key, length, payload checksum)
 before its block counts; blocks that count are reported through ``loaded`` as their chunk's
 reads end, before the job does, so that a request's leading blocks can be served early.
@@ -70,6 +70,11 @@ MERGE_MAX = 32  # and up to this many records (two iovecs each)
 #: busy anyway, and a larger chunk pays its log appends and its take-backs of the GIL once
 #: for more blocks
 STORE_CHUNK_BYTES = 4 << 20
+#: blocks of at least this many bytes: an I/O thread keeps its next load chunk's reads in
+#: flight while it checks the last (one block, one read a chunk). A chunk of smaller blocks
+#: already holds several reads; there two chunks in flight a thread read 12% slower at 256 KiB
+#: from 4 KiB pages (eight alternating pairs; level from huge pages): docs/BENCHMARKS.md
+PIPELINE_BYTES = LOAD_CHUNK_BYTES
 RENEW = "renew"  # the housekeeping task that logs the recency renewals of loads
 _T = TypeVar("_T", bound=tuple[Any, ...])
 _R = TypeVar("_R")
@@ -246,10 +251,10 @@ class IOPool:
             return store_q.popleft() if store_q else load_q.popleft()
 
     def _worker(self, reader: bool) -> None:
-        """An I/O thread. With the native record I/O on O_DIRECT files a thread keeps a load
-        chunk's reads in flight while it checks the chunk before: it takes the next chunk,
-        starts its reads, then finishes the held one (a thread that waits for the GIL after
-        its reads ended no longer leaves the disk without its next reads)."""
+        """An I/O thread. For large blocks, with the native record I/O on O_DIRECT files, a
+        thread keeps a load chunk's reads in flight while it checks the chunk before: it takes
+        the next chunk, starts its reads, then finishes the held one (a thread that waits for
+        the GIL after its reads ended no longer leaves the disk without its next reads)."""
         hdrs = [aligned_buffer(MERGE_MAX * SLOT_HEADER) for _ in range(2)]
         zeros = aligned_buffer(SLOT_HEADER)
         batches: list[ReadBatch] | None = None  # made at the first load
@@ -287,10 +292,13 @@ class IOPool:
                 zeros.close()
 
     def _read_batches(self) -> list[ReadBatch]:
-        """A thread's two batches of reads in flight; none where reads cannot be asynchronous
-        (no native record I/O, no O_DIRECT, or no native AIO context to be had)."""
+        """A thread's two batches of reads in flight; none for blocks under ``PIPELINE_BYTES``
+        or where reads cannot be asynchronous (no native record I/O, no O_DIRECT, or no native
+        AIO context to be had)."""
         sh = self.sh
-        fast = sh.store.fast if sh is not None and sh.store.direct else None
+        if sh is None or sh.store.block_bytes < PIPELINE_BYTES:
+            return []
+        fast = sh.store.fast if sh.store.direct else None
         made = [b for b in (fast.read_batch(), fast.read_batch()) if b is not None] if fast else []
         if len(made) == 2:
             return made
