@@ -40,6 +40,18 @@ def _stored(tmp_path: Path, namespace: str, n: int, n_read: int = 1
     return keys, ctx.primary, tier
 
 
+def _load_all_back(tier: StorageTier, keys: list[bytes], primary: np.ndarray
+                   ) -> list[tuple[list[bytes], list[int]]]:
+    """Load every key back into a cleared primary in jobs of 2 blocks (many chunks wait, so a
+    thread always finds its next one), check every block, and return the jobs."""
+    primary[:] = 0
+    jobs = [(keys[j:j + 2], [j, j + 1]) for j in range(0, len(keys), 2)]
+    assert all(r.success for r in run_jobs(tier, "load", jobs))
+    for j, k in enumerate(keys):
+        assert np.array_equal(primary[j], block_bytes_for(k, BB))
+    return jobs
+
+
 def test_reads_started_on_a_batch_end_as_the_one_call_read_ends(
         tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     n = 8
@@ -117,12 +129,7 @@ def test_a_thread_starts_its_next_chunks_reads_before_it_checks_the_last(
 
     io._start_load, io._finish_load = started, finished  # type: ignore[method-assign]
     try:
-        primary[:] = 0
-        # jobs of 2 blocks: many chunks wait, so a thread always finds its next one
-        jobs = [(keys[j:j + 2], [j, j + 1]) for j in range(0, n, 2)]
-        assert all(r.success for r in run_jobs(tier, "load", jobs))
-        for j, k in enumerate(keys):
-            assert np.array_equal(primary[j], block_bytes_for(k, BB))
+        _load_all_back(tier, keys, primary)
         overlapped = 0
         for name in {t for t, _, _ in seen}:
             mine = [(what, slot) for t, what, slot in seen if t == name]
@@ -188,11 +195,7 @@ def test_without_a_batch_a_thread_reads_each_chunk_as_before(
 
     monkeypatch.setattr(store.fast, "read_runs", counted)
     try:
-        primary[:] = 0
-        jobs = [(keys[j:j + 2], [j, j + 1]) for j in range(0, n, 2)]
-        assert all(r.success for r in run_jobs(tier, "load", jobs))
-        for j, k in enumerate(keys):
-            assert np.array_equal(primary[j], block_bytes_for(k, BB))
+        jobs = _load_all_back(tier, keys, primary)
         assert len(calls) == tier.stats()["load_chunks"] >= len(jobs)  # one call a chunk
     finally:
         tier.shutdown()

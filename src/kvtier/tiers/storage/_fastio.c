@@ -6,7 +6,8 @@
  * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
  * once per record (each payload checksum) and once more for the pwritev; on a small machine
  * under load, every take-back waits for the threads in line before it. Here a chunk of several
- * runs costs one.
+ * runs costs one. A load chunk's reads can also be started here and waited for in a second
+ * call (kvt_batch_*, Linux native AIO), so that a thread checks one chunk while the next is read.
  *
  * The header built here is byte for byte the one kvtier.format.record.pack_header builds
  * (padded to hdr_len), with the slab's write sequence and its check in the last 16 bytes

@@ -4,7 +4,9 @@
 run), or reads the runs of a load chunk (one ``preadv`` a run, then every payload's checksum), in
 one call made through ctypes, which lets the GIL go for the whole call. In Python the same work
 gives the GIL up and waits to take it back once per record; with many I/O threads on few cores
-those waits, not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md).
+those waits, not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md). A
+:class:`ReadBatch` starts a load chunk's reads with Linux native AIO and waits for them (and
+computes the checksums) in a second call, so that a thread can check one chunk meanwhile.
 
 The native part is optional: it is built when kvtier is installed with a C compiler at hand.
 It is used only when the ``xxhash`` package exports the hash it is given (``XXH3_64bits``, or
