@@ -48,17 +48,23 @@ static void put_le64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* One pwritev (write) or preadv of n (header, payload) pairs at offset, headers hdr_len bytes
- * apart from hdr: the bytes moved, or -errno. */
-static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, size_t hdr_len,
-                      uint8_t *const *payloads, size_t payload_len) {
-    struct iovec iov[2 * KVT_MAX_RECORDS];
+/* The 2n iovecs of n (header, payload) pairs, headers hdr_len bytes apart from hdr. */
+static void fill_iov(struct iovec *iov, int n, uint8_t *hdr, size_t hdr_len,
+                     uint8_t *const *payloads, size_t payload_len) {
     for (int i = 0; i < n; i++) {
         iov[2 * i].iov_base = hdr + (size_t)i * hdr_len;
         iov[2 * i].iov_len = hdr_len;
         iov[2 * i + 1].iov_base = payloads[i];
         iov[2 * i + 1].iov_len = payload_len;
     }
+}
+
+/* One pwritev (write) or preadv of n (header, payload) pairs at offset, headers hdr_len bytes
+ * apart from hdr: the bytes moved, or -errno. */
+static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, size_t hdr_len,
+                      uint8_t *const *payloads, size_t payload_len) {
+    struct iovec iov[2 * KVT_MAX_RECORDS];
+    fill_iov(iov, n, hdr, hdr_len, payloads, payload_len);
     ssize_t done;
     do {
         done = write ? pwritev(fd, iov, 2 * n, (off_t)offset) : preadv(fd, iov, 2 * n, (off_t)offset);
@@ -265,12 +271,8 @@ int64_t kvt_batch_read(void *handle, int n_runs, const int *fds, const int64_t *
         b->offsets[r] = offsets[r];
         b->counts[r] = n;
         b->got[r] = 0;
-        for (int i = 0; i < n; i++) {
-            b->iov[2 * (first + i)].iov_base = hdr + (size_t)(first + i) * hdr_len;
-            b->iov[2 * (first + i)].iov_len = hdr_len;
-            b->iov[2 * (first + i) + 1].iov_base = payloads[first + i];
-            b->iov[2 * (first + i) + 1].iov_len = payload_len;
-        }
+        fill_iov(b->iov + 2 * first, n, hdr + (size_t)first * hdr_len, hdr_len, payloads + first,
+                 payload_len);
         if (fds[r] < 0) {
             b->got[r] = -EBADF;
             b->state[r] = RUN_DONE;

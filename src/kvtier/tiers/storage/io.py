@@ -97,10 +97,8 @@ class StartedLoad:
     """A load chunk whose reads were started (``_start_load``), to be finished."""
 
     task: Task
-    hdr: Any  # the headers' buffer
     runs: list[list[tuple[bytes, int, int, bool]]]
-    dests: list[list[memoryview]]  # the payloads' primary slots, a list a run
-    reads: Reads
+    reads: Reads  # its runs' headers' buffer and payload destinations too
     t_pick: float  # when a thread took the chunk
     t_read: float  # seconds spent starting the reads
     t_started: float  # when they were started
@@ -276,7 +274,6 @@ class IOPool:
                         task = None  # started, or failed as a whole
                 if held is not None:
                     self._attempt(held.task, self._finish_load, held, zeros)
-                    held = None
                 held = started
                 if task is not None:
                     self._attempt(task, self._run, task, hdrs[turn], zeros)
@@ -364,12 +361,12 @@ class IOPool:
         dests = [[memoryview(primary[ps]) for _k, ps, _s, _r in run] for run in runs]
         reads = sh.store.start_reads([(run[0][2], d) for run, d in zip(runs, dests)], hdr, batch)
         now = time.perf_counter()
-        return StartedLoad(task, hdr, runs, dests, reads, t_pick, now - t0, now)
+        return StartedLoad(task, runs, reads, t_pick, now - t0, now)
 
     def _finish_load(self, started: StartedLoad, zeros: Any) -> None:
         """A load chunk's reads ended, every record verified, and the index told."""
-        task, hdr, runs, dests, t_pick = (started.task, started.hdr, started.runs, started.dests,
-                                          started.t_pick)
+        task, runs, reads, t_pick = started.task, started.runs, started.reads, started.t_pick
+        hdr, dests = reads.hdr, [d for _slot, d in reads.runs]
         sh = self.sh
         assert sh is not None and task.job is not None
         store, index = sh.store, sh.index
@@ -383,9 +380,9 @@ class IOPool:
         io_error: OSError | None = None
         t0 = time.perf_counter()
         elsewhere = t0 - started.t_started  # the thread's time on other chunks meanwhile
-        results = store.finish_reads(started.reads)
-        t_read = started.t_read + time.perf_counter() - t0
-        t0 -= started.t_read  # so that t_check below is the time after the reads
+        results = store.finish_reads(reads)
+        t_done = time.perf_counter()
+        t_read = started.t_read + t_done - t0
         hv = memoryview(hdr)
         first = 0  # the run's first header in ``hdr``
         for run, run_dests, result in zip(runs, dests, results):
@@ -417,8 +414,8 @@ class IOPool:
                     bad.append((key, s, reason))
             self.report(task.job, loaded)
         hv.release()
-        del dests, started.dests
-        t_check = time.perf_counter() - t0 - t_read
+        del dests
+        t_check = time.perf_counter() - t_done
         if bad:
             io_error = self._drop_bad(bad, zeros) or io_error
         k = ilog.index_key

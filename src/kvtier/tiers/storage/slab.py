@@ -388,13 +388,10 @@ class SlabStore:
         if sum(n for _fd, _off, n in located) * SLOT_HEADER > len(hdr):
             raise ValueError("the header buffer cannot hold every record of the runs")
         reads = Reads(runs, hdr, located, unopened)
-        fast = self.fast
-        if batch is not None and fast is not None and self._native_sized(runs):
-            pinned = fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
-            if pinned is not None:
-                hdr_addr, *addrs = pinned[1]
-                if batch.start(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, self.stride):
-                    reads.pinned, reads.batch = pinned, batch
+        if batch is not None and (pinned := self._pin_reads(runs, hdr)) is not None:
+            hdr_addr, *addrs = pinned[1]
+            if batch.start(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, self.stride):
+                reads.pinned, reads.batch = pinned, batch
         return reads
 
     def finish_reads(self, reads: Reads) -> list[tuple[int, list[int] | None] | OSError]:
@@ -408,13 +405,12 @@ class SlabStore:
                 done = reads.batch.wait()
             finally:
                 reads.pinned = reads.batch = None  # the buffers are ours again
-        elif self.fast is not None and self._native_sized(runs):
-            pinned = self.fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
-            if pinned is not None:
-                hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
-                done = self.fast.read_runs(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
-                                           stride)
-                del pinned
+        elif (pinned := self._pin_reads(runs, hdr)) is not None:
+            assert self.fast is not None
+            hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
+            done = self.fast.read_runs(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes,
+                                       stride)
+            del pinned
         if done is not None:
             return [unopened[i] if i in unopened else
                     OSError(-g, os.strerror(-g)) if g < 0 else (min(g // stride, n), sums)
@@ -442,8 +438,14 @@ class SlabStore:
         """Bytes from one record to the next in a run."""
         return self.slot_size if self.mergeable else self.record_bytes
 
-    def _native_sized(self, runs: Sequence[tuple[int, Sequence[memoryview]]]) -> bool:
-        return all(d.nbytes == self.block_bytes for _s, ds in runs for d in ds)
+    def _pin_reads(self, runs: Sequence[tuple[int, Sequence[memoryview]]], hdr: mmap.mmap
+                   ) -> tuple[list[Any], list[int]] | None:
+        """Pins on ``hdr`` and every destination of ``runs`` for the native reads, with their
+        addresses (``hdr``'s first); None where the native path does not take them (no native
+        part, a destination of another size, or one that cannot be pinned)."""
+        if self.fast is None or any(d.nbytes != self.block_bytes for _s, ds in runs for d in ds):
+            return None
+        return self.fast.pin_all([hdr, *[d for _s, ds in runs for d in ds]])
 
     def check_record(self, head: memoryview, key: bytes, dest: memoryview,
                      payload_sum: int | None = None) -> str | None:
