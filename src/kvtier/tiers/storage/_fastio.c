@@ -6,8 +6,8 @@
  * Written in Python, sealing and writing a run of records lets the GIL go and takes it back
  * once per record (each payload checksum) and once more for the pwritev; on a small machine
  * under load, every take-back waits for the threads in line before it. Here a chunk of several
- * runs costs one. A load chunk's reads can also be started here and waited for in a second
- * call (kvt_batch_*, Linux native AIO), so that a thread checks one chunk while the next is read.
+ * runs costs one. Load chunks can also be queued to native threads that read them (kvt_engine_*)
+ * and handed back once read, so that no read waits for the GIL to be started.
  *
  * The header built here is byte for byte the one kvtier.format.record.pack_header builds
  * (padded to hdr_len), with the slab's write sequence and its check in the last 16 bytes
@@ -27,13 +27,13 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <linux/aio_abi.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef uint64_t (*kvt_hash64)(const void *data, size_t len);
@@ -182,160 +182,196 @@ int64_t kvt_read_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t
 }
 
 /*
- * A load chunk's reads in flight without a thread waiting on each: the runs of kvt_read_runs
- * submitted together with Linux native AIO (io_submit; asynchronous for O_DIRECT files), so a
- * thread can start a chunk's reads, then check the chunk before it (with the GIL) while the
- * disk works, then wait. One batch is in flight at a time; a thread keeps two. The batch keeps
- * copies of every argument it needs until its wait ends; the caller keeps the buffers (hdr,
- * payloads) alive and unchanged until then.
+ * A read engine: native threads that read load chunks queued by kvt_engine_submit, each as
+ * kvt_read_runs reads it, and a list of the chunks whose reads ended, taken by
+ * kvt_engine_reap. No step of a chunk's read waits for the GIL, so the disk keeps a read a
+ * thread in flight while the Python side, which needs the GIL to check what was read, is
+ * slow to run (a busy or oversubscribed host). A chunk is a kvt_job the caller made with
+ * kvt_job_new; it keeps copies of the arguments, and the caller keeps the buffers (headers,
+ * payloads, sums, got) alive and unchanged until the job comes back from kvt_engine_reap.
  */
-enum { RUN_DONE = 0, RUN_SUBMITTED = 1, RUN_SYNC = 2 };
+#define KVT_MAX_THREADS 256
+enum { JOB_IDLE = 0, JOB_QUEUED = 1, JOB_DONE = 2 };
+
+typedef struct kvt_job {
+    struct kvt_job *next;
+    int state, n_runs;
+    int fds[KVT_MAX_RECORDS], counts[KVT_MAX_RECORDS];
+    int64_t offsets[KVT_MAX_RECORDS];
+    uint8_t *hdr;
+    uint8_t *payloads[KVT_MAX_RECORDS];
+    size_t hdr_len, payload_len, stride;
+    uint64_t *sums;
+    int64_t *got;
+} kvt_job;
 
 typedef struct {
-    aio_context_t ctx;
-    int n_runs, in_flight, busy;
-    int fds[KVT_MAX_RECORDS], counts[KVT_MAX_RECORDS], state[KVT_MAX_RECORDS];
-    int64_t offsets[KVT_MAX_RECORDS], got[KVT_MAX_RECORDS];
-    uint8_t *hdr;
-    size_t hdr_len, payload_len, stride;
-    uint8_t *payloads[KVT_MAX_RECORDS];
-    struct iovec iov[2 * KVT_MAX_RECORDS];
-    struct iocb cbs[KVT_MAX_RECORDS];
-    struct iocb *ptrs[KVT_MAX_RECORDS];
-} kvt_batch;
+    pthread_mutex_t mu;
+    pthread_cond_t work;  /* the threads wait here for a queued job */
+    pthread_cond_t done;  /* a reaper waits here for an ended one */
+    kvt_job *queued, *queued_tail, *ended, *ended_tail;
+    int stop, woken, n_threads;
+    kvt_hash64 hash;
+    pthread_t threads[KVT_MAX_THREADS];
+} kvt_engine;
 
-/* A new batch with its own AIO context, or NULL (errno set: ENOSYS where the kernel has no
- * native AIO, EAGAIN where fs.aio-max-nr is used up). */
-void *kvt_batch_new(void) {
-    kvt_batch *b = calloc(1, sizeof(kvt_batch));
-    if (b == NULL) return NULL;
-    if (syscall(SYS_io_setup, KVT_MAX_RECORDS, &b->ctx) != 0) {
-        int e = errno;
-        free(b);
-        errno = e;
+static void *engine_thread(void *arg) {
+    kvt_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (e->queued == NULL && !e->stop) pthread_cond_wait(&e->work, &e->mu);
+        kvt_job *j = e->queued;
+        if (j == NULL) break;  /* stopping, and every queued job was read */
+        e->queued = j->next;
+        if (e->queued == NULL) e->queued_tail = NULL;
+        pthread_mutex_unlock(&e->mu);
+        kvt_read_runs(e->hash, j->n_runs, j->fds, j->offsets, j->counts, j->hdr, j->hdr_len,
+                      j->payloads, j->payload_len, j->stride, j->sums, j->got);
+        pthread_mutex_lock(&e->mu);
+        j->next = NULL;
+        j->state = JOB_DONE;
+        if (e->ended_tail != NULL) e->ended_tail->next = j; else e->ended = j;
+        e->ended_tail = j;
+        pthread_cond_broadcast(&e->done);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+/* Stop the engine's threads once every queued job is read, and free it. */
+void kvt_engine_free(void *handle) {
+    kvt_engine *e = handle;
+    if (e == NULL) return;
+    pthread_mutex_lock(&e->mu);
+    e->stop = 1;
+    pthread_cond_broadcast(&e->work);
+    pthread_mutex_unlock(&e->mu);
+    for (int i = 0; i < e->n_threads; i++) pthread_join(e->threads[i], NULL);
+    pthread_cond_destroy(&e->work);
+    pthread_cond_destroy(&e->done);
+    pthread_mutex_destroy(&e->mu);
+    free(e);
+}
+
+/* A new engine of n_threads threads hashing with hash, or NULL (errno set). */
+void *kvt_engine_new(kvt_hash64 hash, int n_threads) {
+    if (n_threads <= 0 || n_threads > KVT_MAX_THREADS) {
+        errno = EINVAL;
         return NULL;
     }
-    return b;
+    kvt_engine *e = calloc(1, sizeof(kvt_engine));
+    if (e == NULL) return NULL;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);  /* reap's timeout ignores clock steps */
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->work, NULL);
+    pthread_cond_init(&e->done, &ca);
+    pthread_condattr_destroy(&ca);
+    e->hash = hash;
+    for (int i = 0; i < n_threads; i++) {
+        int rc = pthread_create(&e->threads[i], NULL, engine_thread, e);
+        if (rc != 0) {
+            kvt_engine_free(e);  /* stops and joins the threads made so far */
+            errno = rc;
+            return NULL;
+        }
+        e->n_threads = i + 1;
+    }
+    return e;
 }
 
-/* Wait for every read of b in flight; a run whose completion cannot be had gets -err. */
-static void drain(kvt_batch *b) {
-    struct io_event ev[KVT_MAX_RECORDS];
-    while (b->in_flight > 0) {
-        long n = syscall(SYS_io_getevents, b->ctx, 1, (long)b->in_flight, ev, NULL);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {  /* not expected: the context is ours and valid; give the runs up */
-            int e = n < 0 ? errno : EIO;
-            for (int r = 0; r < b->n_runs; r++)
-                if (b->state[r] == RUN_SUBMITTED) {
-                    b->got[r] = -e;
-                    b->state[r] = RUN_DONE;
-                }
-            b->in_flight = 0;
-            return;
-        }
-        for (long i = 0; i < n; i++) {
-            int r = (int)ev[i].data;
-            if (r < 0 || r >= b->n_runs || b->state[r] != RUN_SUBMITTED) continue;
-            b->got[r] = ev[i].res;  /* bytes read, or -errno */
-            b->state[r] = RUN_DONE;
-            b->in_flight--;
-        }
-    }
-}
+void *kvt_job_new(void) { return calloc(1, sizeof(kvt_job)); }
+
+/* Free a job that is not queued or being read (never submitted, reaped, or its engine freed). */
+void kvt_job_free(void *job) { free(job); }
 
 /*
- * Start reading n_runs runs as kvt_read_runs reads them (same arguments but the hash and the
- * outputs). Runs with fd < 0 fail with -EBADF; a run the kernel does not take now is read
- * synchronously by kvt_batch_wait. Returns the runs in flight, -EBUSY while the batch's last
- * reads have not been waited for, or -EINVAL for arguments this function does not take
- * (nothing was started).
+ * Queue job for reading n_runs runs as kvt_read_runs reads them (same arguments but the
+ * hash); sums and got are filled as kvt_read_runs fills them by the time the job is reaped.
+ * Returns 0, -EBUSY for a job submitted and not reaped yet, -ESHUTDOWN once the engine stops,
+ * or -EINVAL for arguments this function does not take (nothing was queued).
  */
-int64_t kvt_batch_read(void *handle, int n_runs, const int *fds, const int64_t *offsets,
-                       const int *counts, uint8_t *hdr, size_t hdr_len, uint8_t *const *payloads,
-                       size_t payload_len, size_t stride) {
-    kvt_batch *b = handle;
-    if (b->busy) return -EBUSY;
+int64_t kvt_engine_submit(void *handle, void *job, int n_runs, const int *fds,
+                          const int64_t *offsets, const int *counts, uint8_t *hdr,
+                          size_t hdr_len, uint8_t *const *payloads, size_t payload_len,
+                          size_t stride, uint64_t *sums, int64_t *got) {
+    kvt_engine *e = handle;
+    kvt_job *j = job;
     int total = total_records(n_runs, counts);
     if (total < 0 || stride == 0) return -EINVAL;
-    b->n_runs = n_runs;
-    b->hdr = hdr;
-    b->hdr_len = hdr_len;
-    b->payload_len = payload_len;
-    b->stride = stride;
-    memcpy(b->payloads, payloads, (size_t)total * sizeof(uint8_t *));
-    int first = 0, n_submit = 0;
-    for (int r = 0; r < n_runs; r++) {
-        int n = counts[r];
-        b->fds[r] = fds[r];
-        b->offsets[r] = offsets[r];
-        b->counts[r] = n;
-        b->got[r] = 0;
-        fill_iov(b->iov + 2 * first, n, hdr + (size_t)first * hdr_len, hdr_len, payloads + first,
-                 payload_len);
-        if (fds[r] < 0) {
-            b->got[r] = -EBADF;
-            b->state[r] = RUN_DONE;
-        } else {
-            struct iocb *cb = &b->cbs[n_submit];
-            memset(cb, 0, sizeof(*cb));
-            cb->aio_data = (uint64_t)r;
-            cb->aio_lio_opcode = IOCB_CMD_PREADV;
-            cb->aio_fildes = (uint32_t)fds[r];
-            cb->aio_buf = (uint64_t)(uintptr_t)&b->iov[2 * first];
-            cb->aio_nbytes = (uint64_t)(2 * n);
-            cb->aio_offset = offsets[r];
-            b->ptrs[n_submit++] = cb;
-            b->state[r] = RUN_SYNC;  /* until the kernel takes it */
-        }
-        first += n;
+    if (j->state != JOB_IDLE) return -EBUSY;
+    j->n_runs = n_runs;
+    memcpy(j->fds, fds, (size_t)n_runs * sizeof(int));
+    memcpy(j->counts, counts, (size_t)n_runs * sizeof(int));
+    memcpy(j->offsets, offsets, (size_t)n_runs * sizeof(int64_t));
+    memcpy(j->payloads, payloads, (size_t)total * sizeof(uint8_t *));
+    j->hdr = hdr;
+    j->hdr_len = hdr_len;
+    j->payload_len = payload_len;
+    j->stride = stride;
+    j->sums = sums;
+    j->got = got;
+    j->next = NULL;
+    pthread_mutex_lock(&e->mu);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->mu);
+        return -ESHUTDOWN;
     }
-    b->busy = 1;
-    b->in_flight = 0;
-    int done = 0;
-    while (done < n_submit) {
-        long k = syscall(SYS_io_submit, b->ctx, (long)(n_submit - done), b->ptrs + done);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) break;  /* the rest are read at the wait */
-        for (long i = 0; i < k; i++) b->state[(int)b->ptrs[done + i]->aio_data] = RUN_SUBMITTED;
-        done += (int)k;
-        b->in_flight += (int)k;
-    }
-    return done;
-}
-
-/*
- * Wait for the batch's reads (and do those the kernel did not take), then hash the payloads
- * of every record read whole into sums[] as kvt_read_runs does; got[r] is the bytes run r read,
- * or -errno. Returns 0, or -EINVAL when no reads were started.
- */
-int64_t kvt_batch_wait(void *handle, kvt_hash64 hash, uint64_t *sums, int64_t *got) {
-    kvt_batch *b = handle;
-    if (!b->busy) return -EINVAL;
-    int first = 0;
-    for (int r = 0; r < b->n_runs; r++) {
-        if (b->state[r] == RUN_SYNC) {
-            b->got[r] = run_io(0, b->fds[r], b->offsets[r], b->counts[r],
-                               b->hdr + (size_t)first * b->hdr_len, b->hdr_len,
-                               b->payloads + first, b->payload_len);
-            b->state[r] = RUN_DONE;
-        }
-        first += b->counts[r];
-    }
-    drain(b);
-    hash_runs(hash, b->n_runs, b->counts, b->got, b->payloads, b->payload_len, b->stride, sums);
-    memcpy(got, b->got, (size_t)b->n_runs * sizeof(int64_t));
-    b->busy = 0;
+    j->state = JOB_QUEUED;
+    if (e->queued_tail != NULL) e->queued_tail->next = j; else e->queued = j;
+    e->queued_tail = j;
+    pthread_cond_signal(&e->work);
+    pthread_mutex_unlock(&e->mu);
     return 0;
 }
 
-/* Free a batch (after waiting for whatever it still has in flight). */
-void kvt_batch_free(void *handle) {
-    kvt_batch *b = handle;
-    if (b == NULL) return;
-    drain(b);
-    syscall(SYS_io_destroy, b->ctx);
-    free(b);
+/*
+ * Take up to max jobs whose reads ended into out[] (they are the caller's again), waiting up
+ * to timeout_us microseconds (a negative timeout: no limit) for the first, or until
+ * kvt_engine_wake. Returns how many were taken.
+ */
+int64_t kvt_engine_reap(void *handle, void **out, int max, int64_t timeout_us) {
+    kvt_engine *e = handle;
+    pthread_mutex_lock(&e->mu);
+    if (e->ended == NULL && !e->woken && timeout_us != 0) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        if (timeout_us > 0) {
+            until.tv_sec += timeout_us / 1000000;
+            until.tv_nsec += (timeout_us % 1000000) * 1000;
+            if (until.tv_nsec >= 1000000000) {
+                until.tv_sec += 1;
+                until.tv_nsec -= 1000000000;
+            }
+        }
+        while (e->ended == NULL && !e->woken) {
+            int rc = timeout_us > 0 ? pthread_cond_timedwait(&e->done, &e->mu, &until)
+                                    : pthread_cond_wait(&e->done, &e->mu);
+            if (rc == ETIMEDOUT) break;
+        }
+    }
+    e->woken = 0;
+    int n = 0;
+    while (e->ended != NULL && n < max) {
+        kvt_job *j = e->ended;
+        e->ended = j->next;
+        j->next = NULL;
+        j->state = JOB_IDLE;
+        out[n++] = j;
+    }
+    if (e->ended == NULL) e->ended_tail = NULL;
+    pthread_mutex_unlock(&e->mu);
+    return n;
+}
+
+/* Make a waiting (or the next) kvt_engine_reap return at once. */
+void kvt_engine_wake(void *handle) {
+    kvt_engine *e = handle;
+    pthread_mutex_lock(&e->mu);
+    e->woken = 1;
+    pthread_cond_broadcast(&e->done);
+    pthread_mutex_unlock(&e->mu);
 }
 
 /* Importable as a module too (it holds nothing callable from Python: see fastio.py). */

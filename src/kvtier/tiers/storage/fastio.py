@@ -5,8 +5,8 @@ run), or reads the runs of a load chunk (one ``preadv`` a run, then every payloa
 one call made through ctypes, which lets the GIL go for the whole call. In Python the same work
 gives the GIL up and waits to take it back once per record; with many I/O threads on few cores
 those waits, not the disk, set the pace of the storage tier (see docs/BENCHMARKS.md). A
-:class:`ReadBatch` starts a load chunk's reads with Linux native AIO and waits for them (and
-computes the checksums) in a second call, so that a thread can check one chunk meanwhile.
+:class:`ReadEngine` has native threads read queued load chunks (and compute their checksums)
+and hands them back once read, so that no read waits for the GIL to be started.
 
 The native part is optional: it is built when kvtier is installed with a C compiler at hand.
 It is used only when the ``xxhash`` package exports the hash it is given (``XXH3_64bits``, or
@@ -41,6 +41,7 @@ log = logging.getLogger("kvtier.tiers.storage")
 _u64 = ctypes.c_uint64
 _vp = ctypes.c_void_p
 _sz = ctypes.c_size_t
+_MAX_RECORDS = 64  # records (so runs too) of one native call: KVT_MAX_RECORDS in _fastio.c
 
 
 class FastIO:
@@ -55,18 +56,28 @@ class FastIO:
         self._read = lib.kvt_read_runs
         self._read.restype = ctypes.c_int64
         self._read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz, _vp, _vp]
-        self._batch_new = lib.kvt_batch_new
-        self._batch_new.restype = _vp
-        self._batch_new.argtypes = []
-        self._batch_read = lib.kvt_batch_read
-        self._batch_read.restype = ctypes.c_int64
-        self._batch_read.argtypes = [_vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz]
-        self._batch_wait = lib.kvt_batch_wait
-        self._batch_wait.restype = ctypes.c_int64
-        self._batch_wait.argtypes = [_vp, _vp, _vp, _vp]
-        self._batch_free = lib.kvt_batch_free
-        self._batch_free.restype = None
-        self._batch_free.argtypes = [_vp]
+        self._engine_new = lib.kvt_engine_new
+        self._engine_new.restype = _vp
+        self._engine_new.argtypes = [_vp, ctypes.c_int]
+        self._engine_free = lib.kvt_engine_free
+        self._engine_free.restype = None
+        self._engine_free.argtypes = [_vp]
+        self._job_new = lib.kvt_job_new
+        self._job_new.restype = _vp
+        self._job_new.argtypes = []
+        self._job_free = lib.kvt_job_free
+        self._job_free.restype = None
+        self._job_free.argtypes = [_vp]
+        self._submit = lib.kvt_engine_submit
+        self._submit.restype = ctypes.c_int64
+        self._submit.argtypes = [_vp, _vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz,
+                                 _vp, _vp]
+        self._reap = lib.kvt_engine_reap
+        self._reap.restype = ctypes.c_int64
+        self._reap.argtypes = [_vp, _vp, ctypes.c_int, ctypes.c_int64]
+        self._wake = lib.kvt_engine_wake
+        self._wake.restype = None
+        self._wake.argtypes = [_vp]
 
     @staticmethod
     def pin_all(bufs: Sequence[memoryview | mmap.mmap]) -> tuple[list[ctypes.c_char], list[int]] | None:
@@ -117,55 +128,107 @@ class FastIO:
             return None
         return _per_run(runs, got, sums, stride)
 
-    def read_batch(self) -> ReadBatch | None:
-        """A batch for reads in flight while the thread does other work; None where the kernel
-        gives no native AIO context (then read with :meth:`read_runs`)."""
-        handle = self._batch_new()
-        return ReadBatch(self, handle) if handle else None
+    def read_engine(self, n_threads: int) -> ReadEngine | None:
+        """Native threads that read load chunks without the GIL; None where they cannot be
+        started (then read with :meth:`read_runs`)."""
+        handle = self._engine_new(self._hash, n_threads)
+        return ReadEngine(self, handle) if handle else None
 
 
-class ReadBatch:
-    """A load chunk's reads in flight (Linux native AIO, asynchronous on O_DIRECT files): the
-    runs :meth:`FastIO.read_runs` would read, started by :meth:`start` and ended, with their
-    payloads' checksums, by :meth:`wait`. One thread uses a batch; one start at a time. The
-    buffers whose addresses :meth:`start` was given must stay pinned until :meth:`wait`
-    returns (pin them with :meth:`FastIO.pin_all`)."""
+class ReadEngine:
+    """Native threads (``kvt_engine_*`` in ``_fastio.c``) that read load chunks without the
+    GIL: a chunk is started with :meth:`EngineRead.start` on a job from :meth:`job`, read by
+    the first free thread, and handed back by :meth:`reap` once read. Its threads keep the
+    disk's reads going while the Python side, which checks what was read, waits for the GIL.
+    One thread reaps; jobs can be started from any."""
 
     def __init__(self, fio: FastIO, handle: int) -> None:
         self._fio = fio
         self._handle: int | None = handle
+        self._jobs: dict[int, EngineRead] = {}
+        self._out = (_vp * _MAX_RECORDS)()
+        self._lock = threading.Lock()  # a wake from another thread never meets a freed engine
+
+    def job(self) -> EngineRead:
+        """A new job (one chunk in flight at a time), freed with the engine."""
+        assert self._handle is not None, "the engine is closed"
+        handle = self._fio._job_new()
+        if not handle:
+            raise MemoryError("no memory for a read job")
+        job = EngineRead(self, handle)
+        self._jobs[handle] = job
+        return job
+
+    def reap(self, timeout: float | None = None) -> list[EngineRead]:
+        """The started jobs whose reads ended (their :meth:`EngineRead.wait` returns at once),
+        waiting up to ``timeout`` seconds (None: no limit) for the first, or until
+        :meth:`wake`; the GIL is let go meanwhile."""
+        assert self._handle is not None, "the engine is closed"
+        out = self._out
+        n = self._fio._reap(self._handle, out, len(out), -1 if timeout is None else int(timeout * 1e6))
+        jobs = []
+        for i in range(n):
+            job = self._jobs[out[i] or 0]  # a job's handle is never NULL
+            job.ended = True
+            jobs.append(job)
+        return jobs
+
+    def wake(self) -> None:
+        """Make a waiting (or the next) :meth:`reap` return at once; any thread may call it, a
+        closed engine's too."""
+        with self._lock:
+            if self._handle is not None:
+                self._fio._wake(self._handle)
+
+    def close(self) -> None:
+        """Stop the threads once every started job is read, and free the jobs."""
+        with self._lock:
+            handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        self._fio._engine_free(handle)
+        for handle in self._jobs:
+            self._fio._job_free(handle)
+        self._jobs.clear()
+
+
+class EngineRead:
+    """A load chunk read by a :class:`ReadEngine`: started with :meth:`start`, and once the
+    engine handed the job back, :meth:`wait` gives what :meth:`FastIO.read_runs` would have. One
+    chunk at a time; the buffers whose addresses :meth:`start` was given must stay pinned until
+    the job is handed back (pin them with :meth:`FastIO.pin_all`)."""
+
+    def __init__(self, engine: ReadEngine, handle: int) -> None:
+        self._engine = engine
+        self._handle = handle
+        self._sums = (_u64 * _MAX_RECORDS)()
+        self._got = (ctypes.c_int64 * _MAX_RECORDS)()
         self._runs: Sequence[tuple[int, int, int]] = ()
         self._stride = 1
+        self.ended = False
 
     def start(self, runs: Sequence[tuple[int, int, int]], hdr: int, hdr_len: int,
               payloads: Sequence[int], payload_len: int, stride: int) -> bool:
-        """Start reading ``runs`` as :meth:`FastIO.read_runs` reads them; False when the native
-        part does not take these arguments (nothing was started)."""
-        assert self._handle is not None, "the batch is closed"
+        """Queue ``runs`` for reading as :meth:`FastIO.read_runs` reads them; False when the
+        native part does not take them (nothing was queued)."""
+        eng = self._engine
+        assert eng._handle is not None, "the engine is closed"
         fds, offs, counts = _run_arrays(runs)
         pays = (_vp * len(payloads))(*payloads)
-        if self._fio._batch_read(self._handle, len(runs), fds, offs, counts, hdr, hdr_len, pays,
-                                 payload_len, stride) < 0:
+        self.ended = False
+        if eng._fio._submit(eng._handle, self._handle, len(runs), fds, offs, counts, hdr, hdr_len,
+                            pays, payload_len, stride, self._sums, self._got) < 0:
             return False
         self._runs, self._stride = runs, stride
         return True
 
     def wait(self) -> list[tuple[int, list[int]]]:
-        """Wait for the started reads: per run, what :meth:`FastIO.read_runs` returns."""
-        assert self._handle is not None, "the batch is closed"
-        runs = self._runs
-        sums = (_u64 * max(1, sum(n for _fd, _off, n in runs)))()
-        got = (ctypes.c_int64 * max(1, len(runs)))()
-        if self._fio._batch_wait(self._handle, self._fio._hash, sums, got) < 0:
-            raise RuntimeError("no reads were started on this batch")
-        self._runs = ()
-        return _per_run(runs, got, sums, self._stride)
-
-    def close(self) -> None:
-        """Free the batch (after any reads still in flight end)."""
-        if self._handle is not None:
-            self._fio._batch_free(self._handle)
-            self._handle = None
+        """Per run, what :meth:`FastIO.read_runs` returns; only once :meth:`ReadEngine.reap`
+        handed this job back."""
+        if not self.ended:
+            raise RuntimeError("the job's reads have not ended (reap it first)")
+        runs, self._runs = self._runs, ()
+        return _per_run(runs, self._got, self._sums, self._stride)
 
 
 def _per_run(runs: Sequence[tuple[int, int, int]], got: ctypes.Array[Any], sums: ctypes.Array[Any],

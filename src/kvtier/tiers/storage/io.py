@@ -19,11 +19,10 @@ the thread's buffer, payloads straight into their primary slots); with the nativ
 every run of the chunk is read and hashed in one call, so the thread takes the GIL back once a
 chunk, not once a run (on a 2-core VM a take-back after a read waited about a millisecond
 on average, with the read's slot in the disk's queue left empty meanwhile: docs/BENCHMARKS.md).
-For blocks of ``PIPELINE_BYTES`` or more on O_DIRECT files the native path also keeps a thread's
-next chunk in flight: the thread takes the next chunk and starts its read (Linux native AIO)
-before it checks the chunk whose read just ended, so the disk is not left without that thread's
-read while it waits for the GIL (the reads of a host's virtual disk end in batches, and every
-thread of a batch then wants the GIL at once).
+With the native record I/O the load chunks go to a :class:`~kvtier.tiers.storage.pump.LoadPump`
+instead: native threads read them, and one Python thread checks them as their reads end, so no
+read waits for the GIL to be started (the reads of a host's virtual disk end in batches, and
+every I/O thread of a batch then wanted the GIL at once).
 Every record is verified (magic, header checksum, namespace, key, length, payload checksum)
 before its block counts; blocks that count are reported through ``loaded`` as their chunk's
 reads end, before the job does, so that a request's leading blocks can be served early.
@@ -50,8 +49,9 @@ from typing import Any, TypeVar
 from kvtier.tiers.base import Completions, TierJobResult
 from kvtier.tiers.storage import log as ilog
 from kvtier.tiers.storage import stores
-from kvtier.tiers.storage.fastio import ReadBatch
+from kvtier.tiers.storage.fastio import EngineRead
 from kvtier.tiers.storage.index import OwnedRegion
+from kvtier.tiers.storage.pump import LoadPump
 from kvtier.tiers.storage.shared import LogEntries, Shared
 from kvtier.tiers.storage.slab import SLOT_HEADER, Reads, aligned_buffer
 from kvtier.tiers.storage.stores import MERGE_BYTES
@@ -70,11 +70,6 @@ MERGE_MAX = 32  # and up to this many records (two iovecs each)
 #: busy anyway, and a larger chunk pays its log appends and its take-backs of the GIL once
 #: for more blocks
 STORE_CHUNK_BYTES = 4 << 20
-#: blocks of at least this many bytes: an I/O thread keeps its next load chunk's reads in
-#: flight while it checks the last (one block, one read a chunk). A chunk of smaller blocks
-#: already holds several reads; there two chunks in flight a thread read 12% slower at 256 KiB
-#: from 4 KiB pages (eight alternating pairs; level from huge pages): docs/BENCHMARKS.md
-PIPELINE_BYTES = LOAD_CHUNK_BYTES
 RENEW = "renew"  # the housekeeping task that logs the recency renewals of loads
 _T = TypeVar("_T", bound=tuple[Any, ...])
 _R = TypeVar("_R")
@@ -100,8 +95,8 @@ class StartedLoad:
     runs: list[list[tuple[bytes, int, int, bool]]]
     reads: Reads  # its runs' headers' buffer and payload destinations too
     t_pick: float  # when a thread took the chunk
-    t_read: float  # seconds spent starting the reads
-    t_started: float  # when they were started
+    t_read: float  # seconds spent starting the reads (and in the read engine, once read)
+    t_started: float  # when they were started (handed back by the read engine, once read)
 
 
 @dataclass
@@ -145,7 +140,11 @@ class IOPool:
         self.renew_log_lock = threading.Lock()
         self.renew_queued = False
         self.stop = False
-        self.no_aio_logged = False
+        self.pump: LoadPump | None = None
+        self.pump_tried = False
+        #: False: queue loads to the I/O threads even where a pump can be had (a benchmark
+        #: compares both ways in one process)
+        self.pump_enabled = True
         self.threads = [
             threading.Thread(target=self._worker, args=(i < n_read,),
                              name=f"kvtier-{name}-io{i}", daemon=True)
@@ -176,13 +175,35 @@ class IOPool:
             per = max(per, min(CHUNK_MAX, STORE_CHUNK_BYTES // self.sh.store.block_bytes))
         chunks = [work[i : i + per] for i in range(0, len(work), per)]
         job = JobState(job_id, len(chunks), failed)
+        tasks = [Task(kind, job, c) for c in chunks]
+        if kind == "load" and (pump := self._load_pump()) is not None and pump.put(tasks):
+            return
         q = self.load_q if kind == "load" else self.store_q
         with self.cond:
-            for c in chunks:
-                q.append(Task(kind, job, c))
+            q.extend(tasks)
             if kind == "load" or self.readers_store:
                 self.cond_load.notify(len(chunks))
             self.cond.notify(len(chunks))  # idle write threads take loads too
+
+    def _load_pump(self) -> LoadPump | None:
+        """The pump that has native threads read the loads (made at the first load); None
+        without the native record I/O or where its threads cannot be started: the I/O threads
+        read the loads then."""
+        if not self.pump_enabled:
+            return None
+        if self.pump is None and not self.pump_tried and self.sh is not None:
+            with self.cond:
+                if self.pump is None and not self.pump_tried and not self.stop:
+                    self.pump_tried = True
+                    fast = self.sh.store.fast
+                    n = self.n_read + self.n_write
+                    engine = fast.read_engine(n) if fast is not None else None
+                    if engine is not None:
+                        self.pump = LoadPump(self, engine, n, MERGE_MAX * SLOT_HEADER)
+                    elif fast is not None:
+                        log.warning("tier %s: native read threads could not be started; the I/O "
+                                    "threads read the loads", self.name)
+        return self.pump
 
     def _runs(self, items: list[_T], limit: int) -> list[list[_T]]:
         """A load chunk's blocks (``item[2]`` the slot) as runs, in order: adjacent slots of
@@ -227,9 +248,14 @@ class IOPool:
             self.store_q.clear()
             self.cond.notify_all()
             self.cond_load.notify_all()
-        for t in self.threads:
+            pump = self.pump
+        threads = list(self.threads)
+        if pump is not None:
+            pump.shutdown()
+            threads.append(pump.thread)
+        for t in threads:
             t.join(timeout=10)
-        return not any(t.is_alive() for t in self.threads)
+        return not any(t.is_alive() for t in threads)
 
     # -- threads ---------------------------------------------------------------------------
     def _take(self, reader: bool, wait: bool) -> Task | None:
@@ -249,63 +275,15 @@ class IOPool:
             return store_q.popleft() if store_q else load_q.popleft()
 
     def _worker(self, reader: bool) -> None:
-        """An I/O thread. For large blocks, with the native record I/O on O_DIRECT files, a
-        thread keeps a load chunk's reads in flight while it checks the chunk before: it takes
-        the next chunk, starts its reads, then finishes the held one (a thread that waits for
-        the GIL after its reads ended no longer leaves the disk without its next reads)."""
-        hdrs = [aligned_buffer(MERGE_MAX * SLOT_HEADER) for _ in range(2)]
+        hdr = aligned_buffer(MERGE_MAX * SLOT_HEADER)
         zeros = aligned_buffer(SLOT_HEADER)
-        batches: list[ReadBatch] | None = None  # made at the first load
-        held: StartedLoad | None = None  # reads in flight
-        turn = 0
         try:
-            while True:
-                task = self._take(reader, wait=held is None)
-                if task is None and held is None:
-                    return
-                started: StartedLoad | None = None
-                if task is not None and task.kind == "load":
-                    if batches is None:
-                        batches = self._read_batches()
-                    if batches:
-                        turn ^= 1
-                        started = self._attempt(task, self._start_load, task, hdrs[turn],
-                                                batches[turn])
-                        task = None  # started, or failed as a whole
-                if held is not None:
-                    self._attempt(held.task, self._finish_load, held, zeros)
-                held = started
-                if task is not None:
-                    self._attempt(task, self._run, task, hdrs[turn], zeros)
+            while (task := self._take(reader, wait=True)) is not None:
+                self._attempt(task, self._run, task, hdr, zeros)
         finally:
-            if held is not None:  # only on an unexpected exit: let the reads end first
-                with contextlib.suppress(Exception):
-                    held.reads.batch.wait()  # type: ignore[union-attr]
-            for b in batches or []:
-                b.close()
             with contextlib.suppress(BufferError):
-                for h in hdrs:
-                    h.close()
+                hdr.close()
                 zeros.close()
-
-    def _read_batches(self) -> list[ReadBatch]:
-        """A thread's two batches of reads in flight; none for blocks under ``PIPELINE_BYTES``
-        or where reads cannot be asynchronous (no native record I/O, no O_DIRECT, or no native
-        AIO context to be had)."""
-        sh = self.sh
-        if sh is None or sh.store.block_bytes < PIPELINE_BYTES:
-            return []
-        fast = sh.store.fast if sh.store.direct else None
-        made = [b for b in (fast.read_batch(), fast.read_batch()) if b is not None] if fast else []
-        if len(made) == 2:
-            return made
-        for b in made:
-            b.close()
-        if fast is not None and not self.no_aio_logged:
-            self.no_aio_logged = True
-            log.warning("tier %s: no native AIO context (fs.aio-max-nr used up, or io_setup not "
-                        "allowed here); loads keep one read in flight a thread", self.name)
-        return []
 
     def _run(self, task: Task, hdr: Any, zeros: Any) -> None:
         if task.kind == "load":
@@ -349,9 +327,9 @@ class IOPool:
     def _run_load(self, task: Task, hdr: Any, zeros: Any) -> None:
         self._finish_load(self._start_load(task, hdr, None), zeros)
 
-    def _start_load(self, task: Task, hdr: Any, batch: ReadBatch | None) -> StartedLoad:
-        """A load chunk's reads started: in flight on ``batch`` when given (and the native path
-        takes them), else made by :meth:`_finish_load`."""
+    def _start_load(self, task: Task, hdr: Any, job: EngineRead | None) -> StartedLoad:
+        """A load chunk's reads started: queued to a native read engine on ``job`` when given
+        (and the native path takes them), else made by :meth:`_finish_load`."""
         t_pick = time.perf_counter()
         sh = self.sh
         assert sh is not None and task.job is not None
@@ -359,7 +337,7 @@ class IOPool:
         runs = self._runs(task.items, LOAD_MERGE_BYTES)
         t0 = time.perf_counter()
         dests = [[memoryview(primary[ps]) for _k, ps, _s, _r in run] for run in runs]
-        reads = sh.store.start_reads([(run[0][2], d) for run, d in zip(runs, dests)], hdr, batch)
+        reads = sh.store.start_reads([(run[0][2], d) for run, d in zip(runs, dests)], hdr, job)
         now = time.perf_counter()
         return StartedLoad(task, runs, reads, t_pick, now - t0, now)
 
@@ -426,16 +404,7 @@ class IOPool:
                     del index.slots[s]
                 index._forget_remote(ik, s)
             renew = self._note_hits(hits, refresh) if hits or refresh else None
-            pins = index.pins
-            for _key, _ps, s, _r in items:
-                c = pins[s] - 1
-                if c:
-                    pins[s] = c
-                else:
-                    del pins[s]
-                    if s in index.doomed:
-                        index.doomed.discard(s)
-                        index.free_slot(s)
+            self.unpin(items)
         if renew:
             self._queue_renewals(renew)
         if io_error is not None:
@@ -447,6 +416,21 @@ class IOPool:
                  load_read_seconds=t_read, load_check_seconds=t_check,
                  load_other_seconds=time.perf_counter() - t_pick - elsewhere - t_read - t_check)
         self.finish_chunk(task.job, failed, moved)
+
+    def unpin(self, items: list[tuple[bytes, int, int, bool]]) -> None:
+        """Let go of the slots a load chunk pinned when it was queued (with the index's lock
+        held); a slot given up meanwhile is freed with its last pin."""
+        index = self.sh.index  # type: ignore[union-attr]
+        pins = index.pins
+        for _key, _ps, s, _r in items:
+            c = pins[s] - 1
+            if c:
+                pins[s] = c
+            else:
+                del pins[s]
+                if s in index.doomed:
+                    index.doomed.discard(s)
+                    index.free_slot(s)
 
     def _drop_bad(self, bad: list[tuple[bytes, int, str]], zeros: Any) -> OSError | None:
         """Own records that failed verification: out of the index and the log, header zeroed."""

@@ -37,7 +37,7 @@ from kvtier.format.record import (
     parse_header,
     verify,
 )
-from kvtier.tiers.storage.fastio import FastIO, ReadBatch, native
+from kvtier.tiers.storage.fastio import EngineRead, FastIO, native
 from kvtier.tiers.storage.layout import ALIGN, SLOT_HEADER, Geometry, round_up, slab_name
 
 MAX_KEY_BYTES = SLOT_HEADER - FIXED_HEADER_SIZE - 16
@@ -110,7 +110,7 @@ class Reads:
     hdr: mmap.mmap
     located: list[tuple[int, int, int]]  # (fd, offset, records) a run; fd -1: not opened
     unopened: dict[int, tuple[int, None] | OSError]  # run -> its result without a read
-    batch: ReadBatch | None = None  # in flight on this batch
+    job: EngineRead | None = None  # in flight on this native read job
     pinned: Any = None  # the buffers' pins while in flight
 
 
@@ -369,11 +369,12 @@ class SlabStore:
         return self.finish_reads(self.start_reads(runs, hdr))
 
     def start_reads(self, runs: Sequence[tuple[int, Sequence[memoryview]]], hdr: mmap.mmap,
-                    batch: ReadBatch | None = None) -> Reads:
-        """:meth:`read_runs` in two steps: with a ``batch`` (from ``fast.read_batch()``) and the
-        native path, the reads are in flight when this returns (``hdr`` and the destinations
-        stay pinned until :meth:`finish_reads`); otherwise they are made by
-        :meth:`finish_reads`. Every start must be finished."""
+                    job: EngineRead | None = None) -> Reads:
+        """:meth:`read_runs` in two steps: with a ``job`` (of a ``fast.read_engine``) and the
+        native path, the reads are queued to the engine when this returns (``hdr`` and the
+        destinations stay pinned until :meth:`finish_reads`, which is called once the engine
+        handed the job back); otherwise they are made by :meth:`finish_reads`. Every start must
+        be finished."""
         located: list[tuple[int, int, int]] = []  # (fd, offset, records); fd -1: not opened
         unopened: dict[int, tuple[int, None] | OSError] = {}  # run -> (-1, None): no slab file
         for i, (slot, dests) in enumerate(runs):
@@ -388,10 +389,10 @@ class SlabStore:
         if sum(n for _fd, _off, n in located) * SLOT_HEADER > len(hdr):
             raise ValueError("the header buffer cannot hold every record of the runs")
         reads = Reads(runs, hdr, located, unopened)
-        if batch is not None and (pinned := self._pin_reads(runs, hdr)) is not None:
+        if job is not None and (pinned := self._pin_reads(runs, hdr)) is not None:
             hdr_addr, *addrs = pinned[1]
-            if batch.start(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, self.stride):
-                reads.pinned, reads.batch = pinned, batch
+            if job.start(located, hdr_addr, SLOT_HEADER, addrs, self.block_bytes, self.stride):
+                reads.pinned, reads.job = pinned, job
         return reads
 
     def finish_reads(self, reads: Reads) -> list[tuple[int, list[int] | None] | OSError]:
@@ -400,11 +401,11 @@ class SlabStore:
         runs, hdr, located, unopened, stride = (reads.runs, reads.hdr, reads.located,
                                                 reads.unopened, self.stride)
         done: list[tuple[int, list[int]]] | None = None
-        if reads.batch is not None:
+        if reads.job is not None:
             try:
-                done = reads.batch.wait()
+                done = reads.job.wait()
             finally:
-                reads.pinned = reads.batch = None  # the buffers are ours again
+                reads.pinned = reads.job = None  # the buffers are ours again
         elif (pinned := self._pin_reads(runs, hdr)) is not None:
             assert self.fast is not None
             hdr_addr, *addrs = pinned[1]  # the pins hold the buffers meanwhile
