@@ -1,0 +1,148 @@
+"""Storage tier loads through the manager, paired with raw reads in time: one process, one tier,
+load phases alternating round by round.
+
+``bench_storage.py`` measures each system in a run of its own (fill, timed stores, timed loads),
+about 20 s apart, and a 1 GiB load phase lasts about half a second: on a disk whose speed drifts
+within minutes, two ways of loading compare well only when their phases are next to each other.
+Here the tier is filled and stored once (steady state, as in ``bench_storage.py``), then each
+round runs, in alternating order, a 1 GiB raw read (16 threads of O_DIRECT ``preadv``, each over
+its own contiguous part of one preallocated file, every block into its own memory: the control
+of ``bench_storage.py``) and the manager's loads (``reset_cache``, then ``lookup`` each step until
+every request's blocks are promoted back, 8 requests of 32 blocks in flight) read each way:
+
+* ``pump``: by the native read threads (the load pump; the default where the native record I/O
+  is built);
+* ``threads``: by the tier's Python I/O threads, one native call a chunk.
+
+Per phase: GB/s, CPU seconds per GiB (the whole process), and from ``/proc/diskstats`` the
+disk's reads in flight on average, its time per read and its mean request size. At the end each
+way's median and its per-round ratio to the raw read of the same round. Usage::
+
+    python benchmarks/bench_storage_loads.py --dir /work/bench-storage [--block 262144] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from typing import Any
+
+import bench_storage as bs
+
+WAYS = ("raw", "pump", "threads")
+
+
+def disk_counters(device: str) -> tuple[float, list[int]]:
+    """(now, the device's /proc/diskstats counters from reads completed on)."""
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == device:
+                return time.perf_counter(), [int(x) for x in fields[3:14]]
+    raise SystemExit(f"no device {device} in /proc/diskstats")
+
+
+def disk_delta(a: tuple[float, list[int]], b: tuple[float, list[int]]) -> dict[str, float]:
+    """Reads in flight on average, ms per read and KiB per read between two counter readings."""
+    ms = (b[0] - a[0]) * 1e3
+    reads, sectors, read_ms = (b[1][i] - a[1][i] for i in (0, 2, 3))
+    return {"in_flight": read_ms / ms, "ms_per_read": read_ms / max(1, reads),
+            "kib_per_read": sectors / 2 / max(1, reads)}
+
+
+def load_phase(m: Any, keys: list[bytes], block: int) -> tuple[float, float]:
+    """Promote every key back after ``reset_cache``: (GB/s, CPU seconds per GiB)."""
+    import kvtier
+
+    m.reset_cache()
+    pending: dict[str, list[bytes]] = {}
+    nxt = served = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    while nxt < len(keys) or pending:
+        while nxt < len(keys) and len(pending) < 8:
+            pending[f"r{nxt}"] = keys[nxt : nxt + bs.JOB_BLOCKS]
+            nxt += bs.JOB_BLOCKS
+        for rid, batch in list(pending.items()):
+            r = m.lookup(batch, kvtier.ReqContext(rid))
+            if r is not None:
+                served += r
+                del pending[rid]
+        m.on_schedule_end()
+        time.sleep(0.0002)  # the rest of an engine step
+    dt = time.perf_counter() - t0
+    if served != len(keys):
+        raise RuntimeError(f"served {served} of {len(keys)} blocks")
+    gib = len(keys) * block / 2**30
+    return len(keys) * block / dt / 1e9, (time.process_time() - c0) / gib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", required=True, help="directory on the disk to measure")
+    ap.add_argument("--block", type=int, default=256 << 10)
+    ap.add_argument("--total", type=int, default=1 << 30, help="bytes a phase reads")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--device", default="vda", help="the disk's name in /proc/diskstats")
+    ap.add_argument("--cpu-bytes", type=int, default=0,
+                    help="the CPU tier's size (default: the larger of a phase's bytes and four times "
+                         "the blocks of the requests in flight, as bench_storage.py sizes it)")
+    args = ap.parse_args()
+    import kvtier
+    from kvtier.tiers.storage import StorageTier
+
+    block, n = args.block, args.total // args.block
+    path = os.path.join(args.dir, "kvtier-loads")
+    shutil.rmtree(path, ignore_errors=True)
+    cpu_bytes = args.cpu_bytes or max(args.total, 4 * 8 * bs.JOB_BLOCKS * block)
+    cfg = {"cpu_bytes_to_use": cpu_bytes, "promotion_deadline_seconds": 600,
+           "secondary_tiers": [{"type": "storage", "path": path,
+                                "capacity_bytes": StorageTier.capacity_for(n, block),
+                                "n_read_threads": 8, "n_write_threads": 8, "max_pinned_share": 1.0,
+                                "slow_store_factor": 1e9}]}
+    spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
+                                        namespace=f"loads/{block}")
+    m = spec.get_manager()
+    m.primary_blocks()[:] = 1
+    keys = bs._keys("s", n)
+    pool = m.tiers[0]._io
+    raw = None
+    got: dict[str, list[float]] = {w: [] for w in WAYS}
+    try:
+        bs._manager_store(m, bs._keys("f", n))  # the slab files exist and the tier is full
+        bs._manager_store(m, keys)  # every block stored evicted one
+        raw = bs.RawFile(args.dir, block, 16, args.total)
+        for rd in range(args.rounds):
+            for way in WAYS if rd % 2 == 0 else WAYS[::-1]:
+                bs.settle(args.settle)
+                d0 = disk_counters(args.device)
+                if way == "raw":
+                    gbps, cpu = raw._run("r", False, True), raw.cpu
+                else:
+                    pool.pump_enabled = way == "pump"
+                    gbps, cpu = load_phase(m, keys, block)
+                d = disk_delta(d0, disk_counters(args.device))
+                got[way].append(gbps)
+                print(f"round {rd + 1} {way:8s} {gbps:5.2f} GB/s  cpu {cpu:.2f} s/GiB  in flight "
+                      f"{d['in_flight']:5.2f}  {d['ms_per_read']:5.2f} ms/read  "
+                      f"{d['kib_per_read']:6.1f} KiB/read", flush=True)
+        st = m.get_stats()["tiers"][m.tiers[0].name]
+        if st["corrupt"] or st["load_failures"]:
+            raise RuntimeError(f"loads failed: {st}")
+    finally:
+        m.shutdown()
+        shutil.rmtree(path, ignore_errors=True)
+        if raw is not None:
+            raw.close()
+    for way in WAYS:
+        ratios = [x / r for x, r in zip(got[way], got["raw"])]
+        print(f"{way:8s} median {statistics.median(got[way]):.2f} GB/s, x raw of its round: median "
+              f"{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
