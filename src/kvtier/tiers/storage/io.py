@@ -2,7 +2,8 @@
 
 A job's blocks are cut into tasks spread over the threads: the write threads take stores (and
 housekeeping) first, then loads; the read threads take loads, and stores only of blocks of
-``MERGE_BYTES`` or more. So loads have every thread when no store waits, and with smaller blocks
+``MERGE_BYTES`` or more. (With the native record I/O, loads go to the load pump instead: see
+below.) So loads have every thread when no store waits, and with smaller blocks
 a load that arrives during a burst of stores finds the read threads free instead of waiting for
 a store chunk to end; there the write threads' runs of up to ``MERGE_BYTES`` keep enough bytes
 in flight (on a 2-core VM, 256 KiB stores ran as fast on 8 threads as on 16). A larger block is

@@ -120,6 +120,8 @@ class LoadPump:
                 for task in left:
                     assert task.job is not None
                     pool.finish_chunk(task.job, {k for k, _ps, _s, _r in task.items}, 0)
+            for started, _hdr in reading.values():
+                started.reads.pinned = started.reads.job = None  # read: the buffers are free
             with contextlib.suppress(BufferError):
                 for hdr in [h for _j, h in idle] + [h for _s, h in reading.values()]:
                     hdr.close()
