@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvtier.manager.primary import PrimaryTier
@@ -128,6 +128,10 @@ def test_registries() -> None:
                           st.lists(st.integers(0, 30), min_size=1, max_size=5)),
                 min_size=1, max_size=60),
        st.integers(2, 8), st.sampled_from(["lru", "arc", "chain", "adaptive"]))
+# an allocation that evicts one victim and then fails (the other is retained) leaves the freed
+# slot FREE (it was left READY in the free list once)
+@example(ops=[("store", [3, 1]), ("store", [0]), ("fail", [0]), ("store", [0]), ("pin", [1]),
+              ("finish", [0]), ("store", [0, 2])], slots=2, policy="lru")
 def test_primary_tier_with_retained_victims_keeps_its_invariants(ops, slots, policy) -> None:
     prim = PrimaryTier(slots, resolve_policy(policy)(slots))
     owed: set[bytes] = set()

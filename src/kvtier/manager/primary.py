@@ -125,6 +125,7 @@ class PrimaryTier:
                         continue
                     del key_slot[victim]
                     slot_key[s] = None
+                    self.state[s] = FREE  # free even if this allocation ends up failing
                     free.append(s)
                     evicted.append(victim)
                     freed += 1
