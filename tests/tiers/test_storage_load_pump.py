@@ -157,6 +157,7 @@ def test_loads_are_read_by_the_engine_and_checked_on_the_pump_thread(
         assert 1 < most <= cap  # chunks were queued to the engine together, up to the cap
         assert tier.stats()["hits"] == n and tier.stats()["corrupt"] == 0
         assert tier.stats()["load_chunks"] == len(seen) // 2  # each chunk started, then checked
+        assert tier.stats()["native_read_threads"] == 3
     finally:
         tier.shutdown()
 
@@ -208,7 +209,7 @@ def test_without_a_read_engine_the_io_threads_read_each_chunk(
         with caplog.at_level(logging.WARNING, logger="kvtier.tiers.storage"):
             jobs = _load_all_back(tier, keys, primary)
             _load_all_back(tier, keys, primary)
-        assert tier._io.pump is None
+        assert tier._io.pump is None and tier.stats()["native_read_threads"] == 0
         assert len(calls) == tier.stats()["load_chunks"] >= 2 * len(jobs)  # one call a chunk
         assert all(name.startswith(f"kvtier-{tier.name}-io") for name in calls)
         warned = [r for r in caplog.records if "native read threads" in r.getMessage()]
@@ -237,7 +238,7 @@ def test_a_pump_that_stops_fails_its_chunks_and_later_loads_go_to_the_io_threads
         pump = tier._io.pump
         assert pump is not None
         pump.thread.join(timeout=10)
-        assert not pump.thread.is_alive()
+        assert not pump.thread.is_alive() and tier.stats()["native_read_threads"] == 0
         assert tier._sh.index.pins == {}  # type: ignore[union-attr]  # every slot let go
         _load_all_back(tier, keys, primary)  # on the I/O threads now
         assert tier.stats()["corrupt"] == 0

@@ -206,6 +206,13 @@ class IOPool:
                                     "threads read the loads", self.name)
         return self.pump
 
+    @property
+    def native_read_threads(self) -> int:
+        """The native threads reading loads now: 0 before the first load, and where the I/O
+        threads read them (no native record I/O, no threads to be had, the pump stopped)."""
+        pump = self.pump
+        return pump.n_threads if pump is not None and not pump.stop else 0
+
     def _runs(self, items: list[_T], limit: int) -> list[list[_T]]:
         """A load chunk's blocks (``item[2]`` the slot) as runs, in order: adjacent slots of
         one region, up to ``limit`` payload bytes (at least one block) and ``MERGE_MAX`` blocks

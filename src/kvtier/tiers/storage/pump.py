@@ -39,6 +39,7 @@ class LoadPump:
     def __init__(self, pool: IOPool, engine: ReadEngine, n_threads: int, hdr_bytes: int) -> None:
         self.pool = pool
         self.engine = engine
+        self.n_threads = n_threads
         self.n_jobs = JOBS_PER_THREAD * n_threads
         self.hdr_bytes = hdr_bytes
         self.queue: deque[Task] = deque()

@@ -541,6 +541,7 @@ class StorageTier(SecondaryTier):
         st["path"] = self.directory
         st["direct_io"] = self.direct
         st["native_io"] = sh.store.fast is not None
+        st["native_read_threads"] = self._io.native_read_threads
         st["fsync"] = self.fsync
         st["regions"] = sh.geo.regions
         st["engines"] = len(fleet.live)
