@@ -283,6 +283,7 @@ class IOPool:
             return store_q.popleft() if store_q else load_q.popleft()
 
     def _worker(self, reader: bool) -> None:
+        """An I/O thread: one task at a time, until the pool stops."""
         hdr = aligned_buffer(MERGE_MAX * SLOT_HEADER)
         zeros = aligned_buffer(SLOT_HEADER)
         try:
