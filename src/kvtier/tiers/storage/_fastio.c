@@ -300,7 +300,12 @@ int64_t kvt_engine_submit(void *handle, void *job, int n_runs, const int *fds,
     kvt_job *j = job;
     int total = total_records(n_runs, counts);
     if (total < 0 || stride == 0) return -EINVAL;
-    if (j->state != JOB_IDLE) return -EBUSY;
+    pthread_mutex_lock(&e->mu);  /* the job's state changes under the engine's lock */
+    if (j->state != JOB_IDLE || e->stop) {
+        int busy = j->state != JOB_IDLE;
+        pthread_mutex_unlock(&e->mu);
+        return busy ? -EBUSY : -ESHUTDOWN;
+    }
     j->n_runs = n_runs;
     memcpy(j->fds, fds, (size_t)n_runs * sizeof(int));
     memcpy(j->counts, counts, (size_t)n_runs * sizeof(int));
@@ -313,11 +318,6 @@ int64_t kvt_engine_submit(void *handle, void *job, int n_runs, const int *fds,
     j->sums = sums;
     j->got = got;
     j->next = NULL;
-    pthread_mutex_lock(&e->mu);
-    if (e->stop) {
-        pthread_mutex_unlock(&e->mu);
-        return -ESHUTDOWN;
-    }
     j->state = JOB_QUEUED;
     if (e->queued_tail != NULL) e->queued_tail->next = j; else e->queued = j;
     e->queued_tail = j;
