@@ -54,8 +54,11 @@ def test_a_chunk_read_by_the_engine_ends_as_the_one_call_read_ends(
     keys, _primary, tier = _stored(tmp_path, namespace, n)
     store = tier._sh.store  # type: ignore[union-attr]
     assert store.fast is not None
+    many = store.fast.read_engine(10_000)  # as many threads as one engine takes, no more
+    assert many is not None and many.n_threads == sfast.MAX_ENGINE_THREADS
+    many.close()
     engine = store.fast.read_engine(2)
-    assert engine is not None
+    assert engine is not None and engine.n_threads == 2
     job, other = engine.job(), engine.job()
     fd = store.fd
 

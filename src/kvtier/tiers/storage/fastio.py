@@ -42,6 +42,7 @@ _u64 = ctypes.c_uint64
 _vp = ctypes.c_void_p
 _sz = ctypes.c_size_t
 _MAX_RECORDS = 64  # records (so runs too) of one native call: KVT_MAX_RECORDS in _fastio.c
+MAX_ENGINE_THREADS = 256  # threads of one read engine: KVT_MAX_THREADS in _fastio.c
 
 
 class FastIO:
@@ -129,10 +130,11 @@ class FastIO:
         return _per_run(runs, got, sums, stride)
 
     def read_engine(self, n_threads: int) -> ReadEngine | None:
-        """Native threads that read load chunks without the GIL; None where they cannot be
-        started (then read with :meth:`read_runs`)."""
+        """``n_threads`` native threads (at most ``MAX_ENGINE_THREADS``) that read load chunks
+        without the GIL; None where they cannot be started (then read with :meth:`read_runs`)."""
+        n_threads = max(1, min(n_threads, MAX_ENGINE_THREADS))
         handle = self._engine_new(self._hash, n_threads)
-        return ReadEngine(self, handle) if handle else None
+        return ReadEngine(self, handle, n_threads) if handle else None
 
 
 class ReadEngine:
@@ -142,9 +144,10 @@ class ReadEngine:
     disk's reads going while the Python side, which checks what was read, waits for the GIL.
     One thread reaps; jobs can be started from any."""
 
-    def __init__(self, fio: FastIO, handle: int) -> None:
+    def __init__(self, fio: FastIO, handle: int, n_threads: int) -> None:
         self._fio = fio
         self._handle: int | None = handle
+        self.n_threads = n_threads
         self._jobs: dict[int, EngineRead] = {}
         self._out = (_vp * _MAX_RECORDS)()
         self._lock = threading.Lock()  # a wake from another thread never meets a freed engine

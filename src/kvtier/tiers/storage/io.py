@@ -200,7 +200,7 @@ class IOPool:
                     n = self.n_read + self.n_write
                     engine = fast.read_engine(n) if fast is not None else None
                     if engine is not None:
-                        self.pump = LoadPump(self, engine, n, MERGE_MAX * SLOT_HEADER)
+                        self.pump = LoadPump(self, engine, MERGE_MAX * SLOT_HEADER)
                     elif fast is not None:
                         log.warning("tier %s: native read threads could not be started; the I/O "
                                     "threads read the loads", self.name)

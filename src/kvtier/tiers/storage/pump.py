@@ -36,11 +36,11 @@ class LoadPump:
     """One Python thread feeding a pool's load chunks to native read threads; made by
     :meth:`IOPool.enqueue` for the first load when the native record I/O is at hand."""
 
-    def __init__(self, pool: IOPool, engine: ReadEngine, n_threads: int, hdr_bytes: int) -> None:
+    def __init__(self, pool: IOPool, engine: ReadEngine, hdr_bytes: int) -> None:
         self.pool = pool
         self.engine = engine
-        self.n_threads = n_threads
-        self.n_jobs = JOBS_PER_THREAD * n_threads
+        self.n_threads = engine.n_threads
+        self.n_jobs = JOBS_PER_THREAD * engine.n_threads
         self.hdr_bytes = hdr_bytes
         self.queue: deque[Task] = deque()
         self.cond = threading.Condition()
