@@ -34,7 +34,6 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
-#include <unistd.h>
 
 typedef uint64_t (*kvt_hash64)(const void *data, size_t len);
 
@@ -48,23 +47,17 @@ static void put_le64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* The 2n iovecs of n (header, payload) pairs, headers hdr_len bytes apart from hdr. */
-static void fill_iov(struct iovec *iov, int n, uint8_t *hdr, size_t hdr_len,
-                     uint8_t *const *payloads, size_t payload_len) {
+/* One pwritev (write) or preadv of n (header, payload) pairs at offset, headers hdr_len bytes
+ * apart from hdr: the bytes moved, or -errno. */
+static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, size_t hdr_len,
+                      uint8_t *const *payloads, size_t payload_len) {
+    struct iovec iov[2 * KVT_MAX_RECORDS];
     for (int i = 0; i < n; i++) {
         iov[2 * i].iov_base = hdr + (size_t)i * hdr_len;
         iov[2 * i].iov_len = hdr_len;
         iov[2 * i + 1].iov_base = payloads[i];
         iov[2 * i + 1].iov_len = payload_len;
     }
-}
-
-/* One pwritev (write) or preadv of n (header, payload) pairs at offset, headers hdr_len bytes
- * apart from hdr: the bytes moved, or -errno. */
-static int64_t run_io(int write, int fd, int64_t offset, int n, uint8_t *hdr, size_t hdr_len,
-                      uint8_t *const *payloads, size_t payload_len) {
-    struct iovec iov[2 * KVT_MAX_RECORDS];
-    fill_iov(iov, n, hdr, hdr_len, payloads, payload_len);
     ssize_t done;
     do {
         done = write ? pwritev(fd, iov, 2 * n, (off_t)offset) : preadv(fd, iov, 2 * n, (off_t)offset);
@@ -139,21 +132,6 @@ int64_t kvt_seal_write_runs(kvt_hash64 hash, int n_runs, const int *fds, const i
     return 0;
 }
 
-/* The payloads of the records of n_runs runs read whole (got[r] bytes each, records stride
- * bytes apart in the file) hashed into sums[], numbered across the runs. */
-static void hash_runs(kvt_hash64 hash, int n_runs, const int *counts, const int64_t *got,
-                      uint8_t *const *payloads, size_t payload_len, size_t stride, uint64_t *sums) {
-    int first = 0;
-    for (int r = 0; r < n_runs; r++) {
-        if (got[r] > 0) {
-            size_t whole = (size_t)got[r] / stride;
-            for (size_t i = 0; i < whole && i < (size_t)counts[r]; i++)
-                sums[first + i] = hash(payloads[first + i], payload_len);
-        }
-        first += counts[r];
-    }
-}
-
 /*
  * Read n_runs runs of records, one preadv each, in order: run r is counts[r] records at
  * offsets[r] of fds[r]. The records' headers go to hdr, hdr_len bytes apart, and their payloads
@@ -173,11 +151,16 @@ int64_t kvt_read_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t
     if (total_records(n_runs, counts) < 0 || stride == 0) return -EINVAL;
     int first = 0;
     for (int r = 0; r < n_runs; r++) {
-        got[r] = run_io(0, fds[r], offsets[r], counts[r], hdr + (size_t)first * hdr_len, hdr_len,
+        int n = counts[r];
+        got[r] = run_io(0, fds[r], offsets[r], n, hdr + (size_t)first * hdr_len, hdr_len,
                         payloads + first, payload_len);
-        first += counts[r];
+        if (got[r] > 0) {
+            size_t whole = (size_t)got[r] / stride;
+            for (size_t i = 0; i < whole && i < (size_t)n; i++)
+                sums[first + i] = hash(payloads[first + i], payload_len);
+        }
+        first += n;
     }
-    hash_runs(hash, n_runs, counts, got, payloads, payload_len, stride, sums);
     return 0;
 }
 
@@ -215,6 +198,13 @@ typedef struct {
     pthread_t threads[KVT_MAX_THREADS];
 } kvt_engine;
 
+/* Append j to the list from *head to *tail (with the engine's lock held). */
+static void push(kvt_job **head, kvt_job **tail, kvt_job *j) {
+    j->next = NULL;
+    if (*tail != NULL) (*tail)->next = j; else *head = j;
+    *tail = j;
+}
+
 static void *engine_thread(void *arg) {
     kvt_engine *e = arg;
     pthread_mutex_lock(&e->mu);
@@ -228,10 +218,8 @@ static void *engine_thread(void *arg) {
         kvt_read_runs(e->hash, j->n_runs, j->fds, j->offsets, j->counts, j->hdr, j->hdr_len,
                       j->payloads, j->payload_len, j->stride, j->sums, j->got);
         pthread_mutex_lock(&e->mu);
-        j->next = NULL;
         j->state = JOB_DONE;
-        if (e->ended_tail != NULL) e->ended_tail->next = j; else e->ended = j;
-        e->ended_tail = j;
+        push(&e->ended, &e->ended_tail, j);
         pthread_cond_broadcast(&e->done);
     }
     pthread_mutex_unlock(&e->mu);
@@ -317,10 +305,8 @@ int64_t kvt_engine_submit(void *handle, void *job, int n_runs, const int *fds,
     j->stride = stride;
     j->sums = sums;
     j->got = got;
-    j->next = NULL;
     j->state = JOB_QUEUED;
-    if (e->queued_tail != NULL) e->queued_tail->next = j; else e->queued = j;
-    e->queued_tail = j;
+    push(&e->queued, &e->queued_tail, j);
     pthread_cond_signal(&e->work);
     pthread_mutex_unlock(&e->mu);
     return 0;

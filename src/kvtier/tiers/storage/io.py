@@ -211,7 +211,7 @@ class IOPool:
         """The native threads reading loads now: 0 before the first load, and where the I/O
         threads read them (no native record I/O, no threads to be had, the pump stopped)."""
         pump = self.pump
-        return pump.n_threads if pump is not None and not pump.stop else 0
+        return pump.engine.n_threads if pump is not None and not pump.stop else 0
 
     def _runs(self, items: list[_T], limit: int) -> list[list[_T]]:
         """A load chunk's blocks (``item[2]`` the slot) as runs, in order: adjacent slots of
@@ -266,15 +266,13 @@ class IOPool:
         return not any(t.is_alive() for t in threads)
 
     # -- threads ---------------------------------------------------------------------------
-    def _take(self, reader: bool, wait: bool) -> Task | None:
+    def _take(self, reader: bool) -> Task | None:
         """The next task for a read thread (loads, and stores of large blocks when no load
-        waits) or a write thread (stores and housekeeping first, then loads); None once the
-        pool stops, or when nothing is queued and ``wait`` is false."""
+        waits) or a write thread (stores and housekeeping first, then loads), waiting for one;
+        None once the pool stops."""
         load_q, store_q = self.load_q, self.store_q
         with self.cond:
             while not (self.stop or load_q or store_q and (not reader or self.readers_store)):
-                if not wait:
-                    return None
                 (self.cond_load if reader else self.cond).wait()
             if self.stop:
                 return None
@@ -287,7 +285,7 @@ class IOPool:
         hdr = aligned_buffer(MERGE_MAX * SLOT_HEADER)
         zeros = aligned_buffer(SLOT_HEADER)
         try:
-            while (task := self._take(reader, wait=True)) is not None:
+            while (task := self._take(reader)) is not None:
                 self._attempt(task, self._run, task, hdr, zeros)
         finally:
             with contextlib.suppress(BufferError):

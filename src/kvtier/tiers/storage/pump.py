@@ -39,7 +39,6 @@ class LoadPump:
     def __init__(self, pool: IOPool, engine: ReadEngine, hdr_bytes: int) -> None:
         self.pool = pool
         self.engine = engine
-        self.n_threads = engine.n_threads
         self.n_jobs = JOBS_PER_THREAD * engine.n_threads
         self.hdr_bytes = hdr_bytes
         self.queue: deque[Task] = deque()
