@@ -285,16 +285,15 @@ def kvtier_manager_python_throughput(directory: str, block: int, total: int,
     return kvtier_manager_throughput(directory, block, total, args, native_io=False)
 
 
-def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace,
-                              native_io: bool = True) -> Result:
-    """Steady state through kvtier's manager: (write GB/s, read GB/s, load phases)."""
+def manager_for(path: str, block: int, n: int, threads: int, jobs_in_flight: int,
+                native_io: bool = True, cpu_bytes: int = 0, namespace: str = "") -> Any:
+    """A kvtier manager over a storage tier at ``path`` holding exactly ``n`` blocks, configured
+    to measure throughput, its CPU region written (``cpu_bytes``: the CPU tier's size; 0: the
+    size below)."""
     import kvtier
     from kvtier.tiers.storage import StorageTier
 
-    n = max(1, total // block)
-    path = os.path.join(directory, "kvtier-manager")
-    shutil.rmtree(path, ignore_errors=True)
-    half = args.threads // 2
+    half = threads // 2
     # This measures the tier's throughput, so every block goes to it (no backpressure drops: the
     # writer waits for slots instead) and requests wait for all their blocks however long the
     # queue ahead of them (8 requests of 32 blocks in flight), past any promotion deadline. The
@@ -305,16 +304,60 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
     # raw baseline's reads do and as they do in an engine's CPU tier of many GiB. Cycling 1 GiB
     # of loads through a 256 MiB tier (the size before 2026-12-01 14:00 at 256 KiB) read 8-10%
     # slower on this host's virtual disk, the same native reads 25-35% (docs/BENCHMARKS.md).
-    cpu_bytes = max(n * block, 4 * args.jobs_in_flight * JOB_BLOCKS * block)
+    cpu_bytes = cpu_bytes or max(n * block, 4 * jobs_in_flight * JOB_BLOCKS * block)
     cfg = {"cpu_bytes_to_use": cpu_bytes,
            "promotion_deadline_seconds": 600, "secondary_tiers": [
                {"type": "storage", "path": path, "capacity_bytes": StorageTier.capacity_for(n, block),
-                "n_read_threads": half, "n_write_threads": args.threads - half,
+                "n_read_threads": half, "n_write_threads": threads - half,
                 "max_pinned_share": 1.0, "slow_store_factor": 1e9, "native_io": native_io}]}
     spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
-                                        namespace=f"bench/{block}")
+                                        namespace=namespace or f"bench/{block}")
     m = spec.get_manager()
     m.primary_blocks()[:] = 1  # an engine's worker has written the slots before they are stored
+    return m
+
+
+def manager_load(m: Any, keys: list[bytes], jobs_in_flight: int
+                 ) -> tuple[float, float, list[float], float]:
+    """Promote ``keys`` back (after ``reset_cache``) as an engine asks for them: requests of
+    ``JOB_BLOCKS`` keys, ``jobs_in_flight`` at a time, ``lookup`` each step until answered.
+    Returns (seconds, CPU seconds of the process, each request's wait from its first lookup to
+    its answer, seconds in the scheduler's calls). RuntimeError when a block was not served."""
+    import kvtier
+
+    n = len(keys)
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    pending: dict[str, tuple[list[bytes], float]] = {}
+    waits: list[float] = []
+    nxt = served = 0
+    sched = 0.0
+    while nxt < n or pending:
+        ts = time.perf_counter()
+        while nxt < n and len(pending) < jobs_in_flight:
+            pending[f"r{nxt}"] = (keys[nxt : nxt + JOB_BLOCKS], ts)
+            nxt += JOB_BLOCKS
+        for rid, (batch, first) in list(pending.items()):
+            r = m.lookup(batch, kvtier.ReqContext(rid))
+            if r is not None:
+                served += r
+                waits.append(time.perf_counter() - first)
+                del pending[rid]
+        m.on_schedule_end()
+        sched += time.perf_counter() - ts
+        time.sleep(0.0002)  # the rest of an engine step
+    if served != n:
+        raise RuntimeError(f"kvtier manager served {served} of {n} blocks")
+    return time.perf_counter() - t0, time.process_time() - cpu0, waits, sched
+
+
+def kvtier_manager_throughput(directory: str, block: int, total: int, args: argparse.Namespace,
+                              native_io: bool = True) -> Result:
+    """Steady state through kvtier's manager: (write GB/s, read GB/s, load phases)."""
+    n = max(1, total // block)
+    path = os.path.join(directory, "kvtier-manager")
+    shutil.rmtree(path, ignore_errors=True)
+    m = manager_for(path, block, n, args.threads, args.jobs_in_flight, native_io)
     segments = segments_per_block(m.primary_blocks(), block)
     fill, keys = _keys("f", n), _keys("s", n)
     tier_name = m.tiers[0].name
@@ -329,31 +372,9 @@ def kvtier_manager_throughput(directory: str, block: int, total: int, args: argp
         settle(args.settle)
         m.reset_cache()
         st0 = m.get_stats()
-        t0 = time.perf_counter()
-        cpu0 = time.process_time()
-        pending: dict[str, tuple[list[bytes], float]] = {}
-        waits: list[float] = []
-        nxt = served = 0
-        sched = 0.0
-        while nxt < n or pending:
-            ts = time.perf_counter()
-            while nxt < n and len(pending) < args.jobs_in_flight:
-                pending[f"r{nxt}"] = (keys[nxt : nxt + JOB_BLOCKS], ts)
-                nxt += JOB_BLOCKS
-            for rid, (batch, first) in list(pending.items()):
-                r = m.lookup(batch, kvtier.ReqContext(rid))
-                if r is not None:
-                    served += r
-                    waits.append(time.perf_counter() - first)
-                    del pending[rid]
-            m.on_schedule_end()
-            sched += time.perf_counter() - ts
-            time.sleep(0.0002)  # the rest of an engine step
-        dt_r = time.perf_counter() - t0
-        cpu = (time.process_time() - cpu0) / (n * block / 2**30)
+        dt_r, cpu_s, waits, sched = manager_load(m, keys, args.jobs_in_flight)
+        cpu = cpu_s / (n * block / 2**30)
         st1 = m.get_stats()
-        if served != n:
-            raise RuntimeError(f"kvtier manager served {served} of {n} blocks")
         t0s, t1s = st0["tiers"][tier_name], st1["tiers"][tier_name]
         if (t1s["corrupt"] or t1s["load_failures"] or t1s["evictions"] < n
                 or st1["manager"].get("backpressure_dropped", 0)):

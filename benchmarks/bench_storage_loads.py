@@ -29,11 +29,11 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any
 
 import bench_storage as bs
 
 WAYS = ("raw", "pump", "threads")
+THREADS, JOBS_IN_FLIGHT = 16, 8  # as bench_storage.py runs the manager by default
 
 
 def disk_counters(device: str) -> tuple[float, list[int]]:
@@ -54,32 +54,6 @@ def disk_delta(a: tuple[float, list[int]], b: tuple[float, list[int]]) -> dict[s
             "kib_per_read": sectors / 2 / max(1, reads)}
 
 
-def load_phase(m: Any, keys: list[bytes], block: int) -> tuple[float, float]:
-    """Promote every key back after ``reset_cache``: (GB/s, CPU seconds per GiB)."""
-    import kvtier
-
-    m.reset_cache()
-    pending: dict[str, list[bytes]] = {}
-    nxt = served = 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    while nxt < len(keys) or pending:
-        while nxt < len(keys) and len(pending) < 8:
-            pending[f"r{nxt}"] = keys[nxt : nxt + bs.JOB_BLOCKS]
-            nxt += bs.JOB_BLOCKS
-        for rid, batch in list(pending.items()):
-            r = m.lookup(batch, kvtier.ReqContext(rid))
-            if r is not None:
-                served += r
-                del pending[rid]
-        m.on_schedule_end()
-        time.sleep(0.0002)  # the rest of an engine step
-    dt = time.perf_counter() - t0
-    if served != len(keys):
-        raise RuntimeError(f"served {served} of {len(keys)} blocks")
-    gib = len(keys) * block / 2**30
-    return len(keys) * block / dt / 1e9, (time.process_time() - c0) / gib
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="directory on the disk to measure")
@@ -92,22 +66,11 @@ def main() -> None:
                     help="the CPU tier's size (default: the larger of a phase's bytes and four times "
                          "the blocks of the requests in flight, as bench_storage.py sizes it)")
     args = ap.parse_args()
-    import kvtier
-    from kvtier.tiers.storage import StorageTier
-
     block, n = args.block, args.total // args.block
     path = os.path.join(args.dir, "kvtier-loads")
     shutil.rmtree(path, ignore_errors=True)
-    cpu_bytes = args.cpu_bytes or max(args.total, 4 * 8 * bs.JOB_BLOCKS * block)
-    cfg = {"cpu_bytes_to_use": cpu_bytes, "promotion_deadline_seconds": 600,
-           "secondary_tiers": [{"type": "storage", "path": path,
-                                "capacity_bytes": StorageTier.capacity_for(n, block),
-                                "n_read_threads": 8, "n_write_threads": 8, "max_pinned_share": 1.0,
-                                "slow_store_factor": 1e9}]}
-    spec = kvtier.TieringOffloadingSpec(cfg, gpu_block_size=16, bytes_per_gpu_block=block,
-                                        namespace=f"loads/{block}")
-    m = spec.get_manager()
-    m.primary_blocks()[:] = 1
+    m = bs.manager_for(path, block, n, THREADS, JOBS_IN_FLIGHT, cpu_bytes=args.cpu_bytes,
+                       namespace=f"loads/{block}")
     keys = bs._keys("s", n)
     pool = m.tiers[0]._io
     raw = None
@@ -115,7 +78,7 @@ def main() -> None:
     try:
         bs._manager_store(m, bs._keys("f", n))  # the slab files exist and the tier is full
         bs._manager_store(m, keys)  # every block stored evicted one
-        raw = bs.RawFile(args.dir, block, 16, args.total)
+        raw = bs.RawFile(args.dir, block, THREADS, args.total)
         for rd in range(args.rounds):
             for way in WAYS if rd % 2 == 0 else WAYS[::-1]:
                 bs.settle(args.settle)
@@ -124,7 +87,9 @@ def main() -> None:
                     gbps, cpu = raw._run("r", False, True), raw.cpu
                 else:
                     pool.pump_enabled = way == "pump"
-                    gbps, cpu = load_phase(m, keys, block)
+                    m.reset_cache()
+                    secs, cpu_s, _waits, _sched = bs.manager_load(m, keys, JOBS_IN_FLIGHT)
+                    gbps, cpu = n * block / secs / 1e9, cpu_s / (n * block / 2**30)
                 d = disk_delta(d0, disk_counters(args.device))
                 got[way].append(gbps)
                 print(f"round {rd + 1} {way:8s} {gbps:5.2f} GB/s  cpu {cpu:.2f} s/GiB  in flight "
