@@ -31,6 +31,7 @@ import time
 from collections import Counter
 
 from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage import slab_scan
 from kvtier.tiers.storage.layout import (
     LocksUnsupported,
     engine_name,
@@ -366,7 +367,7 @@ class Fleet:
         """A region with records but no readable log: index it from its record headers."""
         sh = self.sh
         found: dict[bytes, tuple[int, int]] = {}
-        for rec in sh.store.scan(region, allocated):
+        for rec in slab_scan.scan(sh.store, region, allocated):
             ik = ilog.index_key(rec.key)
             prev = found.get(ik)
             if prev is None or prev[1] < rec.seq:

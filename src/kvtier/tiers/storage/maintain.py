@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from kvtier.tiers.base import TierContext
 from kvtier.tiers.storage import log as ilog
+from kvtier.tiers.storage import slab_scan
 from kvtier.tiers.storage.layout import (
     Geometry,
     LocksUnsupported,
@@ -130,10 +131,10 @@ def adopt_single_engine_layout(directory: str, lanes: list[str], geo: Geometry, 
             n = store.allocated_slots(r)
             base = geo.base(r)
             sus = suspects.get(r, set())
-            for rec in store.scan(r, n):
+            for rec in slab_scan.scan(store, r, n):
                 if rec.slot - base in sus:
                     res.verified += 1
-                    if not store.verify_slot(rec.slot):
+                    if not slab_scan.verify_slot(store, rec.slot):
                         res.torn += 1
                         continue
                 ik = ilog.index_key(rec.key)

@@ -20,9 +20,7 @@ import mmap
 import os
 import struct
 import threading
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +40,6 @@ from kvtier.tiers.storage.layout import ALIGN, SLOT_HEADER, Geometry, round_up, 
 
 MAX_KEY_BYTES = SLOT_HEADER - FIXED_HEADER_SIZE - 16
 _SEQ = struct.Struct("<QQ")  # write sequence, xxh3-64 of (sequence, key)
-_SCAN_CHUNK = 4 << 20  # bytes per read when scanning small slots in bulk
-_SCAN_BULK_SLOT = 64 << 10  # slots up to this size are scanned in bulk, larger ones header by header
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 __all__ = ["ALIGN", "MAX_KEY_BYTES", "SLOT_HEADER", "ScannedRecord", "SlabStore", "aligned_buffer",
@@ -475,112 +471,6 @@ class SlabStore:
         if off >= os.fstat(fd).st_size:
             return
         os.pwritev(fd, [memoryview(zeros)[:SLOT_HEADER]], off)
-
-    # -- header scans (adopting the single-engine layout, or a region whose log was lost) ----
-    def scan(self, region: int, file_slots: int) -> Iterator[ScannedRecord]:
-        """Every slot of ``region`` below ``file_slots`` whose header verifies as a record of
-        this namespace and block size (payloads are checked at load).
-
-        Reads run on a few threads ahead of the parsing: small slots are read in 4 MiB sweeps,
-        larger ones header by header (their payloads are never read here).
-        """
-        try:
-            fd = self.fd(region)
-        except FileNotFoundError:
-            return
-        size = os.fstat(fd).st_size
-        n = 0 if size < self.record_bytes else (size - self.record_bytes) // self.slot_size + 1
-        n = min(n, file_slots)
-        bulk = self.slot_size <= _SCAN_BULK_SLOT
-        per = max(1, _SCAN_CHUNK // self.slot_size) if bulk else 64
-        batches = [(i0, min(per, n - i0)) for i0 in range(0, n, per)]
-        stride = self.slot_size if bulk else SLOT_HEADER
-        workers = 4 if bulk else 16  # header reads are small: latency-bound, so more at once
-        depth = 2 * workers
-        bufs = [aligned_buffer(per * stride) for _ in range(min(depth + 1, len(batches)))]
-        base = self.geo.base(region)
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvtier-scan") as pool:
-                futures: deque[Future[int]] = deque()
-                nxt = done = 0
-                while done < len(batches):
-                    while nxt < len(batches) and len(futures) < depth:
-                        buf = bufs[nxt % len(bufs)]
-                        futures.append(pool.submit(self._read_batch, buf, fd, *batches[nxt], bulk))
-                        nxt += 1
-                    k = futures.popleft().result()
-                    mv = memoryview(bufs[done % len(bufs)])
-                    first = base + batches[done][0]
-                    done += 1
-                    for j in range(k):
-                        rec = self._parse(mv[j * stride : j * stride + SLOT_HEADER], first + j)
-                        if rec is not None:
-                            yield rec
-                    mv.release()
-        finally:
-            for b in bufs:
-                with contextlib.suppress(BufferError):
-                    b.close()
-
-    def _read_batch(self, buf: mmap.mmap, fd: int, i0: int, count: int, bulk: bool) -> int:
-        """Read the headers of ``count`` slots from slot ``i0`` of a file into ``buf``; how many."""
-        mv = memoryview(buf)
-        try:
-            if bulk:
-                got = os.preadv(fd, [mv[: count * self.slot_size]], i0 * self.slot_size)
-                k = 0
-                while k < count and k * self.slot_size + SLOT_HEADER <= got:
-                    k += 1
-                return k
-            for j in range(count):
-                if os.preadv(fd, [mv[j * SLOT_HEADER : (j + 1) * SLOT_HEADER]],
-                             (i0 + j) * self.slot_size) < SLOT_HEADER:
-                    return j
-            return count
-        finally:
-            mv.release()
-
-    def _parse(self, mv: memoryview, slot: int) -> ScannedRecord | None:
-        if mv[:4] != b"KVTR":
-            return None
-        try:
-            h = parse_header(mv)
-        except RecordError:
-            return None
-        if (
-            h.namespace_fp != self.namespace_fp
-            or h.header_len != SLOT_HEADER
-            or h.payload_len != self.block_bytes
-        ):
-            return None
-        seq, chk = _SEQ.unpack_from(mv, SLOT_HEADER - _SEQ.size)
-        if _seq_check(seq, h.key) != chk:
-            seq = 0
-        return ScannedRecord(slot, h.key, seq)
-
-    def verify_slot(self, slot: int) -> bool:
-        """Read a whole record and check its header and payload checksum."""
-        region, off = self.locate(slot)
-        fd = self.fd(region)
-        buf = aligned_buffer(self.slot_size)
-        try:
-            n = os.preadv(fd, [memoryview(buf)[: self.slot_size]], off)
-            if n < self.record_bytes:
-                return False
-            try:
-                h = parse_header(memoryview(buf))
-            except RecordError:
-                return False
-            if h.header_len != SLOT_HEADER:
-                return False
-            payload = memoryview(buf)[SLOT_HEADER : SLOT_HEADER + self.block_bytes]
-            ok = verify(h, payload, namespace_fp=self.namespace_fp, key=h.key,
-                        payload_len=self.block_bytes) is None
-            del payload
-            return ok
-        finally:
-            with contextlib.suppress(BufferError):
-                buf.close()
 
     def truncate_region(self, region: int, slots: int) -> None:
         """Cut ``region``'s slab file to ``slots`` slots (a region that shrank with capacity)."""
