@@ -16,7 +16,11 @@ every request's blocks are promoted back, 8 requests of 32 blocks in flight) rea
 
 Per phase: GB/s, CPU seconds per GiB (the whole process), and from ``/proc/diskstats`` the
 disk's reads in flight on average, its time per read and its mean request size. At the end each
-way's median and its per-round ratio to the raw read of the same round. Usage::
+way's median and its per-round ratio to the raw read of the same round.
+
+``--gil-busy`` runs a Python thread that keeps the GIL busy (a loop of bytecode, as an engine's
+scheduler loop in the same process can) through the manager's load phases (not the raw reads,
+which stay the disk's measure). Usage::
 
     python benchmarks/bench_storage_loads.py --dir /work/bench-storage [--block 262144] [--rounds 8]
 """
@@ -28,6 +32,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 
 import bench_storage as bs
@@ -54,6 +59,16 @@ def disk_delta(a: tuple[float, list[int]], b: tuple[float, list[int]]) -> dict[s
             "kib_per_read": sectors / 2 / max(1, reads)}
 
 
+def _keep_gil_busy(busy: threading.Event) -> None:
+    """Run bytecode whenever ``busy`` is set (the GIL is then wanted all the time)."""
+    x = 0
+    while True:
+        busy.wait()
+        while busy.is_set():
+            for _ in range(1000):
+                x += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", required=True, help="directory on the disk to measure")
@@ -65,8 +80,13 @@ def main() -> None:
     ap.add_argument("--cpu-bytes", type=int, default=0,
                     help="the CPU tier's size (default: the larger of a phase's bytes and four times "
                          "the blocks of the requests in flight, as bench_storage.py sizes it)")
+    ap.add_argument("--gil-busy", action="store_true",
+                    help="a Python thread keeps the GIL busy through the manager's load phases")
     args = ap.parse_args()
     block, n = args.block, args.total // args.block
+    busy = threading.Event()
+    if args.gil_busy:
+        threading.Thread(target=_keep_gil_busy, args=(busy,), daemon=True).start()
     path = os.path.join(args.dir, "kvtier-loads")
     shutil.rmtree(path, ignore_errors=True)
     m = bs.manager_for(path, block, n, THREADS, JOBS_IN_FLIGHT, cpu_bytes=args.cpu_bytes,
@@ -88,7 +108,11 @@ def main() -> None:
                 else:
                     pool.pump_enabled = way == "pump"
                     m.reset_cache()
-                    secs, cpu_s, _waits, _sched = bs.manager_load(m, keys, JOBS_IN_FLIGHT)
+                    busy.set()
+                    try:
+                        secs, cpu_s, _waits, _sched = bs.manager_load(m, keys, JOBS_IN_FLIGHT)
+                    finally:
+                        busy.clear()
                     gbps, cpu = n * block / secs / 1e9, cpu_s / (n * block / 2**30)
                 d = disk_delta(d0, disk_counters(args.device))
                 got[way].append(gbps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from kvtier.tiers.storage import StorageTier
 from kvtier.tiers.storage import fastio as sfast
 from kvtier.tiers.storage import pump as spump
 from kvtier.tiers.storage.layout import SLOT_HEADER
-from kvtier.tiers.storage.slab import aligned_buffer
+from kvtier.tiers.storage.slab import aligned_buffer, native_record_io
 
 BB = 16 << 10
 
@@ -74,6 +75,7 @@ def test_a_chunk_read_by_the_engine_ends_as_the_one_call_read_ends(
     hdrs = [aligned_buffer(n * SLOT_HEADER) for _ in range(2)]
     bufs = [[aligned_buffer(BB) for _ in range(6)] for _ in range(2)]
     try:
+        assert engine.reap(timeout=0) == []  # a poll: nothing ended, it returns at once
         assert engine.reap(timeout=0.01) == []  # nothing started: the wait ends at its timeout
         engine.wake()
         assert engine.reap() == []  # woken: returns at once, however long it would wait
@@ -112,12 +114,37 @@ def test_a_chunk_read_by_the_engine_ends_as_the_one_call_read_ends(
         assert got[0] == got[1]
         # a read that fails in the kernel (a descriptor that is not open) is its run's error
         assert other.start([(1 << 20, 0, 1)], 0, SLOT_HEADER, [0], BB, store.stride)
-        assert engine.reap(timeout=5.0) == [other]
+        polled: list[sfast.EngineRead] = []
+        deadline = time.monotonic() + 5.0
+        while not polled and time.monotonic() < deadline:
+            polled = engine.reap(timeout=0)  # a poll hands an ended job back as a wait does
+        assert polled == [other]
         ((g, sums),) = other.wait()
         assert g == -errno.EBADF and sums == []
     finally:
         engine.close()
         tier.shutdown()
+
+
+def test_the_pumps_short_native_calls_keep_the_gil() -> None:
+    """An engine's submit, wake and poll (and a job's making and freeing) wait for no I/O and
+    are called with the GIL held, so that a pump that starts and reaps many chunks in a row
+    does not give the GIL up for each, and wait behind the other Python threads (an engine's
+    busy scheduler loop) to have it back; the calls that wait (a reap with a timeout, the
+    one-call reads and writes, freeing an engine) let it go."""
+    import ctypes
+
+    fio = native_record_io()
+    if fio is None:
+        pytest.skip("the native record I/O is not built")
+
+    def keeps_gil(fn: object) -> bool:
+        return bool(type(fn)._flags_ & ctypes._FUNCFLAG_PYTHONAPI)  # type: ignore[attr-defined]
+
+    assert all(keeps_gil(fn) for fn in (fio._submit, fio._wake, fio._poll, fio._job_new,
+                                        fio._job_free))
+    assert not any(keeps_gil(fn) for fn in (fio._reap, fio._read, fio._seal, fio._engine_free,
+                                            fio._engine_new))
 
 
 def test_loads_are_read_by_the_engine_and_checked_on_the_pump_thread(

@@ -172,6 +172,9 @@ int64_t kvt_read_runs(kvt_hash64 hash, int n_runs, const int *fds, const int64_t
  * slow to run (a busy or oversubscribed host). A chunk is a kvt_job the caller made with
  * kvt_job_new; it keeps copies of the arguments, and the caller keeps the buffers (headers,
  * payloads, sums, got) alive and unchanged until the job comes back from kvt_engine_reap.
+ * kvt_job_new, kvt_job_free, kvt_engine_submit, kvt_engine_wake, and kvt_engine_reap with a
+ * timeout of 0, never wait for I/O or for a thread longer than a list's update under the
+ * engine's lock: fastio.py calls them with the GIL held.
  */
 #define KVT_MAX_THREADS 256
 enum { JOB_IDLE = 0, JOB_QUEUED = 1, JOB_DONE = 2 };

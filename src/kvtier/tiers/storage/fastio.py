@@ -48,7 +48,12 @@ MAX_ENGINE_THREADS = 256  # threads of one read engine: KVT_MAX_THREADS in _fast
 class FastIO:
     """The native record I/O (built by :func:`native`)."""
 
-    def __init__(self, lib: ctypes.CDLL, hash_addr: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, held: ctypes.PyDLL, hash_addr: int) -> None:
+        """``lib``: the native part's calls that let the GIL go; ``held``: the same library's,
+        called with the GIL held: those that never wait for I/O or for a thread (a read
+        engine's submit, wake and poll hold its lock only as long as its threads do, which is
+        for a list's update), so that a pump that starts and reaps many chunks in a row does
+        not give the GIL up, and wait behind other threads to have it back, for each."""
         self._hash = hash_addr
         self._seal = lib.kvt_seal_write_runs
         self._seal.restype = ctypes.c_int64
@@ -63,20 +68,22 @@ class FastIO:
         self._engine_free = lib.kvt_engine_free
         self._engine_free.restype = None
         self._engine_free.argtypes = [_vp]
-        self._job_new = lib.kvt_job_new
+        self._job_new = held.kvt_job_new
         self._job_new.restype = _vp
         self._job_new.argtypes = []
-        self._job_free = lib.kvt_job_free
+        self._job_free = held.kvt_job_free
         self._job_free.restype = None
         self._job_free.argtypes = [_vp]
-        self._submit = lib.kvt_engine_submit
+        self._submit = held.kvt_engine_submit
         self._submit.restype = ctypes.c_int64
         self._submit.argtypes = [_vp, _vp, ctypes.c_int, _vp, _vp, _vp, _vp, _sz, _vp, _sz, _sz,
                                  _vp, _vp]
         self._reap = lib.kvt_engine_reap
-        self._reap.restype = ctypes.c_int64
-        self._reap.argtypes = [_vp, _vp, ctypes.c_int, ctypes.c_int64]
-        self._wake = lib.kvt_engine_wake
+        self._poll = held.kvt_engine_reap  # with a timeout of 0 only: it never waits then
+        for fn in (self._reap, self._poll):
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [_vp, _vp, ctypes.c_int, ctypes.c_int64]
+        self._wake = held.kvt_engine_wake
         self._wake.restype = None
         self._wake.argtypes = [_vp]
 
@@ -165,10 +172,15 @@ class ReadEngine:
     def reap(self, timeout: float | None = None) -> list[EngineRead]:
         """The started jobs whose reads ended (their :meth:`EngineRead.wait` returns at once),
         waiting up to ``timeout`` seconds (None: no limit) for the first, or until
-        :meth:`wake`; the GIL is let go meanwhile."""
+        :meth:`wake`; the GIL is let go meanwhile. With a ``timeout`` of 0 it returns at once
+        and keeps the GIL."""
         assert self._handle is not None, "the engine is closed"
         out = self._out
-        n = self._fio._reap(self._handle, out, len(out), -1 if timeout is None else int(timeout * 1e6))
+        if timeout == 0:
+            n = self._fio._poll(self._handle, out, len(out), 0)
+        else:
+            n = self._fio._reap(self._handle, out, len(out), -1 if timeout is None else
+                                max(1, int(timeout * 1e6)))
         jobs = []
         for i in range(n):
             job = self._jobs[out[i] or 0]  # a job's handle is never NULL
@@ -276,7 +288,7 @@ def _load(reference: ReferenceHeader) -> FastIO | None:
         spec = importlib.util.find_spec("kvtier.tiers.storage._fastio")
         if spec is None or not spec.origin:
             return None
-        lib = ctypes.CDLL(spec.origin)
+        lib, held = ctypes.CDLL(spec.origin), ctypes.PyDLL(spec.origin)
         xx = importlib.util.find_spec("xxhash._xxhash")
         if xx is None or not xx.origin:
             return None
@@ -287,7 +299,7 @@ def _load(reference: ReferenceHeader) -> FastIO | None:
         hash_addr = ctypes.cast(fn, _vp).value
         if not hash_addr:
             return None
-        fio = FastIO(lib, hash_addr)
+        fio = FastIO(lib, held, hash_addr)
     except (OSError, AttributeError, ImportError) as e:
         log.debug("native record I/O not available: %s", e)
         return None

@@ -9,7 +9,13 @@ native threads read the chunk's runs and hash the payloads without the GIL, and 
 queued chunk as soon as one ends, while the pump's one Python thread checks the chunks whose
 reads ended (every record verified as before: :meth:`IOPool._finish_load`) and starts new
 ones. Up to ``JOBS_PER_THREAD`` chunks per native thread are started at once, so a thread
-finds its next chunk queued while the pump waits for the GIL.
+finds its next chunk queued while the pump waits for the GIL. The pump starts chunks and takes
+those whose reads ended with calls that keep the GIL (none of them waits for I/O), and lets it
+go only to wait when no read has ended: where another thread of the process keeps the GIL
+busy (an engine's scheduler loop), each give-up would cost a wait behind it, and a pump that
+gave the GIL up for every start and every reap loaded at 0.70-0.74 GB/s against the I/O
+threads' 1.17-1.20 (256 KiB; with the calls kept: 1.47-1.61 against 1.11-1.25;
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -97,7 +103,9 @@ class LoadPump:
                     if self.stop:
                         return
                     continue
-                for job in engine.reap():
+                # the chunks whose reads ended, without giving the GIL up; waiting (without
+                # it) only when none has
+                for job in engine.reap(timeout=0) or engine.reap():
                     started, hdr = reading.pop(job)
                     now = time.perf_counter()  # the chunk's time in the engine counts as reading
                     started.t_read += now - started.t_started
