@@ -320,14 +320,16 @@ def test_index_and_capacity_invariants(tmp_path_factory: pytest.TempPathFactory,
                     ctx.primary[j] = block_bytes_for(keys[i], bb)
                 seq = tier.stats()["next_seq"]
                 assert run_job(tier, "store", [keys[i] for i in idx], list(range(len(idx)))).success
-                # present blocks are refreshed at once; new ones take a slot (evicting the LRU
-                # block when full) and become visible, newest, when their records are written
+                # present blocks are refreshed at once, before the job takes any slot; new ones
+                # then take a slot in order (evicting the LRU block when full) and become
+                # visible, newest, when their records are written
+                present = [i for i in idx if i in model]
+                for i in present:
+                    model.remove(i)
+                    model.append(i)
                 writing: list[int] = []
                 for i in idx:
-                    if i in model:
-                        model.remove(i)
-                        model.append(i)
-                    else:
+                    if i not in present:
                         if len(model) + len(writing) >= 5:
                             model.pop(0)
                         writing.append(i)

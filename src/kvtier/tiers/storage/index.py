@@ -361,25 +361,43 @@ class BlockIndex:
         A free slot, a new one, or the least recently used own block's (evicted into
         ``evicted``). None when every own block is pinned or nothing is owned.
         """
-        regions = self.regions
-        for r in regions.values():
-            if r.releasing:
+        got = self.alloc_many(1, evicted)
+        return got[0] if got else None
+
+    def alloc_many(self, n: int, evicted: list[bytes]) -> list[tuple[int, bool]]:
+        """Slots for up to ``n`` new records, as ``n`` calls of :meth:`alloc` in a row hand
+        them out (fewer where it would have answered None), each looking through the regions
+        once for the whole batch rather than once a slot: a full tier's store evicts, and
+        asking every region for a free or a new slot first cost a store job of 32 blocks
+        about a fifth of a millisecond of the scheduler's time."""
+        out: list[tuple[int, bool]] = []
+        slots, base = self.slots, self.geo.base
+        for r in self.regions.values():  # free slots (those beyond a region's limit dropped)
+            if r.releasing or not r.free:
                 continue
-            free = r.free
-            while free:
+            free, lo, limit = r.free, base(r.region), r.limit
+            while free and len(out) < n:
                 s = free.pop()
-                if s - self.geo.base(r.region) < r.limit:
-                    return s, s in self.slots
-        fr = self._fresh_region()
-        if fr is not None:
+                if s - lo < limit:
+                    out.append((s, s in slots))
+            if len(out) == n:
+                return out
+        while len(out) < n and (fr := self._fresh_region()) is not None:  # never used ones
             fr.fresh += 1
             self._stripe_left -= 1
-            s = self.geo.base(fr.region) + fr.fresh - 1
-            return s, s in self.slots
-        own, pins = self.own, self.pins
-        spr = self.geo.slots_per_region
+            s = base(fr.region) + fr.fresh - 1
+            out.append((s, s in slots))
+        while len(out) < n and (got := self._evict_one(evicted)) is not None:
+            out.append(got)
+        return out
+
+    def _evict_one(self, evicted: list[bytes]) -> tuple[int, bool] | None:
+        """The slot of the least recently used own block that can go (or the policy's
+        victim), or None when every own block is pinned or nothing is owned."""
         if self.policy is not None:
             return self._alloc_by_policy(evicted)
+        own, pins, regions = self.own, self.pins, self.regions
+        spr = self.geo.slots_per_region
         for _ in range(len(own)):
             k, s = next(iter(own.items()))
             reg = regions.get(s // spr)

@@ -349,21 +349,27 @@ class StorageTier(SecondaryTier):
         spr = sh.geo.slots_per_region
         with index.lock:
             own, remote, writing = index.own, index.remote, index.writing
+            new: list[tuple[bytes, bytes, int]] = []  # (key, index key, primary slot)
+            taken: set[bytes] = set()
             for key, ps in zip(keys, slots):
                 k = key if len(key) <= ilog.KEY_INLINE else ilog.index_key(key)
-                if k in own:
+                if k in own:  # refreshed before any slot is taken: it is not evicted for this job
                     own.move_to_end(k)
                     continue
-                if k in remote or k in writing:
+                if k in remote or k in writing or k in taken:
                     continue  # another engine stored it already, or a store is in flight
-                got = index.alloc(evicted) if len(key) <= MAX_KEY_BYTES else None
-                if got is None:
+                if len(key) > MAX_KEY_BYTES:
                     failed.add(key)
                     continue
-                s, old = got
+                taken.add(k)
+                new.append((key, k, int(ps)))
+            got = index.alloc_many(len(new), evicted) if new else []
+            regions = index.regions
+            for (key, k, ps), (s, old) in zip(new, got):
                 writing[k] = s
-                index.regions[s // spr].writing += 1
-                work.append((key, int(ps), s, old))
+                regions[s // spr].writing += 1
+                work.append((key, ps, s, old))
+            failed.update(key for key, _k, _ps in new[len(got):])  # no slot to be had
             for k in evicted:
                 index._event(k, True)
         if failed or evicted:
