@@ -368,8 +368,8 @@ class BlockIndex:
         """Slots for up to ``n`` new records, as ``n`` calls of :meth:`alloc` in a row hand
         them out (fewer where it would have answered None), each looking through the regions
         once for the whole batch rather than once a slot: a full tier's store evicts, and
-        asking every region for a free or a new slot first cost a store job of 32 blocks
-        about a fifth of a millisecond of the scheduler's time."""
+        asking every region for a free or a new slot first, once a slot, made ``submit_store``
+        (the scheduler's thread) about 1.4 times as long (benchmarks/bench_store_alloc.py)."""
         out: list[tuple[int, bool]] = []
         slots, base = self.slots, self.geo.base
         for r in self.regions.values():  # free slots (those beyond a region's limit dropped)
